@@ -1,0 +1,195 @@
+"""`HookedModel`: the one interface every model in interplab offers, whatever its origin.
+
+Subclasses say how to attach a function at a named hook point (`_attach`) and how to run a forward pass
+(`_forward`); everything a researcher calls — `run_with_cache`, `run_with_hooks`, the `hooks` context — lives here
+once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import torch
+from jaxtyping import Float, Int
+
+from interplab.errors import InterplabError
+from interplab.models.hooks import BLOCK_HOOKS, ActFn, HookFn, StopForward, parse_block_hook
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The shape facts of a model that analysis code needs."""
+
+    spec: str
+    """The spec the model was loaded from (hub id, path, `smollm2-135m`, ...)."""
+    arch: str
+    """Architecture family: `llama`, `gpt2`, `gpt_neox`, `toy`, ..."""
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    d_mlp: int | None
+    """Width of the MLP hidden layer (`mlp.hook_post`); None for attention-only models."""
+    n_ctx: int
+    """Longest context the model accepts."""
+    d_vocab: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CacheResult(NamedTuple):
+    logits: Float[torch.Tensor, "batch pos d_vocab"] | None
+    """None unless logits were asked for (the forward pass then stops at the last requested hook)."""
+    cache: dict[str, torch.Tensor]
+    """Activations by hook name, detached."""
+
+
+class HookedModel(ABC):
+    """A language model with TransformerLens-named hook points."""
+
+    info: ModelInfo
+    tokenizer: Any  # a transformers tokenizer, or None for models that take token ids only
+
+    # ---- what a subclass provides -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def hook_names(self) -> list[str]:
+        """Every valid hook name of this model, in the order a forward pass reaches them."""
+
+    @abstractmethod
+    def _attach(self, name: str, fn: ActFn) -> list[Any]:
+        """Attach `fn` at hook `name`; return handles with a `.remove()`."""
+
+    @abstractmethod
+    def _forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        """Plain forward pass returning logits."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    # ---- the public interface -----------------------------------------------------------------------------
+    def check_hook_names(self, names: Sequence[str]) -> None:
+        """Raise an InterplabError naming any unknown hook and listing the valid ones."""
+        valid = self.hook_names
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise InterplabError(
+                f"unknown hook name(s) {unknown} for {self.info.spec} ({self.info.arch}, {self.info.n_layers} layers); "
+                f"valid names: {_summarise_hook_names(valid, self.info.n_layers)}"
+            )
+
+    def hook_dim(self, name: str) -> int | None:
+        """Width of the per-token vector at a hook point; None for `attn.hook_pattern` ([batch, head, q, k])."""
+        self.check_hook_names([name])
+        if name.endswith("attn.hook_pattern"):
+            return None
+        if name.endswith("mlp.hook_post"):
+            return self.info.d_mlp
+        return self.info.d_model
+
+    def check_tokens(self, tokens: torch.Tensor) -> Int[torch.Tensor, "batch pos"]:
+        """Validate a token batch and move it to the model's device."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise InterplabError(f"tokens must be an int64/int32 tensor of token ids, got {_describe(tokens)}")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise InterplabError(f"tokens must have shape [batch, pos] with pos >= 1, got {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.info.n_ctx:
+            raise InterplabError(f"{tokens.shape[1]} positions exceed the model's context length {self.info.n_ctx}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.info.d_vocab:
+            raise InterplabError(f"token ids must lie in [0, {self.info.d_vocab}), got range [{lo}, {hi}]")
+        return tokens.to(self.device, torch.long)
+
+    @contextlib.contextmanager
+    def hooks(self, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
+        """Attach `(name, fn)` pairs for the duration of the block; they are removed even if the block raises.
+
+        Hooks are attached in forward order, so at one site an earlier-named hook sees the edits of none that come
+        later, and two hooks on the same name run in the order given.
+        """
+        self.check_hook_names([name for name, _ in hooks])
+        order = {name: i for i, name in enumerate(self.hook_names)}
+        handles: list[Any] = []
+        try:
+            for name, fn in sorted(hooks, key=lambda pair: order[pair[0]]):
+                handles += self._attach(name, _bind(fn, name))
+            yield
+        finally:
+            for handle in reversed(handles):
+                handle.remove()
+
+    def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        """Logits of a plain forward pass (no hooks of ours)."""
+        return self._forward(self.check_tokens(tokens))
+
+    def run_with_hooks(
+        self, tokens: Int[torch.Tensor, "batch pos"], hooks: Sequence[tuple[str, HookFn]]
+    ) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        """Forward pass with `fn(act, name) -> replacement | None` applied at each named hook point.
+
+        Gradients follow the caller's mode: wrap in `torch.no_grad()` when you do not need them.
+        """
+        tokens = self.check_tokens(tokens)
+        with self.hooks(hooks):
+            return self._forward(tokens)
+
+    @torch.no_grad()  # not inference_mode: cached tensors must stay usable in autograd (e.g. to train probes)
+    def run_with_cache(
+        self,
+        tokens: Int[torch.Tensor, "batch pos"],
+        names: Sequence[str] | None = None,
+        *,
+        return_logits: bool = False,
+        hooks: Sequence[tuple[str, HookFn]] = (),
+    ) -> CacheResult:
+        """Read activations at `names` (all hook points if None).
+
+        Unless `return_logits`, the forward pass stops right after the last requested activation is read, so
+        caching an early layer costs only the layers up to it. `hooks` are applied too (they run before the cache
+        reads a site, so the cache holds the edited activation).
+        """
+        names = list(self.hook_names if names is None else names)
+        if not names:
+            raise InterplabError("run_with_cache needs at least one hook name")
+        if len(set(names)) != len(names):
+            raise InterplabError(f"duplicate hook names in {names}")
+        tokens = self.check_tokens(tokens)
+        cache: dict[str, torch.Tensor] = {}
+
+        def reader(act: torch.Tensor, name: str) -> None:
+            cache[name] = act.detach()
+            if not return_logits and len(cache) == len(names):
+                raise StopForward
+
+        logits = None
+        with self.hooks([*hooks, *[(name, reader) for name in names]]):
+            try:
+                logits = self._forward(tokens)
+            except StopForward:
+                pass
+        return CacheResult(logits if return_logits else None, cache)
+
+
+def _bind(fn: HookFn, name: str) -> ActFn:
+    return lambda act: fn(act, name)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _summarise_hook_names(names: list[str], n_layers: int) -> str:
+    """The valid names, with the per-block ones written once as `blocks.{0..L-1}.X`."""
+    block_suffixes = [h for h in BLOCK_HOOKS if f"blocks.0.{h}" in names]
+    top = [n for n in names if parse_block_hook(n) is None]
+    per_block = [f"blocks.{{0..{n_layers - 1}}}.{h}" for h in block_suffixes]
+    return ", ".join(top[:-1] + per_block + top[-1:])

@@ -1,0 +1,217 @@
+"""The in-house toy transformer: a small GPT written plainly, with the same hook names as every other model.
+
+Weights use the TransformerLens layout (`x @ W`): W_Q/W_K/W_V [head, d_model, d_head], W_O [head, d_head, d_model],
+W_in [d_model, d_mlp], W_out [d_mlp, d_model], W_E [d_vocab, d_model], W_pos [n_ctx, d_model], W_U [d_model, d_vocab].
+Saved as `config.json` + `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+
+from interplab.errors import InterplabError
+from interplab.models.hooked import HookedModel, ModelInfo
+from interplab.models.hooks import ActFn, hook_module_output, hook_names_for
+
+TOY_MARKER = "interplab.toy_transformer"
+ACTIVATIONS = {"gelu": nn.functional.gelu, "relu": torch.relu, "silu": nn.functional.silu}
+
+
+@dataclass
+class ToyConfig:
+    """Shape and initialisation of a toy transformer."""
+
+    n_layers: int = 2
+    """Number of transformer blocks."""
+    d_model: int = 64
+    """Width of the residual stream."""
+    n_heads: int = 4
+    """Attention heads per block."""
+    d_head: int = 16
+    """Width of each head's query/key/value."""
+    d_mlp: int | None = 256
+    """Width of the MLP hidden layer; None makes an attention-only model."""
+    n_ctx: int = 64
+    """Longest context (learned position embeddings)."""
+    d_vocab: int = 16
+    """Number of token ids."""
+    act_fn: str = "gelu"
+    """MLP nonlinearity: gelu, relu or silu."""
+    layer_norm: bool = True
+    """LayerNorm before attention, MLP and unembedding; False leaves the residual stream unnormalised."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of every weight matrix."""
+    seed: int = 0
+    """Seed of the initialisation: the same config gives the same weights."""
+
+    def __post_init__(self) -> None:
+        if self.act_fn not in ACTIVATIONS:
+            raise InterplabError(f"act_fn '{self.act_fn}' is not one of {sorted(ACTIVATIONS)}")
+        for name in ("n_layers", "d_model", "n_heads", "d_head", "n_ctx", "d_vocab"):
+            if getattr(self, name) < 1:
+                raise InterplabError(f"ToyConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+class HookPoint(nn.Identity):
+    """A named place in the forward pass where hooks attach."""
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.W_Q, self.W_K, self.W_V = (nn.Parameter(torch.empty(h, d, dh)) for _ in range(3))
+        self.b_Q, self.b_K, self.b_V = (nn.Parameter(torch.zeros(h, dh)) for _ in range(3))
+        self.W_O = nn.Parameter(torch.empty(h, dh, d))
+        self.b_O = nn.Parameter(torch.zeros(d))
+        self.register_buffer("causal", torch.ones(cfg.n_ctx, cfg.n_ctx).tril().bool(), persistent=False)
+        self.hook_pattern = HookPoint()
+
+    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        pos = x.shape[1]
+        q = torch.einsum("bpd,hde->bhpe", x, self.W_Q) + self.b_Q[:, None]  # [batch head pos d_head]
+        k = torch.einsum("bpd,hde->bhpe", x, self.W_K) + self.b_K[:, None]
+        v = torch.einsum("bpd,hde->bhpe", x, self.W_V) + self.b_V[:, None]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [batch head q k]
+        scores = scores.masked_fill(~self.causal[:pos, :pos], float("-inf"))
+        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        z = pattern @ v  # [batch head pos d_head]
+        return torch.einsum("bhpe,hed->bpd", z, self.W_O) + self.b_O
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        assert cfg.d_mlp is not None
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        self.act = ACTIVATIONS[cfg.act_fn]
+        self.hook_post = HookPoint()
+
+    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        neurons = self.hook_post(self.act(x @ self.W_in + self.b_in))  # [batch pos d_mlp]
+        return neurons @ self.W_out + self.b_out
+
+
+def _norm(cfg: ToyConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model) if cfg.layer_norm else nn.Identity()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.ln1, self.attn = _norm(cfg), Attention(cfg)
+        self.has_mlp = cfg.d_mlp is not None
+        if self.has_mlp:
+            self.ln2, self.mlp = _norm(cfg), MLP(cfg)
+        for name in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"):
+            setattr(self, name, HookPoint())
+
+    def forward(self, resid_pre: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre)))
+        if not self.has_mlp:
+            return self.hook_resid_post(resid_pre + attn_out)
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+class ToyTransformer(nn.Module, HookedModel):
+    """A GPT-style decoder: embed + position, blocks of (attention, MLP) with pre-LayerNorm, unembed."""
+
+    def __init__(self, cfg: ToyConfig, spec: str = "toy"):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = None
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = _norm(cfg)
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        self.hook_embed, self.hook_pos_embed, self.hook_normalized = HookPoint(), HookPoint(), HookPoint()
+        self.info = ModelInfo(
+            spec=spec, arch="toy", n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
+            d_head=cfg.d_head, d_mlp=cfg.d_mlp, n_ctx=cfg.n_ctx, d_vocab=cfg.d_vocab,
+        )
+        self._hook_names = hook_names_for(
+            cfg.n_layers, has_pos_embed=True, has_mlp=cfg.d_mlp is not None, has_resid_mid=cfg.d_mlp is not None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Seeded initialisation: weight matrices ~ N(0, init_std²), biases 0, LayerNorm scale 1."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        for name, param in sorted(self.named_parameters()):
+            with torch.no_grad():
+                if name.split(".")[-1].startswith("W_"):
+                    param.copy_(torch.randn(param.shape, generator=gen) * self.cfg.init_std)
+                elif name.endswith("weight"):  # LayerNorm scale
+                    param.fill_(1.0)
+                else:
+                    param.zero_()
+
+    def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        """Logits. (Overrides `HookedModel.forward`: for the toy model the nn.Module call *is* the forward pass.)"""
+        pos = tokens.shape[1]
+        resid = self.hook_embed(self.W_E[tokens]) + self.hook_pos_embed(self.W_pos[:pos])  # [batch pos d_model]
+        for block in self.blocks:
+            resid = block(resid)
+        normalized = self.hook_normalized(self.ln_final(resid))
+        return normalized @ self.W_U + self.b_U
+
+    # ---- HookedModel ---------------------------------------------------------------------------------------
+    @property
+    def hook_names(self) -> list[str]:
+        return self._hook_names
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_E.device
+
+    def _forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        return self(tokens)
+
+    def _attach(self, name: str, fn: ActFn) -> list[Any]:
+        module_path = {"hook_embed": "hook_embed", "hook_pos_embed": "hook_pos_embed",
+                       "ln_final.hook_normalized": "hook_normalized"}.get(name, name)
+        return [hook_module_output(self.get_submodule(module_path), name, fn)]
+
+    # ---- files ---------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write `config.json` + `model.safetensors` into the folder `path` (each file written atomically)."""
+        from safetensors.torch import save
+
+        from interplab.fileio import write_atomic
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        write_atomic(path / "model.safetensors", save(state, metadata={"format": "pt"}))
+        config = {"interplab_model": TOY_MARKER, "config": asdict(self.cfg)}
+        write_atomic(path / "config.json", json.dumps(config, indent=2).encode())
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ToyTransformer:
+        """Load a folder written by `save`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        if config.get("interplab_model") != TOY_MARKER:
+            raise InterplabError(f"{path} does not hold an interplab toy transformer (config.json lacks the marker)")
+        known = {f.name for f in fields(ToyConfig)}
+        model = cls(ToyConfig(**{k: v for k, v in config["config"].items() if k in known}), spec=str(path))
+        model.load_state_dict(load_file(path / "model.safetensors"))
+        return model.to(device).eval()
