@@ -32,9 +32,9 @@ def tiny_tokenizer():
 def _tiny_config(arch: str, vocab: int):
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
-    if arch == "gpt2":
-        return GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=vocab, n_positions=64,
-                          bos_token_id=0, eos_token_id=0)
+    if arch in ("gpt2", "gpt2-wide"):
+        return GPT2Config(n_layer=3, n_embd=32 if arch == "gpt2" else 256, n_head=4, vocab_size=vocab,
+                          n_positions=64, bos_token_id=0, eos_token_id=0)
     if arch == "llama":
         return LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64,
@@ -47,7 +47,7 @@ def _tiny_config(arch: str, vocab: int):
 
 
 def build_tiny_hf_model(arch: str, folder: Path) -> Path:
-    """Save a seeded random model of `arch` (gpt2, llama, neox, neox-sequential) with a tokenizer to `folder`."""
+    """Save a seeded random model of `arch` (gpt2, gpt2-wide, llama, neox, neox-sequential) with a tokenizer to `folder`."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tiny_tokenizer()
@@ -66,3 +66,9 @@ def tiny_hf_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return build_tiny_hf_model("gpt2", tmp_path_factory.mktemp("gpt2-single"))
+
+
+@pytest.fixture(scope="session")
+def wide_gpt2_dir(tmp_path_factory) -> Path:
+    """A GPT-2 wide enough that a harvest lasts a few seconds, so that it can be interrupted mid-way."""
+    return build_tiny_hf_model("gpt2-wide", tmp_path_factory.mktemp("gpt2-wide"))

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "float32") 
     """Load the model named by `spec` (see the module docstring) on `device` (default: CUDA if present)."""
     if dtype not in DTYPES:
         raise InterplabError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown the messages that matter
     device = device or default_device()
     path = Path(spec).expanduser()
     if spec.lower() == SMOLLM2:
@@ -97,6 +101,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     if not (cached / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        print(f"dequantizing {path.name} (once; cached in {cached.parent})", file=sys.stderr)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         _save_folder_atomic(cached, model, tokenizer)

@@ -1,0 +1,143 @@
+"""The `interplab` command: one subcommand per capability, options generated from the config dataclasses.
+
+Bad input is an `InterplabError`: one line on stderr and exit code 2. Ctrl-C during a harvest leaves a resumable
+store and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from interplab.activations.harvest import HarvestConfig
+from interplab.config import add_dataclass_args, dataclass_from_args
+from interplab.errors import InterplabError
+
+
+@dataclass
+class DemoConfig:
+    """The main job on the defaults: SmolLM2-135M on the Python-docs corpus."""
+
+    model: str = "smollm2-135m"
+    """Model spec: 'smollm2-135m', a .gguf file, a local HF or toy-model folder, or an HF hub id."""
+    corpus: str = "python-docs"
+    """Text corpus (see `interplab harvest --help`)."""
+    hook: str = "blocks.6.hook_resid_post"
+    """The hook point to harvest."""
+    tokens: int = 131_072
+    """Tokens to harvest."""
+    ctx_len: int = 128
+    """Tokens per context."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    out: str = "interplab-demo"
+    """Run directory: the store goes to OUT/activations (an interrupted demo resumes where it stopped)."""
+    device: str | None = None
+    """Device to run on (default: cuda if available, else cpu)."""
+
+
+@dataclass
+class HooksConfig:
+    """List a model's hook points."""
+
+    model: str = "smollm2-135m"
+    """Model spec."""
+
+
+@dataclass
+class InspectConfig:
+    """Describe an activation store and verify its checksums."""
+
+    store: str = "activations"
+    """Store folder or fsspec URL."""
+    verify: bool = True
+    """Read every shard and check its sha256."""
+
+
+def run_harvest(cfg: HarvestConfig) -> None:
+    from interplab.activations.harvest import harvest
+
+    result = harvest(cfg)
+    if result.already_complete:
+        print(f"{cfg.out} already holds this complete harvest ({result.n_tokens:,} tokens); nothing to do")
+    else:
+        print(f"harvested {result.n_tokens:,} tokens at {','.join(cfg.hooks)} into {cfg.out} "
+              f"({result.tokens_per_s:,.0f} tokens/s)")
+
+
+def run_demo(cfg: DemoConfig) -> None:
+    from interplab.activations.harvest import harvest
+    from interplab.activations.store import ActivationStore
+    from interplab.activations.summary import format_summary, summarize
+
+    out = cfg.out.rstrip("/") + "/activations"
+    print(f"interplab demo: harvesting {cfg.hook} of {cfg.model} on {cfg.corpus} ({cfg.tokens:,} tokens) -> {out}")
+    result = harvest(HarvestConfig(model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, tokens=cfg.tokens,
+                                   ctx_len=cfg.ctx_len, batch_size=cfg.batch_size, out=out, device=cfg.device,
+                                   resume=True))
+    if not result.already_complete:
+        print(f"harvested at {result.tokens_per_s:,.0f} tokens/s (forward pass and writes)")
+    print(format_summary(summarize(ActivationStore(out))))
+    print("next: train a sparse autoencoder on this store (coming in the SAE capability)")
+
+
+def run_hooks(cfg: HooksConfig) -> None:
+    from interplab.models import load_model
+
+    model = load_model(cfg.model)
+    print(json.dumps(model.info.to_dict()))
+    print("\n".join(model.hook_names))
+
+
+def run_inspect(cfg: InspectConfig) -> None:
+    from interplab.activations.store import ActivationStore
+
+    store = ActivationStore(cfg.store)
+    m = store.manifest
+    print(f"{cfg.store}: {m['n_tokens']:,} tokens in {len(m['shards'])} shards, ctx_len {m['ctx_len']}, "
+          f"dtype {m['dtype']}, {'complete' if m['complete'] else 'INCOMPLETE (resume the harvest)'}")
+    for hook in store.hooks:
+        print(f"  {hook}: d={store.d(hook)}")
+    print("  config: " + json.dumps(m["config"]))
+    if cfg.verify:
+        for i in range(len(m["shards"])):
+            store.load_shard(i)
+        print(f"  all {len(m['shards'])} shard checksums verified")
+
+
+COMMANDS: dict[str, tuple[type, Callable, str]] = {
+    "demo": (DemoConfig, run_demo, "the main job on the defaults: harvest SmolLM2 on python-docs and summarise"),
+    "harvest": (HarvestConfig, run_harvest, "harvest activations at hook points into an on-disk store"),
+    "hooks": (HooksConfig, run_hooks, "list a model's hook points"),
+    "inspect": (InspectConfig, run_inspect, "describe an activation store and verify its checksums"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="interplab", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (config_cls, _, help_text) in COMMANDS.items():
+        add_dataclass_args(sub.add_parser(name, help=help_text, description=config_cls.__doc__), config_cls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config_cls, run, _ = COMMANDS[args.command]
+    try:
+        run(dataclass_from_args(config_cls, args))
+    except InterplabError as exc:
+        print(f"interplab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterplab {args.command}: interrupted; completed shards are kept, rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

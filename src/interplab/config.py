@@ -1,0 +1,75 @@
+"""Command-line options generated from dataclass configs.
+
+Each config field becomes `--field-name`; the string literal under a field (its docstring) becomes its help text,
+so a config documents itself once, for Python users and for `interplab CMD --help` alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, read from its source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body  # type: ignore[attr-defined]
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _comma_list(item_type: type) -> Any:
+    def parse(text: str) -> list:
+        return [item_type(part.strip()) for part in text.split(",") if part.strip()]
+
+    parse.__name__ = f"comma-separated {item_type.__name__}s"  # argparse names the type in its errors
+    return parse
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one `--option` per field of the dataclass `cls`, typed and documented."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):
+        tp, optional = _unwrap_optional(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        flag = "--" + field.name.replace("_", "-")
+        help_text = docs.get(field.name, "")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        if typing.get_origin(tp) is list:
+            kind, shown = _comma_list(typing.get_args(tp)[0]), ",".join(map(str, default))
+        else:
+            kind, shown = tp, default
+        help_text += f" (default: {shown})" if default is not None else (" (optional)" if optional else "")
+        parser.add_argument(flag, type=kind, default=default, dest=field.name, help=help_text,
+                            metavar=field.name.upper())
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build the config `cls` from parsed arguments."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]

@@ -1,0 +1,100 @@
+"""The `interplab` command: generated options, one-line errors with exit code 2 that write nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from interplab.activations.harvest import HarvestConfig
+from interplab.cli import COMMANDS, main
+from interplab.config import field_docs
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_documents_every_option(command, capsys):
+    config_cls = COMMANDS[command][0]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    docs = field_docs(config_cls)
+    for field in dataclasses.fields(config_cls):
+        assert "--" + field.name.replace("_", "-") in text
+        assert field.name in docs, f"{config_cls.__name__}.{field.name} has no docstring"
+        assert docs[field.name][:40] in text
+
+
+def test_field_docs_reads_the_string_under_each_field():
+    docs = field_docs(HarvestConfig)
+    assert docs["ctx_len"] == "Tokens per context (BOS included); at most the model's context length."
+
+
+def _harvest_args(model_dir: Path, out: Path, **overrides: str) -> list[str]:
+    args = {"model": str(model_dir), "hooks": "blocks.0.hook_resid_post", "corpus": "python-docs",
+            "tokens": "256", "ctx-len": "32", "out": str(out), "device": "cpu"}
+    args.update(overrides)
+    return ["harvest", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+
+def test_harvest_then_inspect(tiny_gpt2_dir, tmp_path, capsys):
+    assert main(_harvest_args(tiny_gpt2_dir, tmp_path / "s")) == 0
+    assert "harvested 256 tokens" in capsys.readouterr().out
+    assert main(["inspect", "--store", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "256 tokens in 1 shards" in out and "checksums verified" in out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"hooks": "blocks.9.hook_resid_post"}, r"unknown hook name.*valid names: hook_embed"),
+    ({"model": "no/such/dir/"}, "model path 'no/such/dir/' does not exist"),
+    ({"corpus": "missing-corpus.txt"}, "missing-corpus.txt"),
+    ({"tokens": "0"}, "--tokens must be a positive number"),
+    ({"ctx-len": "65"}, "--ctx-len 65 is longer than .* allows \\(64\\)"),
+    ({"hooks": "blocks.0.attn.hook_pattern"}, "attention patterns are \\[batch, head, q, k\\]"),
+    ({"dtype": "int8"}, "--dtype 'int8' is not one of"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_gpt2_dir, tmp_path, capsys, overrides, message):
+    out = tmp_path / "out"
+    assert main(_harvest_args(tiny_gpt2_dir, out, **overrides)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("interplab harvest: error: ")
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_out_dir_holding_a_different_store_is_refused_untouched(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(_harvest_args(tiny_gpt2_dir, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(_harvest_args(tiny_gpt2_dir, out, corpus=str(_write_corpus(tmp_path)))) == 2
+    assert "holds a different store" in capsys.readouterr().err
+    assert before == {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def _write_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"Document number {i} says hello to the world. " * 20})
+                              for i in range(20)))
+    return path
+
+
+def test_corrupt_shard_is_reported_by_name(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(_harvest_args(tiny_gpt2_dir, out, **{"tokens": "1024", "contexts-per-shard": "16"})) == 0
+    shard = out / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["inspect", "--store", str(out)]) == 2
+    assert "shard-00001.safetensors" in capsys.readouterr().err
+
+
+def test_hooks_command_lists_names(tiny_gpt2_dir, capsys):
+    assert main(["hooks", "--model", str(tiny_gpt2_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads(lines[0])["n_layers"] == 3
+    assert lines[1:3] == ["hook_embed", "hook_pos_embed"] and lines[-1] == "ln_final.hook_normalized"
