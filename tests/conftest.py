@@ -47,7 +47,7 @@ def _tiny_config(arch: str, vocab: int):
 
 
 def build_tiny_hf_model(arch: str, folder: Path) -> Path:
-    """Save a seeded random model of `arch` (gpt2, gpt2-wide, llama, neox, neox-sequential) with a tokenizer to `folder`."""
+    """Save a seeded random model of `arch` (gpt2, gpt2-wide, llama, neox, neox-sequential) and a tokenizer."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tiny_tokenizer()

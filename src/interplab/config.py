@@ -15,7 +15,12 @@ import types
 import typing
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""The floating-point dtypes accepted wherever a config names one."""
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -11,28 +11,12 @@ from typing import Iterator
 import fsspec
 import pytest
 import torch
+from known_contexts import CTX, HOOKS, SHAPES, make_contexts
 
 from interplab.activations import ActivationStore, CorruptShardError, StoreWriter
 from interplab.errors import InterplabError
 
-HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
-CTX = 4
-DS = {HOOKS[0]: 6, HOOKS[1]: 3}
-SHAPES = {hook: (CTX, d) for hook, d in DS.items()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def make_contexts(n: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """n contexts of random data whose column 0, like the token ids, holds the row's global index: any yielded
-    row says which row it is, and whether its token id travelled with it."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.arange(n * CTX).view(n, CTX)
-    acts = {}
-    for hook, d in DS.items():
-        x = torch.randn(n, CTX, d, generator=gen)
-        x[..., 0] = rows.float()
-        acts[hook] = x
-    return acts, rows
 
 
 def write_store(url: str, n: int, contexts_per_shard: int, dtype: str = "float32", finish: bool = True

@@ -16,29 +16,13 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from known_contexts import CTX, HOOKS, SHAPES, make_contexts
 from safetensors.torch import load_file
 
 from interplab.activations import STORE_FORMAT, CorruptShardError, StoreWriter
 from interplab.errors import InterplabError
 
-HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
-CTX = 4
-DS = {HOOKS[0]: 6, HOOKS[1]: 3}
-SHAPES = {hook: (CTX, d) for hook, d in DS.items()}
 CONFIG = {"model": "toy-2l", "corpus": "pydocs", "seed": 0, "n_tokens": 40}
-
-
-def make_contexts(n: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """n contexts of known data. Column 0 of every hook holds the row's global index, and so do the token ids,
-    so a row's position is readable from the data itself (exact in every dtype while n * CTX <= 256)."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.arange(n * CTX).view(n, CTX)
-    acts = {}
-    for hook, d in DS.items():
-        x = torch.randn(n, CTX, d, generator=gen)
-        x[..., 0] = rows.float()
-        acts[hook] = x
-    return acts, rows  # int64 token ids, as a tokenizer returns them
 
 
 def feed(writer: StoreWriter, acts: dict[str, torch.Tensor], tokens: torch.Tensor, start: int, stop: int,

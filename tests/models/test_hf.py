@@ -55,7 +55,7 @@ def test_resid_decomposes_into_attn_and_mlp_outputs(model, tokens):
 
 
 def test_pattern_matches_hf_eager_attentions(model, tokens):
-    res = model.run_with_cache(tokens, [f"blocks.{l}.attn.hook_pattern" for l in range(model.info.n_layers)],
+    res = model.run_with_cache(tokens, [f"blocks.{i}.attn.hook_pattern" for i in range(model.info.n_layers)],
                                return_logits=True)
     assert model.model.config._attn_implementation == model._default_attn_impl  # restored after the call
     model.model.config._attn_implementation = "eager"

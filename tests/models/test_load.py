@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from interplab.errors import InterplabError
-from interplab.models import load_model
 from interplab.models import load as load_module
+from interplab.models import load_model
 
 
 def test_local_hf_folder_loads_with_its_tokenizer(tiny_gpt2_dir):

@@ -16,10 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from interplab.activations.writer import StoreWriter
+from interplab.config import DTYPES
 from interplab.errors import InterplabError
 from interplab.models import HookedModel, load_model
-
-STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -69,8 +68,8 @@ class HarvestConfig:
             raise InterplabError("--batch-size and --contexts-per-shard must be at least 1")
         if not self.hooks:
             raise InterplabError("--hooks needs at least one hook name, e.g. blocks.6.hook_resid_post")
-        if self.dtype not in STORE_DTYPES:
-            raise InterplabError(f"--dtype '{self.dtype}' is not one of {sorted(STORE_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise InterplabError(f"--dtype '{self.dtype}' is not one of {sorted(DTYPES)}")
 
     def store_identity(self) -> dict:
         """The settings that define a store's contents: resuming requires them to match."""
@@ -120,7 +119,7 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None, *, progress: b
         with bar, torch.inference_mode():
             for tokens in _batches(itertools.islice(contexts, done, cfg.n_contexts), cfg.batch_size):
                 cache = model.run_with_cache(tokens, cfg.hooks).cache
-                writer.add({h: cache[h].to("cpu", STORE_DTYPES[cfg.dtype]) for h in cfg.hooks}, tokens)
+                writer.add({h: cache[h].to("cpu", DTYPES[cfg.dtype]) for h in cfg.hooks}, tokens)
                 bar.update(tokens.numel())
         writer.finish()
     seconds = time.perf_counter() - start

@@ -23,14 +23,14 @@ from jaxtyping import Float, Int
 from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
-from interplab.activations.fs import join, open_url, sha256_hex
+from interplab.config import DTYPES
 from interplab.errors import InterplabError
+from interplab.fileio import join, open_url, sha256_hex
 
 STORE_FORMAT = "interplab.activations"
 STORE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENS_KEY = "tokens"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors")
 TMP_RE = re.compile(r"(manifest\.json|shard-\d{5,}\.safetensors)\.tmp-.+")  # our own half-written files
 

@@ -71,7 +71,8 @@ def format_summary(stats: dict[str, dict[str, float | list]]) -> str:
         pcs = next(k for k in s if k.endswith("_pc_variance"))
         lines += [
             f"{hook}: {s['tokens']:,} tokens",
-            f"  mean norm {s['mean_norm']:.2f} (max {s['max_norm']:.2f}); BOS position mean norm {s['bos_mean_norm']:.2f}",
+            f"  mean norm {s['mean_norm']:.2f} (max {s['max_norm']:.2f}); "
+            f"BOS position mean norm {s['bos_mean_norm']:.2f}",
             f"  anisotropy ‖mean‖/mean‖x‖ = {s['anisotropy']:.3f}; participation ratio = {s['participation_ratio']:.1f}"
             f" dims; {pcs.removesuffix('_pc_variance')} PCs explain {100 * s[pcs]:.1f}% of variance",
             "  outlier dims (mean value): "

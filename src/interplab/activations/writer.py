@@ -23,12 +23,21 @@ from jaxtyping import Float, Int
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from interplab.activations.fs import atomic_write, join, list_files, open_url, sha256_hex
 from interplab.activations.store import (
-    DTYPES, MANIFEST_NAME, SHARD_RE, STORE_FORMAT, STORE_VERSION, TMP_RE, TOKENS_KEY, CorruptShardError, ShardInfo,
-    read_manifest, shard_name,
+    MANIFEST_NAME,
+    SHARD_RE,
+    STORE_FORMAT,
+    STORE_VERSION,
+    TMP_RE,
+    TOKENS_KEY,
+    CorruptShardError,
+    ShardInfo,
+    read_manifest,
+    shard_name,
 )
+from interplab.config import DTYPES
 from interplab.errors import InterplabError
+from interplab.fileio import atomic_write, join, list_files, open_url, sha256_hex
 
 # Manifest fields that identify a store: reopening it with any of them different is an error, not a resume.
 IDENTITY_FIELDS = ("config", "hooks", "shapes", "dtype", "ctx_len", "contexts_per_shard")

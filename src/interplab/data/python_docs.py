@@ -22,9 +22,10 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from interplab.fileio import write_url_atomic
 
 MIN_DOCSTRING_CHARS = 200
 
@@ -67,17 +68,8 @@ def load_or_build(path: Path, build: Callable[[], list[str]]) -> list[str]:
 
     docs = build()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write to a temporary file in the same folder and rename it over the target: a reader (or a second
-        # process building at the same time) never sees a half-written file.
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(docs, f, ensure_ascii=False)
-            os.replace(tmp_name, path)
-        except BaseException:
-            os.unlink(tmp_name)
-            raise
+        # A reader (or a second process building at the same time) never sees a half-written file.
+        write_url_atomic(str(path), json.dumps(docs, ensure_ascii=False).encode("utf-8"))
     except OSError:
         pass
     return docs

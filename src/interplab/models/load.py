@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from interplab.config import DTYPES
 from interplab.errors import InterplabError
 from interplab.models.hf import ARCHS, HFHookedModel
 from interplab.models.hooked import HookedModel
@@ -33,7 +34,6 @@ MODEL_SPEC_HELP = (
 )
 # GGUF `general.architecture` values transformers can dequantize and interplab can hook.
 GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

@@ -193,14 +193,12 @@ class ToyTransformer(nn.Module, HookedModel):
         """Write `config.json` + `model.safetensors` into the folder `path` (each file written atomically)."""
         from safetensors.torch import save
 
-        from interplab.fileio import write_atomic
+        from interplab.fileio import write_url_atomic
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        write_atomic(path / "model.safetensors", save(state, metadata={"format": "pt"}))
+        write_url_atomic(f"{path}/model.safetensors", save(state, metadata={"format": "pt"}))
         config = {"interplab_model": TOY_MARKER, "config": asdict(self.cfg)}
-        write_atomic(path / "config.json", json.dumps(config, indent=2).encode())
+        write_url_atomic(f"{path}/config.json", json.dumps(config, indent=2).encode())
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ToyTransformer:

@@ -1,0 +1,44 @@
+"""`interplab demo`: harvest, then a summary whose figures are checked against the stored activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interplab.activations import ActivationStore
+from interplab.activations.summary import summarize
+from interplab.cli import main
+
+
+def test_demo_on_a_tiny_model_resumes_and_summarises(tiny_gpt2_dir, tmp_path, capsys):
+    args = ["demo", "--model", str(tiny_gpt2_dir), "--hook", "blocks.1.hook_resid_post", "--tokens", "2048",
+            "--ctx-len", "32", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "blocks.1.hook_resid_post: 2,048 tokens" in out and "participation ratio" in out
+    assert main(args) == 0  # a second run finds the complete store and only summarises
+    assert "harvested at" not in capsys.readouterr().out
+
+
+def test_summary_statistics_match_a_direct_computation(tiny_gpt2_dir, tmp_path):
+    assert main(["harvest", "--model", str(tiny_gpt2_dir), "--hooks", "blocks.0.hook_resid_post", "--tokens", "1024",
+                 "--ctx-len", "32", "--contexts-per-shard", "8", "--out", str(tmp_path / "s")]) == 0
+    store = ActivationStore(str(tmp_path / "s"))
+    stats = summarize(store)["blocks.0.hook_resid_post"]
+    acts = torch.cat([c["blocks.0.hook_resid_post"] for c in store.iter_contexts()]).double()  # [n, ctx, d]
+    body = acts[:, 1:].reshape(-1, acts.shape[-1])
+    eig = torch.linalg.eigvalsh(torch.cov(body.T, correction=0))
+    assert stats["tokens"] == 1024
+    assert stats["mean_norm"] == pytest.approx(body.norm(dim=-1).mean().item(), rel=1e-9)
+    assert stats["bos_mean_norm"] == pytest.approx(acts[:, 0].norm(dim=-1).mean().item(), rel=1e-9)
+    assert stats["participation_ratio"] == pytest.approx((eig.sum() ** 2 / (eig**2).sum()).item(), rel=1e-6)
+    assert stats["anisotropy"] == pytest.approx((body.mean(0).norm() / body.norm(dim=-1).mean()).item(), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_demo_on_smollm2(tmp_path, capsys):
+    assert main(["demo", "--tokens", "4096", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.6.hook_resid_post: 4,096 tokens" in out
+    store = ActivationStore(str(tmp_path / "demo" / "activations"))
+    assert store.complete and store.d("blocks.6.hook_resid_post") == 576
