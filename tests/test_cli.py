@@ -18,7 +18,7 @@ from interplab.config import field_docs
 def test_help_documents_every_option(command, capsys):
     config_cls = COMMANDS[command][0]
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     docs = field_docs(config_cls)

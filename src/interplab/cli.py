@@ -1,7 +1,8 @@
 """The `interplab` command: one subcommand per capability, options generated from the config dataclasses.
 
-Bad input is an `InterplabError`: one line on stderr and exit code 2. Ctrl-C during a harvest leaves a resumable
-store and exits with 130.
+Commands may be nested one level (`interplab sae train`): a COMMANDS key with a space makes a group (`interplab sae
+--help` lists its subcommands). Bad input is an `InterplabError`: one
+line on stderr and exit code 2. Ctrl-C during a harvest or a training run leaves it resumable and exits with 130.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable, Sequence
 from interplab.activations.harvest import HarvestConfig
 from interplab.config import add_dataclass_args, dataclass_from_args
 from interplab.errors import InterplabError
+from interplab.sae.train_config import TrainConfig
 
 
 @dataclass
@@ -81,7 +83,7 @@ def run_demo(cfg: DemoConfig) -> None:
     if not result.already_complete:
         print(f"harvested at {result.tokens_per_s:,.0f} tokens/s (forward pass and writes)")
     print(format_summary(summarize(ActivationStore(out))))
-    print("next: train a sparse autoencoder on this store (coming in the SAE capability)")
+    print(f"next: interplab sae train --store {out} --arch topk --k 32 --expansion 16 --out {cfg.out.rstrip('/')}/saes")
 
 
 def run_hooks(cfg: HooksConfig) -> None:
@@ -108,33 +110,64 @@ def run_inspect(cfg: InspectConfig) -> None:
         print(f"  all {len(m['shards'])} shard checksums verified")
 
 
+def run_sae_train(cfg: TrainConfig) -> None:
+    from interplab.sae.trainer import train
+
+    result = train(cfg)
+    if result.already_complete:
+        print(f"{cfg.out} already holds this complete run ({len(result.names)} SAEs); nothing to do")
+        return
+    for name, m in result.metrics.items():
+        print(f"{name}: fvu {m['fvu']:.4f}  mse {m['mse']:.4g}  l0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}")
+    resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
+    print(f"trained {len(result.names)} SAE(s) on {result.tokens:,} tokens into {cfg.out} "
+          f"({result.tokens_per_s:,.0f} tokens/s{resumed})")
+
+
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, run_demo, "the main job on the defaults: harvest SmolLM2 on python-docs and summarise"),
     "harvest": (HarvestConfig, run_harvest, "harvest activations at hook points into an on-disk store"),
     "hooks": (HooksConfig, run_hooks, "list a model's hook points"),
     "inspect": (InspectConfig, run_inspect, "describe an activation store and verify its checksums"),
+    "sae train": (TrainConfig, run_sae_train, "train sparse autoencoders (a sweep in one pass) on a store or a model"),
+}
+
+GROUPS: dict[str, str] = {"sae": "sparse autoencoders: train dictionaries on activations"}
+"""Help of each command group (the first word of a nested COMMANDS key)."""
+
+INTERRUPTED: dict[str, str] = {
+    "harvest": "completed shards are kept",
+    "demo": "completed shards are kept",
+    "sae train": "the last checkpoint is kept",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interplab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, (config_cls, _, help_text) in COMMANDS.items():
-        add_dataclass_args(sub.add_parser(name, help=help_text, description=config_cls.__doc__), config_cls)
+        group, _, leaf = name.rpartition(" ")
+        if group and group not in groups:
+            group_parser = sub.add_parser(group, help=GROUPS[group], description=GROUPS[group])
+            groups[group] = group_parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+        target = groups[group] if group else sub
+        add_dataclass_args(target.add_parser(leaf, help=help_text, description=config_cls.__doc__), config_cls)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config_cls, run, _ = COMMANDS[args.command]
+    command = f"{args.command} {args.subcommand}" if getattr(args, "subcommand", None) else args.command
+    config_cls, run, _ = COMMANDS[command]
     try:
         run(dataclass_from_args(config_cls, args))
     except InterplabError as exc:
-        print(f"interplab {args.command}: error: {exc}", file=sys.stderr)
+        print(f"interplab {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterplab {args.command}: interrupted; completed shards are kept, rerun with --resume to continue",
-              file=sys.stderr)
+        kept = INTERRUPTED.get(command, "nothing is lost")
+        print(f"\ninterplab {command}: interrupted; {kept}, rerun with --resume to continue", file=sys.stderr)
         return 130
     return 0
 

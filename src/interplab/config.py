@@ -67,10 +67,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         if typing.get_origin(tp) is list:
-            kind, shown = _comma_list(typing.get_args(tp)[0]), ",".join(map(str, default))
+            kind, shown = _comma_list(typing.get_args(tp)[0]), None if default is None else ",".join(map(str, default))
         else:
             kind, shown = tp, default
-        help_text += f" (default: {shown})" if default is not None else (" (optional)" if optional else "")
+        help_text += f" (default: {shown})" if shown is not None else (" (optional)" if optional else "")
         parser.add_argument(flag, type=kind, default=default, dest=field.name, help=help_text,
                             metavar=field.name.upper())
 

@@ -147,6 +147,8 @@ def test_long_documents_do_not_warn_about_model_max_length(tokenizer_factory, ca
     tokenizer = tokenizer_factory(bos="<bos>", eos="<eos>", model_max_length=4)
     long_doc = " ".join(["t10"] * 50)
     transformers.utils.logging.enable_propagation()
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_warning()  # other imports (e.g. sae_lens) may have silenced warnings
     try:
         with caplog.at_level(logging.WARNING):
             assert len(packed([long_doc], tokenizer, 8)) == 7
@@ -156,6 +158,7 @@ def test_long_documents_do_not_warn_about_model_max_length(tokenizer_factory, ca
             tokenizer([long_doc], add_special_tokens=False)
         assert "longer than the specified maximum" in caplog.text
     finally:
+        transformers.utils.logging.set_verbosity(verbosity)
         transformers.utils.logging.disable_propagation()
 
 

@@ -44,6 +44,15 @@ class CorruptShardError(InterplabError):
     """A shard the manifest lists is missing, or its bytes do not match the recorded size or sha256."""
 
 
+class NonFiniteShardError(InterplabError):
+    """A shard holds NaN or inf activations (raised only when a reader asks for the check)."""
+
+    def __init__(self, message: str, shard: str) -> None:
+        super().__init__(message)
+        self.shard = shard
+        """File name of the offending shard."""
+
+
 class ShardInfo(NamedTuple):
     """One entry of the manifest's shard list."""
 
@@ -144,8 +153,11 @@ class ActivationStore:
                 raise InterplabError(f"unknown hook {hook!r}; {self.url} holds: {', '.join(self.hooks)}")
         return list(hooks)
 
-    def load_shard(self, i: int, hooks: list[str] | None = None) -> dict[str, Tensor]:
-        """Shard `i` as {hook: [n, ctx_len, d], "tokens": int32 [n, ctx_len]}, after checking its sha256."""
+    def load_shard(self, i: int, hooks: list[str] | None = None, *, check_finite: bool = False) -> dict[str, Tensor]:
+        """Shard `i` as {hook: [n, ctx_len, d], "tokens": int32 [n, ctx_len]}, after checking its sha256.
+
+        With `check_finite`, a NaN or inf in the activations of the requested hooks raises `NonFiniteShardError`.
+        """
         if not 0 <= i < len(self.shards):
             raise InterplabError(f"shard index {i} is out of range; {self.url} has {len(self.shards)} shards")
         wanted = self.hooks if hooks is None else self._check_hooks(hooks)
@@ -162,6 +174,13 @@ class ActivationStore:
                 f"{info.file} in {self.url} is corrupt: expected sha256 {info.sha256}, got {digest}; harvest again"
             )
         tensors = load_safetensors(data)
+        if check_finite:
+            for hook in wanted:
+                if not bool(torch.isfinite(tensors[hook]).all()):
+                    bad = int((~torch.isfinite(tensors[hook])).sum())
+                    raise NonFiniteShardError(
+                        f"{info.file} in {self.url} holds {bad} non-finite (NaN/inf) values at {hook}", info.file
+                    )
         return {hook: tensors[hook] for hook in wanted} | {TOKENS_KEY: tensors[TOKENS_KEY]}
 
     def iter_batches(
@@ -175,6 +194,7 @@ class ActivationStore:
         drop_last: bool = False,
         with_tokens: bool = False,
         dtype: torch.dtype | None = None,
+        check_finite: bool = False,
     ) -> Iterator[Float[Tensor, "batch d"] | tuple[Float[Tensor, "batch d"], Int[Tensor, " batch"]]]:
         """Token-level rows of `hook` in batches [batch, d] (with their int32 token ids [batch] if `with_tokens`).
 
@@ -182,17 +202,18 @@ class ActivationStore:
         shard order is shuffled and rows are shuffled within a buffer of at most `buffer_shards` shards, refilled
         a shard at a time as it drains; the same `seed` gives the same batches. Memory does not grow with the
         store: the buffer holds at most max(buffer_shards * rows_per_shard, batch_size - 1 + rows_per_shard) rows.
+        With `check_finite`, each shard is checked as it is loaded (see `load_shard`).
         """
         self._check_hooks([hook])
         if batch_size < 1 or buffer_shards < 1:
             raise InterplabError(f"batch_size={batch_size} and buffer_shards={buffer_shards} must both be >= 1")
         # Arguments are checked above, eagerly; the generator below only starts on the first next().
         return self._batches(hook, batch_size, shuffle, seed, buffer_shards, drop_last, with_tokens,
-                             dtype or self.dtype)
+                             dtype or self.dtype, check_finite)
 
     def _batches(
         self, hook: str, batch_size: int, shuffle: bool, seed: int, buffer_shards: int, drop_last: bool,
-        with_tokens: bool, dtype: torch.dtype,
+        with_tokens: bool, dtype: torch.dtype, check_finite: bool = False,
     ) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=gen).tolist() if shuffle else list(range(len(self.shards)))
@@ -207,7 +228,7 @@ class ActivationStore:
                 next_rows = self.shards[order[0]].n_contexts * self.ctx_len
                 if n_rows + next_rows > capacity and n_rows >= batch_size:
                     break
-                shard = self.load_shard(order.pop(0), [hook])
+                shard = self.load_shard(order.pop(0), [hook], check_finite=check_finite)
                 new_acts.append(shard[hook].flatten(0, 1))
                 new_tokens.append(shard[TOKENS_KEY].flatten())
                 n_rows += next_rows

@@ -1,0 +1,240 @@
+"""`SparseAutoencoder`: the parameters, encode/decode and housekeeping every dictionary architecture shares.
+
+Conventions (the same as SAELens, so that files move between the two unchanged):
+
+    pre = (x - b_dec·[apply_b_dec_to_input]) @ W_enc + b_enc        W_enc [d_in, d_sae], b_enc [d_sae]
+    f   = activation(pre)                                            architecture-specific, f >= 0
+    x̂   = f @ W_dec + b_dec                                          W_dec [d_sae, d_in], b_dec [d_in]
+
+A subclass provides `encode` (inference semantics) and `training_forward` (the loss of its paper). The decoder of
+every architecture except relu is kept at unit row norm: `before_optimizer_step` removes the gradient component
+parallel to each row and `after_optimizer_step` renormalises, which together keep the rows on the unit sphere.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
+from interplab.errors import InterplabError
+from interplab.sae.config import SAEConfig
+
+
+class TrainOutput(NamedTuple):
+    recon: Float[Tensor, "batch d_in"]
+    """Reconstruction x̂ of the batch."""
+    loss: Float[Tensor, ""]
+    """Total loss to backprop: mse + sparsity_loss + aux_loss."""
+    mse: Float[Tensor, ""]
+    """Mean over tokens of the squared error summed over d_in (SAELens's convention)."""
+    sparsity_loss: Float[Tensor, ""]
+    """L1 or L0 term, already multiplied by its coefficient (0 for topk-style architectures)."""
+    aux_loss: Float[Tensor, ""]
+    """AuxK term times aux_coefficient (0 when no latent is dead or the architecture has none)."""
+    l0: Float[Tensor, ""]
+    """Mean number of active latents per token."""
+    fired: Bool[Tensor, " d_sae"]
+    """Which latents were active on at least one token of the batch (for dead-latent tracking)."""
+
+
+_ARCH_MODULES = {"relu": "relu", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu",
+                 "matryoshka": "matryoshka"}
+
+
+class SparseAutoencoder(nn.Module):
+    """A sparse dictionary x ≈ f(x) @ W_dec + b_dec with sparse, non-negative codes f(x)."""
+
+    arch: ClassVar[str] = ""
+    """The `SAEConfig.arch` this class implements."""
+    decoder_constrained: ClassVar[bool] = True
+    """Whether decoder rows are kept at unit norm during training."""
+    _registry: ClassVar[dict[str, type["SparseAutoencoder"]]] = {}
+
+    cfg: SAEConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.arch:
+            SparseAutoencoder._registry[cls.arch] = cls
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        cfg.validate()
+        if self.arch and cfg.arch != self.arch:
+            raise InterplabError(f"{type(self).__name__} implements arch {self.arch!r}, the config says {cfg.arch!r}")
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self._init_directions(seed=0)
+
+    # ---- the forward pass ---------------------------------------------------------------------------------
+    def pre_acts(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """Encoder pre-activations (x - b_dec) @ W_enc + b_enc (b_dec subtracted only if cfg.subtract_b_dec)."""
+        if self.cfg.subtract_b_dec:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc  # [... d_sae]
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """Dense feature activations f(x) with inference semantics."""
+        raise NotImplementedError
+
+    def decode(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        """x̂ = f @ W_dec + b_dec."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
+        return self.decode(self.encode(x))
+
+    def training_forward(
+        self,
+        x: Float[Tensor, "batch d_in"],
+        *,
+        sparsity_coefficient: float | None = None,
+        dead_mask: Bool[Tensor, " d_sae"] | None = None,
+    ) -> TrainOutput:
+        """Reconstruction and loss of one training batch.
+
+        `sparsity_coefficient` overrides cfg.l1_coefficient / cfg.l0_coefficient (the trainer warms it up);
+        `dead_mask` marks the latents the AuxK loss may use.
+        """
+        raise NotImplementedError
+
+    # ---- initialisation and training housekeeping ---------------------------------------------------------
+    @torch.no_grad()
+    def _init_directions(self, seed: int) -> None:
+        """W_dec rows: random unit vectors from a seeded generator; W_enc = W_dec.T; b_enc = 0."""
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=g, dtype=torch.float32)
+        W /= W.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(W)
+        self.W_enc.copy_(W.T)
+        self.b_enc.zero_()
+
+    @torch.no_grad()
+    def initialize(self, sample: Float[Tensor, "n d_in"], *, b_dec_init: str = "mean", seed: int = 0) -> None:
+        """Initialise from a sample of training activations.
+
+        b_dec = the sample's mean, or its geometric median (`b_dec_init="geometric_median"`, a few Weiszfeld
+        iterations), or zero (`"zeros"`); W_dec rows random unit vectors (seeded); W_enc = W_dec.T; b_enc = 0.
+        """
+        if sample.ndim != 2 or sample.shape[1] != self.cfg.d_in:
+            raise InterplabError(f"initialize needs a sample of shape [n, {self.cfg.d_in}], got {tuple(sample.shape)}")
+        self._init_directions(seed)
+        sample = sample.to(self.b_dec.device, torch.float32)
+        if b_dec_init == "mean":
+            center = sample.mean(0)
+        elif b_dec_init == "geometric_median":
+            center = geometric_median(sample)
+        elif b_dec_init == "zeros":
+            center = torch.zeros_like(self.b_dec)
+        else:
+            raise InterplabError(f"unknown b_dec_init {b_dec_init!r}; valid: mean, geometric_median, zeros")
+        self.b_dec.copy_(center)
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Decoder-constrained archs: remove from each W_dec row's gradient its component along the row.
+
+        With unit rows w_i, the update g_i ← g_i − (g_i·w_i) w_i moves w_i tangentially to the unit sphere, so that
+        the renormalisation after the step changes it as little as possible (Bricken et al. 2023).
+        """
+        if not self.decoder_constrained or self.W_dec.grad is None:
+            return
+        W, G = self.W_dec, self.W_dec.grad                                            # [d_sae d_in]
+        parallel = torch.linalg.vecdot(G, W, dim=1) / torch.linalg.vecdot(W, W, dim=1).clamp_min(1e-12)  # [d_sae]
+        G.addcmul_(W, parallel[:, None], value=-1.0)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Decoder-constrained archs: renormalise every W_dec row to unit norm."""
+        if not self.decoder_constrained:
+            return
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Fold an input scaling into the weights: trained on x·s, the SAE afterwards reads raw x.
+
+        With s = `scale`, the trained SAE computes on x·s
+            pre = (x·s − b_dec) W_enc + b_enc = (x − b_dec/s)(s·W_enc) + b_enc
+            x̂·s = f W_dec + b_dec  ⇒  x̂ = f (W_dec/s) + b_dec/s,
+        so W_enc ← s·W_enc, W_dec ← W_dec/s, b_dec ← b_dec/s gives the same pre-activations (hence the same
+        latents; thresholds and b_enc are unchanged) on raw x, and reconstructions in raw units. Without b_dec
+        subtraction the first line is pre = x (s·W_enc) + b_enc, which the same rule covers. Decoder rows then
+        have norm 1/s instead of 1: fold only once training is over.
+        """
+        if not scale > 0:
+            raise InterplabError(f"fold_input_scale needs a positive scale, got {scale}")
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    @torch.no_grad()
+    def reinit_latents(self, idx: Tensor, directions: Float[Tensor, "n d_in"], enc_scale: float) -> None:
+        """Resample latents: W_dec[idx] = unit directions, W_enc[:, idx] = their transpose·enc_scale, b_enc[idx] = 0.
+
+        The trainer should also reset the optimizer state of these latents.
+        """
+        idx = torch.as_tensor(idx, device=self.W_dec.device).long().flatten()
+        if directions.shape != (idx.numel(), self.cfg.d_in):
+            raise InterplabError(f"reinit_latents: directions must have shape [{idx.numel()}, {self.cfg.d_in}], "
+                                 f"got {tuple(directions.shape)}")
+        unit = directions.to(self.W_dec) / directions.norm(dim=1, keepdim=True).to(self.W_dec).clamp_min(1e-12)
+        self.W_dec[idx] = unit
+        self.W_enc[:, idx] = unit.T * enc_scale
+        self.b_enc[idx] = 0.0
+
+    # ---- files --------------------------------------------------------------------------------------------
+    def save(self, path: str, *, metadata: dict | None = None) -> None:
+        """Save in the SAELens layout (`cfg.json` + `sae_weights.safetensors`), loadable by sae_lens and us."""
+        from interplab.sae.files import save_sae
+
+        save_sae(self, path, metadata=metadata)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "SparseAutoencoder":
+        """Load a folder in the SAELens layout or a sparsify hookpoint folder, in eval mode (call .train() to train)."""
+        from interplab.sae.files import load_sae_folder
+
+        return load_sae_folder(path).eval()
+
+    # ---- helpers for subclasses ---------------------------------------------------------------------------
+    @staticmethod
+    def _mse(recon: Float[Tensor, "batch d_in"], x: Float[Tensor, "batch d_in"]) -> Float[Tensor, ""]:
+        """Mean over tokens of the squared error summed over d_in."""
+        return (recon - x).pow(2).sum(-1).mean()
+
+    def extra_repr(self) -> str:
+        return f"arch={self.cfg.arch}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}"
+
+
+@torch.no_grad()
+def geometric_median(points: Float[Tensor, "n d"], iters: int = 20, eps: float = 1e-8) -> Float[Tensor, " d"]:
+    """Weiszfeld's iteration for argmin_y Σ_n ‖points_n − y‖, started at the mean."""
+    y = points.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (points - y).norm(dim=1).clamp_min(eps)  # [n]
+        y_new = (w[:, None] * points).sum(0) / w.sum()
+        if (y_new - y).norm() <= 1e-6 * (y.norm() + eps):
+            return y_new
+        y = y_new
+    return y
+
+
+def make_sae(cfg: SAEConfig) -> SparseAutoencoder:
+    """Validate `cfg` and build the SparseAutoencoder subclass for cfg.arch."""
+    cfg.validate()
+    importlib.import_module(f"interplab.sae.{_ARCH_MODULES[cfg.arch]}")
+    return SparseAutoencoder._registry[cfg.arch](cfg)
+
+
+def load_sae(path: str) -> SparseAutoencoder:
+    """Load a saved SAE (SAELens layout or sparsify hookpoint folder); same as SparseAutoencoder.from_pretrained."""
+    return SparseAutoencoder.from_pretrained(path)

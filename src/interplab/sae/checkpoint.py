@@ -1,0 +1,166 @@
+"""The run folder of `interplab sae train`: its identity, resumable checkpoints and the final SAE folders.
+
+    OUT/train_config.json      the run's TrainConfig; a later run with different settings is refused
+    OUT/checkpoint.pt          the latest checkpoint, while the run is unfinished (deleted once it completes)
+    OUT/<name>/                one per SAE of the sweep, e.g. topk-k32-x16/, written when training ends:
+        cfg.json, sae_weights.safetensors     SAELens layout, input normalisation folded in (reads raw activations)
+        train_config.json                     the run's TrainConfig, this SAE's SAEConfig and the normalisation scale
+        metrics.json                          final metrics and their history (one entry per --log-every steps)
+    OUT/metrics.json           every SAE's final metrics; written last, it marks the run complete
+
+Metrics are averages over a logging window (the last one for the final metrics): `mse` per activation element in
+raw units, `fvu` = sum ||x - x_hat||^2 / sum ||x - batch mean||^2, `l0` latents per token, `loss` the training loss
+(normalised units), `dead_fraction` latents that have not fired for `dead_window_tokens`, `tokens_per_s` the
+training speed of the run's last session.
+
+Every file is written to a temporary name and renamed (an SAE folder is written whole under a temporary name,
+then moved into place), so a run killed at any moment leaves the last checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import re
+import uuid
+from typing import Any, NamedTuple
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from interplab.errors import InterplabError
+from interplab.fileio import join, open_url, write_url_atomic
+
+CHECKPOINT = "checkpoint.pt"
+RUN_CONFIG = "train_config.json"
+SUMMARY = "metrics.json"
+CHECKPOINT_FORMAT = "interplab.sae.checkpoint"
+CHECKPOINT_VERSION = 1
+_TMP_RE = re.compile(r".*\.tmp-[0-9a-f]{32}")
+
+
+class RunFolder(NamedTuple):
+    """What --out holds before a run starts."""
+
+    status: str
+    """'new' (empty or absent), 'partial' (started, not complete) or 'complete'."""
+    checkpoint: dict[str, Any] | None
+    """The latest checkpoint of a partial run (None if it has none yet)."""
+    summary: dict[str, Any] | None
+    """OUT/metrics.json of a complete run."""
+
+
+def inspect_run_folder(out: str, identity: dict[str, Any]) -> RunFolder:
+    """Read --out without writing anything; refuse a folder that holds something other than this run."""
+    fs, root = open_url(out)
+    if fs.exists(root) and not fs.isdir(root):
+        raise InterplabError(f"{out} is a file; --out needs a new or empty folder, or this run's folder")
+    fs.invalidate_cache(root)
+    names = [posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False)] if fs.exists(root) else []
+    names = [n for n in names if not _TMP_RE.fullmatch(n)]
+    if RUN_CONFIG not in names:
+        if names:
+            raise InterplabError(f"{out} is not empty and holds no interplab SAE run (found "
+                                 f"{', '.join(sorted(names)[:3])}); choose a new or empty --out")
+        return RunFolder("new", None, None)
+    saved = _read_json(out, RUN_CONFIG)
+    differs = sorted(k for k in set(saved) | set(identity) if saved.get(k, _MISSING) != identity.get(k, _MISSING))
+    if differs:
+        raise InterplabError(f"{out} holds a different run (differs in: {', '.join(differs)}); "
+                             "choose another --out or delete it")
+    if SUMMARY in names:
+        return RunFolder("complete", None, _read_json(out, SUMMARY))
+    return RunFolder("partial", load_checkpoint(out) if CHECKPOINT in names else None, None)
+
+
+def _read_json(out: str, name: str) -> dict[str, Any]:
+    fs, root = open_url(out)
+    try:
+        data = json.loads(fs.cat_file(join(root, name)))
+    except ValueError as e:
+        raise InterplabError(f"{join(out, name)} is not valid JSON ({e}); delete {out} and train again") from None
+    if not isinstance(data, dict):
+        raise InterplabError(f"{join(out, name)} does not hold a JSON object; delete {out} and train again")
+    return data
+
+
+_MISSING = object()
+
+
+def write_json(url: str, data: dict[str, Any]) -> None:
+    """Write `data` as indented JSON, atomically."""
+    write_url_atomic(url, (json.dumps(data, indent=2) + "\n").encode())
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(out: str, state: dict[str, Any]) -> None:
+    """Write OUT/checkpoint.pt atomically: the previous checkpoint stays until the new one is whole."""
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, buffer)
+    write_url_atomic(join(out, CHECKPOINT), buffer.getvalue())
+
+
+def load_checkpoint(out: str) -> dict[str, Any]:
+    """OUT/checkpoint.pt, loaded onto the CPU (tensors, numbers, strings and containers only)."""
+    fs, root = open_url(out)
+    try:
+        state = torch.load(io.BytesIO(fs.cat_file(join(root, CHECKPOINT))), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: unpickling errors come in many types, over many lines
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InterplabError(f"{join(out, CHECKPOINT)} cannot be read ({type(e).__name__}: {reason}); "
+                             f"delete it to restart the run") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InterplabError(f"{join(out, CHECKPOINT)} is not an interplab SAE checkpoint; delete it to restart")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise InterplabError(f"{join(out, CHECKPOINT)} has version {state.get('version')!r}, not "
+                             f"{CHECKPOINT_VERSION}; a different interplab version wrote it")
+    return state
+
+
+def delete_checkpoint(out: str) -> None:
+    fs, root = open_url(out)
+    path = join(root, CHECKPOINT)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+# ---- final outputs ---------------------------------------------------------------------------------------------
+
+
+def save_sae_folder(out: str, name: str, sae: Any, *, metadata: dict[str, Any], files: dict[str, dict]) -> str:
+    """Save `sae` (SAELens layout) plus the JSON `files` as OUT/<name>, replacing any earlier copy; return its URL.
+
+    The folder is written whole under a temporary name, then moved into place.
+    """
+    fs, root = open_url(out)
+    target, tmp = join(root, name), join(root, f"{name}.tmp-{uuid.uuid4().hex}")
+    tmp_url = join(out, posixpath.basename(tmp))
+    try:
+        sae.save(tmp_url, metadata=metadata)
+        for file, data in files.items():
+            write_json(join(tmp_url, file), data)
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+        if isinstance(fs, LocalFileSystem):
+            os.replace(tmp, target)
+        else:
+            fs.mv(tmp, target, recursive=True)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+        raise
+    return join(out, name)
+
+
+def remove_stale_tmp(out: str) -> None:
+    """Delete temporary files and folders an interrupted run left in OUT (they are never read)."""
+    fs, root = open_url(out)
+    if not fs.exists(root):
+        return
+    for entry in fs.ls(root, detail=False):
+        if _TMP_RE.fullmatch(posixpath.basename(entry.rstrip("/"))):
+            fs.rm(entry, recursive=True)

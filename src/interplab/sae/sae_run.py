@@ -1,0 +1,146 @@
+"""`SAERun`: one SAE of a sweep and everything that trains it: optimiser, dead-latent counters, metrics, resampling.
+
+The trainer feeds every `SAERun` of a sweep the same batch; each keeps its own Adam state, so an SAE trained in a
+sweep ends bit-identical to the same SAE trained alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from interplab.sae.base import SparseAutoencoder, TrainOutput, make_sae
+from interplab.sae.config import SAEConfig
+
+ADAM_BETAS = (0.9, 0.999)
+RESAMPLE_ENC_FRACTION = 0.2
+"""A resampled latent's encoder norm, relative to the mean encoder norm of the live latents (Anthropic, 2023)."""
+_WINDOW = ("se", "tv", "l0", "loss")  # sums over the current logging window, each weighted by tokens
+
+
+class SAERun:
+    """One SAE being trained: the SAE, its optimiser, its dead-latent counters and its metrics."""
+
+    def __init__(self, name: str, cfg: SAEConfig, device: torch.device | str, lr: float, seed: int) -> None:
+        self.name, self.cfg = name, cfg
+        self.sae: SparseAutoencoder = make_sae(cfg).to(device)
+        # fused: one kernel for the whole update, several times faster than the default on CPU as well as CUDA
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=ADAM_BETAS, fused=True)
+        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+        """Tokens seen since each latent last fired."""
+        self.resample_gen = torch.Generator().manual_seed(seed)
+        """Draws the inputs that resampled latents point to (CPU; its own, so sweeps stay independent)."""
+        self.window = torch.zeros(len(_WINDOW), dtype=torch.float64, device=device)
+        self.window_tokens = 0
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def coefficient(self) -> float | None:
+        """The sparsity coefficient the trainer warms up (None: the architecture has none)."""
+        return {"relu": self.cfg.l1_coefficient, "jumprelu": self.cfg.l0_coefficient}.get(self.cfg.arch)
+
+    def dead_mask(self, dead_window: int) -> torch.Tensor:
+        return self.since_fired >= dead_window
+
+    def train_step(
+        self, x: Float[Tensor, "batch d_in"], total_var: Tensor, lr: float, sparsity: float, dead_window: int
+    ) -> TrainOutput | None:
+        """One optimiser step on `x`; returns the output, or None (and leaves the SAE untouched) if the loss is
+        not finite."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        coefficient = None if self.coefficient is None else self.coefficient * sparsity
+        out = self.sae.training_forward(x, sparsity_coefficient=coefficient, dead_mask=self.dead_mask(dead_window))
+        if not bool(torch.isfinite(out.loss)):
+            return None
+        out.loss.backward()
+        self.sae.before_optimizer_step()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sae.after_optimizer_step()
+        with torch.no_grad():
+            n = len(x)
+            self.since_fired += n
+            self.since_fired[out.fired] = 0
+            se = (out.recon.detach() - x).pow(2).sum()
+            self.window += torch.stack([se, total_var, out.l0.detach() * n, out.loss.detach() * n]).double()
+            self.window_tokens += n
+        return out
+
+    # ---- metrics --------------------------------------------------------------------------------------------
+    def window_metrics(self, scale: float, dead_window: int) -> dict[str, float]:
+        """Metrics over the steps since the last log: mse (per element, raw units), fvu, l0, loss, dead_fraction."""
+        se, tv, l0, loss = self.window.tolist()
+        n = max(self.window_tokens, 1)
+        return {
+            "mse": se / (n * self.cfg.d_in) / scale**2,
+            "fvu": se / tv if tv > 0 else float("nan"),
+            "l0": l0 / n,
+            "loss": loss / n,
+            "dead_fraction": float(self.dead_mask(dead_window).float().mean()),
+        }
+
+    def log(self, step: int, tokens: int, lr: float, scale: float, dead_window: int) -> dict[str, float]:
+        """Close the logging window: record its metrics in the history and start a new window."""
+        entry = {"step": step, "tokens": tokens, "lr": lr, **self.window_metrics(scale, dead_window)}
+        self.history.append(entry)
+        self.window.zero_()
+        self.window_tokens = 0
+        return entry
+
+    # ---- resampling -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def resample(self, x: Float[Tensor, "batch d_in"], dead_window: int) -> int:
+        """Point every dead latent at an input of `x` drawn with probability proportional to its squared loss.
+
+        As in Anthropic's "Towards Monosemanticity" (2023): the decoder row becomes the unit input direction (the
+        input as the encoder reads it, b_dec subtracted when the architecture does), the encoder column that
+        direction times 0.2 x the mean encoder norm of live latents, the encoder bias 0, and the Adam moments of
+        those latents are reset. Returns the number of latents resampled.
+        """
+        dead = self.dead_mask(dead_window).nonzero().flatten()
+        if len(dead) == 0:
+            return 0
+        loss = (self.sae(x) - x).pow(2).sum(-1)  # [batch]
+        weights = loss.pow(2).double().cpu()
+        if not (torch.isfinite(weights).all() and weights.sum() > 0):
+            weights = torch.ones_like(weights)
+        picks = torch.multinomial(weights, len(dead), replacement=True, generator=self.resample_gen).to(x.device)
+        directions = x[picks] - self.sae.b_dec if self.cfg.subtract_b_dec else x[picks]
+        alive = ~self.dead_mask(dead_window)
+        enc_norm = float(self.sae.W_enc[:, alive].norm(dim=0).mean()) if bool(alive.any()) else 1.0
+        self.sae.reinit_latents(dead, directions, RESAMPLE_ENC_FRACTION * enc_norm)
+        for name, param in self.sae.named_parameters():
+            axis = 1 if name == "W_enc" else 0
+            state = self.optimizer.state.get(param)
+            if name == "b_dec" or not state or param.ndim <= axis or param.shape[axis] != self.cfg.d_sae:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].index_fill_(axis, dead, 0.0)
+        self.since_fired[dead] = 0
+        return len(dead)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "since_fired": self.since_fired,
+            "resample_gen": self.resample_gen.get_state(),
+            "window": self.window,
+            "window_tokens": self.window_tokens,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.since_fired.copy_(state["since_fired"])
+        self.resample_gen.set_state(state["resample_gen"])
+        self.window.copy_(state["window"])
+        self.window_tokens = int(state["window_tokens"])
+        self.history = [dict(entry) for entry in state["history"]]

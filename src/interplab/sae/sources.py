@@ -1,0 +1,117 @@
+"""Where training batches come from: a harvested store, or a model run on a corpus (stream mode).
+
+Both sources are deterministic functions of the seed and resumable by batch index: `batches(start)` yields the
+same batches an uninterrupted run would have seen from batch `start` on, without re-training on (store) or
+re-running the model over (stream) what came before. Both repeat the data (a new shuffle per pass) when a run
+asks for more tokens than one pass holds.
+
+- `StoreSource`: pass e reads `ActivationStore.iter_batches(seed=seed + e, drop_last=True)`, so a pass holds
+  n_tokens // batch_size batches; each shard is checked for NaN/inf as it is loaded.
+- `StreamSource`: contexts from `iter_contexts` (pass e shuffles documents with seed + e) are taken a shuffle
+  buffer at a time; each fill is run through the model, its rows shuffled (a generator seeded by the seed and the
+  fill's index) and cut into whole batches (the few rows beyond the last whole batch of a fill are dropped).
+  Resuming skips the contexts of earlier fills by tokenising them, without running the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Iterator
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from interplab.activations.store import ActivationStore
+from interplab.errors import InterplabError
+
+_FILL_SEED_STRIDE = 1_000_003  # seed of fill i: seed * stride + i, so that fills of nearby seeds differ
+
+
+class StoreSource:
+    """Batches of one hook of an activation store."""
+
+    def __init__(self, url: str, hook: str | None, batch_size: int, seed: int) -> None:
+        self.store = ActivationStore(url)
+        if hook is None:
+            if len(self.store.hooks) > 1:
+                raise InterplabError(f"{url} holds several hooks; pick one with --hook: {', '.join(self.store.hooks)}")
+            hook = self.store.hooks[0]
+        self.d_in = self.store.d(hook)  # also rejects an unknown hook, listing the store's hooks
+        self.hook = hook
+        self.model_spec = str(self.store.manifest["config"].get("model", ""))
+        self.batch_size, self.seed = batch_size, seed
+        self.batches_per_pass = self.store.n_tokens // batch_size
+        if self.batches_per_pass < 1:
+            raise InterplabError(f"{url} holds {self.store.n_tokens} tokens, fewer than one batch "
+                                 f"(--batch-size {batch_size})")
+        self.tokens_per_pass = self.batches_per_pass * batch_size
+        self.describe = f"{url} at {hook}"
+
+    def batches(self, start: int = 0) -> Iterator[Float[Tensor, "batch d_in"]]:
+        """Float32 batches [batch_size, d_in] from batch index `start` on, endlessly (pass after pass)."""
+        for n_pass in itertools.count(start // self.batches_per_pass):
+            it = self.store.iter_batches(self.hook, self.batch_size, seed=self.seed + n_pass, drop_last=True,
+                                         dtype=torch.float32, check_finite=True)
+            if n_pass == start // self.batches_per_pass:
+                it = itertools.islice(it, start % self.batches_per_pass, None)
+            yield from it
+
+
+class StreamSource:
+    """Batches of one hook of a model run on a corpus, through a shuffle buffer."""
+
+    def __init__(self, model_spec: str, hook: str, corpus: str, *, split: str, ctx_len: int, model_batch_size: int,
+                 shuffle_buffer: int, batch_size: int, seed: int, device: str | None) -> None:
+        from interplab.data import iter_contexts
+        from interplab.models import load_model
+
+        self.model = load_model(model_spec, device=device)
+        d_in = self.model.hook_dim(hook)  # rejects an unknown hook, listing the valid ones
+        if d_in is None:
+            raise InterplabError(f"cannot train on {hook}: attention patterns are [batch, head, q, k], "
+                                 "not one vector per token")
+        if ctx_len > self.model.info.n_ctx:
+            raise InterplabError(f"--ctx-len {ctx_len} is longer than {model_spec} allows ({self.model.info.n_ctx})")
+        if self.model.tokenizer is None:
+            raise InterplabError(f"{model_spec} has no tokenizer, so it cannot read a text corpus")
+        self.d_in, self.hook, self.model_spec = d_in, hook, model_spec
+        self.corpus, self.split, self.ctx_len = corpus, split, ctx_len
+        self.model_batch_size, self.batch_size, self.seed = model_batch_size, batch_size, seed
+        self.contexts_per_fill = math.ceil(shuffle_buffer / ctx_len)
+        self.batches_per_fill = self.contexts_per_fill * ctx_len // batch_size
+        self.describe = f"{model_spec} at {hook} on {corpus}"
+        self._iter_contexts = iter_contexts
+        # Read the corpus now, so that a bad corpus fails before anything is written.
+        if next(self._pass(0), None) is None:
+            raise InterplabError(f"corpus '{corpus}' ({split} split) yields no context of {ctx_len} tokens")
+
+    def _pass(self, n_pass: int) -> Iterator[Tensor]:
+        return self._iter_contexts(self.corpus, self.model.tokenizer, self.ctx_len, split=self.split,
+                                   seed=self.seed + n_pass)
+
+    def _contexts(self) -> Iterator[Tensor]:
+        """Contexts of pass 0, then pass 1 (documents reshuffled), and so on."""
+        for n_pass in itertools.count():
+            yield from self._pass(n_pass)
+
+    def batches(self, start: int = 0) -> Iterator[Float[Tensor, "batch d_in"]]:
+        """Float32 batches [batch_size, d_in] on the model's device from batch index `start` on, endlessly."""
+        fill, skip = divmod(start, self.batches_per_fill)
+        contexts = itertools.islice(self._contexts(), fill * self.contexts_per_fill, None)
+        for fill in itertools.count(fill):
+            chunk = list(itertools.islice(contexts, self.contexts_per_fill))
+            rows = self._activations(torch.stack(chunk))  # [contexts * ctx_len, d_in]
+            gen = torch.Generator().manual_seed(self.seed * _FILL_SEED_STRIDE + fill)
+            perm = torch.randperm(len(rows), generator=gen).to(rows.device)
+            for b in range(skip, self.batches_per_fill):
+                yield rows[perm[b * self.batch_size:(b + 1) * self.batch_size]]
+            skip = 0
+
+    def _activations(self, tokens: Tensor) -> Float[Tensor, "rows d_in"]:
+        parts = []
+        for i in range(0, len(tokens), self.model_batch_size):
+            cache = self.model.run_with_cache(tokens[i:i + self.model_batch_size], [self.hook]).cache
+            parts.append(cache[self.hook].flatten(0, 1).float())
+        return torch.cat(parts)

@@ -1,0 +1,216 @@
+"""`TrainConfig`: what to train (a sweep of sparse dictionaries), on which activations, and how.
+
+Every field has its docstring under it: `interplab sae train --help` is generated from them. The schedules are
+methods here, pure functions of the step, so that a resumed run recomputes them exactly and tests can check them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+from interplab.errors import InterplabError
+from interplab.sae.config import ARCHS, SAEConfig
+
+SWEPT: dict[str, tuple[str, ...]] = {
+    "relu": ("l1_coefficient",),
+    "topk": ("k",),
+    "batchtopk": ("k",),
+    "jumprelu": ("l0_coefficient",),
+    "matryoshka": ("k",),
+}
+"""The sweep lists each architecture uses besides `expansion` (the others must hold a single value)."""
+
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+
+# Fields that do not change what is trained: a resumed run may set them differently.
+NOT_IDENTITY = ("out", "resume", "device", "checkpoint_every", "wandb_project")
+
+
+class SweepPoint(NamedTuple):
+    """One SAE of a sweep: its folder name and its architecture config."""
+
+    name: str
+    """Folder name under --out encoding the sweep point, e.g. topk-k32-x16."""
+    cfg: SAEConfig
+
+
+@dataclass
+class TrainConfig:
+    """Train sparse autoencoders (a sweep, all on the same batches) on a store or on a model's activations."""
+
+    store: str | None = None
+    """Activation store (folder or fsspec URL) written by `interplab harvest`; or give --model/--hook/--corpus."""
+    hook: str | None = None
+    """Hook point to train on (default with --store: the store's only hook; required with --model)."""
+    model: str | None = None
+    """Stream mode: model spec to run directly on --corpus (no store is written)."""
+    corpus: str = "python-docs"
+    """Stream mode: text corpus ('python-docs', a .txt/.jsonl/.parquet file or folder, hf:NAME, ...)."""
+    split: str = "train"
+    """Stream mode: corpus split (train, test or all)."""
+    ctx_len: int = 128
+    """Stream mode: tokens per context (BOS included)."""
+    model_batch_size: int = 16
+    """Stream mode: contexts per forward pass of the model."""
+    shuffle_buffer: int = 65_536
+    """Stream mode: activations (token rows) shuffled together; a whole number of batches is drawn from each fill."""
+    arch: str = "topk"
+    """Architecture: relu (L1), topk, batchtopk, jumprelu (L0) or matryoshka (nested BatchTopK)."""
+    expansion: list[int] = field(default_factory=lambda: [16])
+    """Dictionary size as a multiple of the activation width (d_sae = expansion x d_in); a list sweeps."""
+    k: list[int] = field(default_factory=lambda: [32])
+    """topk/batchtopk/matryoshka: active latents per token; a list (e.g. 16,32,64) sweeps."""
+    l1_coefficient: list[float] = field(default_factory=lambda: [5.0])
+    """relu: L1 coefficient; a list (e.g. 1,3,10) sweeps."""
+    l0_coefficient: list[float] = field(default_factory=lambda: [1e-3])
+    """jumprelu: L0 coefficient; a list sweeps."""
+    aux_k: int | None = None
+    """topk/batchtopk/matryoshka: dead latents used by the AuxK loss (default: the SAE config's, 512)."""
+    aux_coefficient: float | None = None
+    """topk/batchtopk/matryoshka: weight of the AuxK loss (default: the SAE config's, 1/32)."""
+    jumprelu_bandwidth: float | None = None
+    """jumprelu: bandwidth of the straight-through estimator (default: the SAE config's, 0.001)."""
+    jumprelu_init_threshold: float | None = None
+    """jumprelu: initial threshold of every latent (default: the SAE config's, 0.001)."""
+    matryoshka_prefixes: list[int] = field(default_factory=list)
+    """matryoshka: nested dictionary sizes ending at d_sae (default: d_sae/16, d_sae/4, d_sae)."""
+    tokens: int | None = None
+    """Training tokens, rounded up to whole batches (default with --store: one pass; the data repeats if needed)."""
+    batch_size: int = 4096
+    """Activations (tokens) per training step."""
+    lr: float = 2e-4
+    """Adam learning rate (betas 0.9, 0.999)."""
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up: step s (from 0) uses lr x min(1, (s+1)/lr_warmup_steps)."""
+    lr_decay_start: float = 0.8
+    """Fraction of the steps after which the learning rate decays linearly, reaching 0 after the last step."""
+    sparsity_warmup_steps: int = 0
+    """relu/jumprelu: the L1/L0 coefficient at step s is coefficient x min(1, (s+1)/sparsity_warmup_steps)."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead once it has not fired for this many tokens (capped at a quarter of the training tokens)."""
+    resample_every: int = 0
+    """Resample dead latents every this many steps (0: never): Anthropic-style, toward poorly reconstructed inputs."""
+    normalize: bool = True
+    """Scale activations so their mean squared norm is d_in (estimated on the first batches); folded in on save."""
+    b_dec_init: str = "geometric_median"
+    """Initial decoder bias from the first batches: geometric_median, mean or zeros."""
+    log_every: int = 100
+    """Record each SAE's metrics (and send them to wandb) every this many steps."""
+    checkpoint_every: int = 1000
+    """Write a resumable checkpoint every this many steps (0: never)."""
+    out: str = "sae"
+    """Run folder: one subfolder per SAE (SAELens layout) plus train_config.json, metrics.json, checkpoint.pt."""
+    seed: int = 0
+    """Seed of the initialisation, the data shuffle and the resampling."""
+    device: str | None = None
+    """Device to train on (default: cuda if available, else cpu)."""
+    resume: bool = False
+    """Continue an interrupted run in --out from its last checkpoint (ends bit-identical to an uninterrupted run)."""
+    wandb_project: str | None = None
+    """Log metrics to this Weights & Biases project (needs pip install interplab[wandb])."""
+
+    # ---- checks ---------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check what can be checked before opening the data; `sweep(d_in)` checks the rest."""
+        if (self.store is None) == (self.model is None):
+            raise InterplabError("give --store (a harvested store) or --model with --hook (stream mode), not both"
+                                 if self.store else "give --store DIR, or --model and --hook to stream activations")
+        if self.model is not None and not self.hook:
+            raise InterplabError("stream mode (--model) needs --hook, e.g. blocks.6.hook_resid_post")
+        if self.tokens is not None and self.tokens < 1:
+            raise InterplabError(f"--tokens must be a positive number of tokens, got {self.tokens}")
+        if self.model is not None and self.tokens is None:
+            raise InterplabError("stream mode (--model) needs --tokens: a corpus has no fixed length")
+        if self.arch not in ARCHS:
+            raise InterplabError(f"unknown --arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        positive = ("batch_size", "log_every", "dead_tokens", "ctx_len", "model_batch_size", "shuffle_buffer")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InterplabError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_warmup_steps", "sparsity_warmup_steps", "resample_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise InterplabError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise InterplabError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.lr_decay_start <= 1:
+            raise InterplabError(f"--lr-decay-start is a fraction of training in [0, 1], got {self.lr_decay_start}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise InterplabError(f"--b-dec-init {self.b_dec_init!r} is not one of {', '.join(B_DEC_INITS)}")
+        if self.model is not None and self.shuffle_buffer < self.batch_size:
+            raise InterplabError(f"--shuffle-buffer {self.shuffle_buffer} must hold at least one batch "
+                                 f"(--batch-size {self.batch_size})")
+        for name in ("expansion", "k", "l1_coefficient", "l0_coefficient"):
+            values = getattr(self, name)
+            if not values:
+                raise InterplabError(f"--{_flag(name)} needs at least one value")
+            if len(set(values)) != len(values):
+                raise InterplabError(f"--{_flag(name)} lists a value twice: {values}")
+            if len(values) > 1 and name != "expansion" and name not in SWEPT[self.arch]:
+                used = ", ".join(f"--{_flag(n)}" for n in ("expansion", *SWEPT[self.arch]))
+                raise InterplabError(f"--{_flag(name)} lists {len(values)} values but {self.arch} does not use it; "
+                                     f"{self.arch} sweeps {used}")
+        if any(e < 1 for e in self.expansion):
+            raise InterplabError(f"--expansion values must be >= 1, got {self.expansion}")
+        # Coefficients and other settings that do not depend on the data (k < d_sae and prefixes need d_in).
+        for point in self.sweep(max(self.k) + 1, prefixes=False):
+            point.cfg.validate()
+
+    def sweep(self, d_in: int, *, prefixes: bool = True) -> list[SweepPoint]:
+        """The SAEs this run trains on activations of width `d_in`, in a fixed order (configs not yet validated)."""
+        points = []
+        lists = [self.expansion] + [getattr(self, name) for name in SWEPT[self.arch]]
+        for expansion, *values in itertools.product(*lists):
+            swept = dict(zip(SWEPT[self.arch], values))
+            cfg = self._sae_config(d_in, d_in * expansion, swept)
+            if not prefixes:
+                cfg.matryoshka_prefixes = None
+            label = "".join(f"-{_SHORT[name]}{value:g}" for name, value in swept.items())
+            points.append(SweepPoint(f"{self.arch}{label}-x{expansion}", cfg))
+        return points
+
+    def _sae_config(self, d_in: int, d_sae: int, swept: dict[str, Any]) -> SAEConfig:
+        optional = ("aux_k", "aux_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold")
+        extra = {name: getattr(self, name) for name in optional if getattr(self, name) is not None}
+        fixed = {name: getattr(self, name)[0] for name in ("k", "l1_coefficient", "l0_coefficient")}
+        return SAEConfig(arch=self.arch, d_in=d_in, d_sae=d_sae, **{**fixed, **swept}, **extra,
+                         matryoshka_prefixes=list(self.matryoshka_prefixes) or None,
+                         hook_name=self.hook or "", model=self.model or "")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define a run: resuming requires them to match."""
+        return {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY}
+
+    # ---- schedules ------------------------------------------------------------------------------------------
+    def n_steps(self, tokens: int) -> int:
+        """Training steps for `tokens` tokens: whole batches, rounding up."""
+        return math.ceil(tokens / self.batch_size)
+
+    def lr_at(self, step: int, n_steps: int) -> float:
+        """Learning rate of step `step` (0-based) of `n_steps`: linear warm-up, constant, linear decay to 0.
+
+        Warm-up factor min(1, (step+1)/lr_warmup_steps); decay factor (n_steps - step)/(n_steps - d) from step
+        d = floor(lr_decay_start x n_steps) on (1 before it); the rate is lr times the smaller of the two.
+        """
+        warm = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
+        decay_from = math.floor(self.lr_decay_start * n_steps)
+        decay = (n_steps - step) / (n_steps - decay_from) if step >= decay_from else 1.0
+        return self.lr * min(warm, decay)
+
+    def sparsity_factor(self, step: int) -> float:
+        """Multiplier of the L1/L0 coefficient at step `step` (0-based): min(1, (step+1)/sparsity_warmup_steps)."""
+        return min(1.0, (step + 1) / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0
+
+    def dead_window(self, n_steps: int) -> int:
+        """Tokens without firing after which a latent counts as dead: dead_tokens, capped at a quarter of the
+        training tokens (at least one batch), so that short runs still see dead latents and feed the AuxK loss."""
+        return min(self.dead_tokens, max(self.batch_size, n_steps * self.batch_size // 4))
+
+
+_SHORT = {"k": "k", "l1_coefficient": "l1c", "l0_coefficient": "l0c"}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

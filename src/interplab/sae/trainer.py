@@ -1,0 +1,282 @@
+"""Train a sweep of sparse autoencoders in one pass over the data, resumably.
+
+    from interplab.sae.trainer import train
+    from interplab.sae.train_config import TrainConfig
+
+    result = train(TrainConfig(store="acts", arch="topk", k=[16, 32, 64], expansion=[16], out="saes"))
+    result.metrics["topk-k32-x16"]["fvu"]
+
+Every SAE of the sweep sees the same batches and has its own Adam optimiser. A step is: read a batch (scaled by
+the normalisation factor), then for each SAE: forward, loss, backward, optimiser step with the decoder-norm
+constraint, dead-latent counters. Checkpoints hold everything a step depends on, so that `resume=True` ends with
+the same weights, bit for bit, as a run that was never interrupted. See `checkpoint.py` for the run folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import posixpath
+import time
+from dataclasses import asdict
+from typing import Any, Callable, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from interplab.activations.store import NonFiniteShardError
+from interplab.errors import InterplabError
+from interplab.fileio import join
+from interplab.sae.base import SparseAutoencoder
+from interplab.sae.checkpoint import (
+    RUN_CONFIG,
+    SUMMARY,
+    delete_checkpoint,
+    inspect_run_folder,
+    remove_stale_tmp,
+    save_checkpoint,
+    save_sae_folder,
+    write_json,
+)
+from interplab.sae.sae_run import SAERun
+from interplab.sae.sources import StoreSource, StreamSource
+from interplab.sae.train_config import TrainConfig
+
+INIT_TOKENS = 65_536
+"""Tokens (whole batches, at most the whole run) from which the normalisation scale and b_dec are estimated."""
+
+
+class TrainResult(NamedTuple):
+    """What a call to `train` did."""
+
+    out: str
+    names: list[str]
+    """The SAEs of the sweep, in order; each is saved in OUT/<name>."""
+    saes: dict[str, SparseAutoencoder]
+    """The trained SAEs as they were during training: they read activations x `scale` (the saved ones read raw
+    activations). Empty if the run was already complete."""
+    scale: float
+    """Normalisation factor the activations were multiplied by (1.0 without --normalize)."""
+    metrics: dict[str, dict[str, Any]]
+    """Final metrics of each SAE (as in OUT/<name>/metrics.json, without the history)."""
+    steps: int
+    tokens: int
+    tokens_per_s: float
+    """Tokens trained in this call per second of training (data included; initialisation and saving excluded)."""
+    resumed_from: int
+    """Steps already done when this call started (0 for a fresh run)."""
+    already_complete: bool
+    """OUT held this complete run before the call: nothing was done."""
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, callback: Callable[["Trainer"], None] | None = None
+          ) -> TrainResult:
+    """Train the sweep `cfg` describes; `callback(trainer)` runs after each step (tests use it to stop a run)."""
+    cfg.validate()
+    wandb = _import_wandb() if cfg.wandb_project else None
+    folder = inspect_run_folder(cfg.out, cfg.identity())
+    if folder.status == "complete":
+        s = folder.summary or {}
+        return TrainResult(cfg.out, list(s.get("saes", {})), {}, float(s.get("input_scale", 1.0)),
+                           dict(s.get("saes", {})), int(s.get("steps", 0)), int(s.get("tokens", 0)), 0.0,
+                           int(s.get("steps", 0)), True)
+    if folder.status == "partial" and not cfg.resume:
+        at = f"checkpoint at step {folder.checkpoint['step']}" if folder.checkpoint else "no checkpoint yet"
+        raise InterplabError(f"{cfg.out} holds a partial run ({at}); pass --resume to continue it, "
+                             "or delete it to start over")
+    trainer = Trainer(cfg, folder.checkpoint, progress=progress, callback=callback)
+    return trainer.run(wandb)
+
+
+def _import_wandb() -> Any:
+    try:
+        import wandb
+    except ImportError:
+        raise InterplabError("--wandb-project is set but wandb is not installed: "
+                             "pip install interplab[wandb]") from None
+    return wandb
+
+
+def open_source(cfg: TrainConfig) -> StoreSource | StreamSource:
+    """The batch source `cfg` names (store mode or stream mode)."""
+    if cfg.store is not None:
+        return StoreSource(cfg.store, cfg.hook, cfg.batch_size, cfg.seed)
+    assert cfg.model is not None and cfg.hook is not None  # validate() checked
+    return StreamSource(cfg.model, cfg.hook, cfg.corpus, split=cfg.split, ctx_len=cfg.ctx_len,
+                        model_batch_size=cfg.model_batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                        batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
+
+
+class Trainer:
+    """The training loop of one run. Everything is checked in __init__, before anything is written."""
+
+    def __init__(self, cfg: TrainConfig, checkpoint: dict[str, Any] | None, *, progress: bool = True,
+                 callback: Callable[["Trainer"], None] | None = None) -> None:
+        from interplab.models.load import default_device
+
+        self.cfg, self.progress, self.callback = cfg, progress, callback
+        self.device = torch.device(cfg.device or default_device())
+        self.source = open_source(cfg)
+        self.d_in = self.source.d_in
+        self.n_steps = cfg.n_steps(cfg.tokens or self.source.tokens_per_pass)
+        self.dead_window = cfg.dead_window(self.n_steps)
+        points = cfg.sweep(self.d_in)
+        for point in points:
+            point.cfg.hook_name, point.cfg.model = self.source.hook, self.source.model_spec
+            point.cfg.validate()
+        self.runs = {p.name: SAERun(p.name, p.cfg, self.device, cfg.lr, cfg.seed) for p in points}
+        self.step, self.scale = 0, 1.0
+        self.batch: torch.Tensor | None = None
+        """The (normalised) batch of the latest step, for callbacks."""
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        where = f"the checkpoint in {self.cfg.out}"
+        if ckpt["d_in"] != self.d_in:
+            raise InterplabError(f"{self.source.describe} has width d={self.d_in}, but {where} was trained on "
+                                 f"d_in={ckpt['d_in']}; point --out elsewhere or use the original data")
+        if sorted(ckpt["runs"]) != sorted(self.runs):
+            raise InterplabError(f"{where} holds SAEs {sorted(ckpt['runs'])}, this run trains {sorted(self.runs)}; "
+                                 "delete it to start over")
+        for name, run in self.runs.items():
+            run.load_state_dict(ckpt["runs"][name])
+        self.step, self.scale = int(ckpt["step"]), float(ckpt["scale"])
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.cfg.out, {
+            "config": self.cfg.identity(), "d_in": self.d_in, "step": self.step, "scale": self.scale,
+            "torch_rng": torch.get_rng_state(), "runs": {name: run.state_dict() for name, run in self.runs.items()},
+        })
+        self.last_checkpoint = self.step
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def run(self, wandb: Any = None) -> TrainResult:
+        cfg, B = self.cfg, self.cfg.batch_size
+        resumed_from = self.step
+        self.last_checkpoint = self.step if resumed_from else None
+        batches = self.source.batches(self.step)
+        if self.step == 0:
+            torch.manual_seed(cfg.seed)
+            batches = self._initialize(batches)
+        remove_stale_tmp(cfg.out)
+        write_json(join(cfg.out, RUN_CONFIG), cfg.identity())  # from here on, --out holds this run
+        per_pass = getattr(self.source, "tokens_per_pass", None)
+        if self.progress and per_pass and self.n_steps * B > per_pass and resumed_from == 0:
+            tqdm.write(f"note: {self.source.describe} holds {per_pass:,} tokens of whole batches; training on "
+                       f"{self.n_steps * B:,} tokens makes {self.n_steps * B / per_pass:.1f} passes over it")
+        logger = wandb.init(project=cfg.wandb_project, name=posixpath.basename(cfg.out.rstrip("/")),
+                            config=asdict(cfg)) if wandb else None
+        bar = tqdm(total=self.n_steps * B, initial=self.step * B, unit="tok", unit_scale=True, smoothing=0.1,
+                   desc=f"sae train {next(iter(self.runs)) if len(self.runs) == 1 else f'{len(self.runs)} SAEs'}",
+                   disable=not self.progress)
+        start, last_postfix = time.perf_counter(), 0.0
+        try:
+            for step in range(self.step, self.n_steps):
+                x = self._next_batch(batches, step)
+                self._train_step(x, step)
+                bar.update(B)
+                if cfg.resample_every and self.step % cfg.resample_every == 0 and self.step < self.n_steps:
+                    for run in self.runs.values():
+                        run.resample(self.batch, self.dead_window)  # the normalised batch, as the SAEs see it
+                if self.step % cfg.log_every == 0 or self.step == self.n_steps:
+                    lr = cfg.lr_at(step, self.n_steps)
+                    logged = {n: r.log(self.step, self.step * B, lr, self.scale, self.dead_window)
+                              for n, r in self.runs.items()}
+                    if logger:
+                        logger.log({f"{n}/{k}": v for n, e in logged.items() for k, v in e.items()}, step=self.step)
+                    bar.set_postfix_str(self._postfix(start, resumed_from, logged), refresh=False)
+                elif time.perf_counter() - last_postfix > 1.0:
+                    last_postfix = time.perf_counter()
+                    bar.set_postfix_str(self._postfix(start, resumed_from), refresh=False)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.n_steps:
+                    self._checkpoint()
+                if self.callback:
+                    self.callback(self)
+        finally:
+            bar.close()
+            if logger:
+                logger.finish()
+        seconds = time.perf_counter() - start
+        tokens_per_s = (self.step - resumed_from) * B / seconds if seconds > 0 else 0.0
+        metrics = self._save(tokens_per_s)
+        return TrainResult(cfg.out, list(self.runs), {n: r.sae for n, r in self.runs.items()}, self.scale, metrics,
+                           self.n_steps, self.n_steps * B, tokens_per_s, resumed_from, False)
+
+    def _initialize(self, batches: Any) -> Any:
+        """Estimate the normalisation scale and initialise every SAE from the first batches; return the batch
+        iterator with those batches put back in front."""
+        n = min(self.n_steps, math.ceil(INIT_TOKENS / self.cfg.batch_size))
+        head = [self._next_batch(batches, i) for i in range(n)]
+        sample = torch.cat(head).to(self.device, torch.float32)
+        if self.cfg.normalize:
+            mean_sq = float(sample.double().pow(2).sum(-1).mean())
+            if not mean_sq > 0:
+                raise InterplabError(f"the activations of {self.source.describe} are all zero; nothing to train on")
+            self.scale = math.sqrt(self.d_in / mean_sq)
+        for run in self.runs.values():
+            run.sae.initialize(sample * self.scale, b_dec_init=self.cfg.b_dec_init, seed=self.cfg.seed)
+        return itertools.chain(head, batches)
+
+    def _next_batch(self, batches: Any, step: int) -> torch.Tensor:
+        try:
+            x = next(batches)
+        except NonFiniteShardError as e:
+            raise InterplabError(f"step {step + 1}: {e}; {self._stopped()}") from None
+        if not bool(torch.isfinite(x).all()):
+            raise InterplabError(f"step {step + 1}: the batch from {self.source.describe} holds NaN/inf "
+                                 f"activations; {self._stopped()}")
+        return x
+
+    def _stopped(self) -> str:
+        last = getattr(self, "last_checkpoint", None)
+        kept = f"the last checkpoint (step {last}) is intact" if last else "no checkpoint was written"
+        return f"training stopped, {kept}"
+
+    def _train_step(self, x: torch.Tensor, step: int) -> None:
+        x = x.to(self.device, torch.float32)
+        if self.scale != 1.0:
+            x = x * self.scale
+        total_var = (x - x.mean(0)).pow(2).sum()
+        lr, sparsity = self.cfg.lr_at(step, self.n_steps), self.cfg.sparsity_factor(step)
+        for name, run in self.runs.items():
+            if run.train_step(x, total_var, lr, sparsity, self.dead_window) is None:
+                raise InterplabError(f"step {step + 1}: the loss of {name} is not finite; {self._stopped()}; "
+                                     "try a lower --lr")
+        self.step, self.batch = step + 1, x
+
+    def _postfix(self, start: float, resumed_from: int, logged: dict[str, dict] | None = None) -> str:
+        elapsed = time.perf_counter() - start
+        rate = (self.step - resumed_from) * self.cfg.batch_size / elapsed if elapsed > 0 else 0.0
+        m = logged or {n: r.window_metrics(self.scale, self.dead_window) for n, r in self.runs.items()}
+
+        def col(key: str, fmt: str) -> str:
+            return "/".join(format(e[key], fmt) for e in m.values())
+
+        return (f"tok/s={rate:,.0f} mse={col('mse', '.3g')} fvu={col('fvu', '.3f')} l0={col('l0', '.1f')} "
+                f"dead={col('dead_fraction', '.1%')}")
+
+    # ---- the end --------------------------------------------------------------------------------------------
+    def _save(self, tokens_per_s: float) -> dict[str, dict[str, Any]]:
+        """Save every SAE (normalisation folded in) with its config and metrics; then mark the run complete."""
+        cfg, finals = self.cfg, {}
+        for name, run in self.runs.items():
+            final = {"name": name, "steps": self.n_steps, **run.history[-1], "tokens_per_s": tokens_per_s,
+                     "input_scale": self.scale, "dead_window_tokens": self.dead_window}
+            finals[name] = final
+            sae = copy.deepcopy(run.sae)
+            if self.scale != 1.0:
+                sae.fold_input_scale(self.scale)
+            config = {"train_config": asdict(cfg), "sae_config": run.cfg.to_dict(), "input_scale": self.scale,
+                      "source": self.source.describe}
+            metadata = {"interplab_run": name, "input_scale_folded": self.scale, "trained_tokens": final["tokens"]}
+            save_sae_folder(cfg.out, name, sae, metadata=metadata,
+                            files={"train_config.json": config, "metrics.json": {**final, "history": run.history}})
+        write_json(join(cfg.out, SUMMARY), {"complete": True, "steps": self.n_steps,
+                                            "tokens": self.n_steps * cfg.batch_size, "input_scale": self.scale,
+                                            "tokens_per_s": tokens_per_s, "saes": finals})
+        delete_checkpoint(cfg.out)
+        return finals

@@ -1,0 +1,219 @@
+"""Saving and loading: exact round trips, the cfg.json SAELens needs, SAELens- and sparsify-written folders, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from interplab.errors import InterplabError
+from interplab.sae import ARCHS, SAEConfig, SparseAutoencoder, load_sae, make_sae
+
+
+def trained_like(arch: str, **kw) -> SparseAutoencoder:
+    """An SAE with random (not initial) values everywhere, in eval mode."""
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch=arch, d_in=8, d_sae=32, k=4, hook_name="blocks.2.hook_resid_post",
+                             model="smollm2-135m", **kw))
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+            p.normal_()
+        if arch == "jumprelu":
+            sae.set_threshold(torch.rand(32) * 2)
+        if arch in ("batchtopk", "matryoshka"):
+            sae.threshold.fill_(0.8)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_is_exact(arch, tmp_path):
+    sae = trained_like(arch)
+    sae.save(str(tmp_path / "sae"), metadata={"run": "abc"})
+    back = load_sae(str(tmp_path / "sae"))
+    assert type(back) is type(sae) and back.cfg == sae.cfg and not back.training
+    for name, t in sae.state_dict().items():
+        if name != "log_threshold":  # JumpReLU files hold θ; several floats log θ may give the same θ
+            assert torch.equal(back.state_dict()[name], t), name
+    if arch == "jumprelu":
+        assert torch.equal(back.threshold, sae.threshold)
+    x = torch.randn(64, 8) * 3
+    assert torch.equal(back.encode(x), sae.encode(x))
+    assert torch.equal(back(x), sae(x))
+    assert SparseAutoencoder.from_pretrained(str(tmp_path / "sae")).cfg == sae.cfg
+
+
+def test_cfg_json_holds_what_sae_lens_needs(tmp_path):
+    trained_like("topk").save(str(tmp_path / "sae"), metadata={"run": "abc"})
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert {k: cfg[k] for k in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                                 "normalize_activations", "k")} == {
+        "architecture": "topk", "d_in": 8, "d_sae": 32, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "k": 4}
+    assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
+    assert cfg["metadata"]["model_name"] == "smollm2-135m" and cfg["metadata"]["run"] == "abc"
+    assert cfg["metadata"]["sae_lens_version"].startswith("6.")
+    assert cfg["interplab"]["arch"] == "topk" and cfg["interplab"]["format"] == 1
+    weights = load_file(tmp_path / "sae" / "sae_weights.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        "W_enc": (8, 32), "W_dec": (32, 8), "b_enc": (32,), "b_dec": (8,)}
+    assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+
+
+@pytest.mark.parametrize("arch, saved_as", [("relu", "standard"), ("jumprelu", "jumprelu"),
+                                            ("batchtopk", "jumprelu"), ("matryoshka", "jumprelu")])
+def test_saved_architecture_names(arch, saved_as, tmp_path):
+    trained_like(arch).save(str(tmp_path / "sae"))
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == saved_as
+    assert ("threshold" in load_file(tmp_path / "sae" / "sae_weights.safetensors")) == (saved_as == "jumprelu")
+
+
+def test_save_overwrites_and_works_on_fsspec_urls(tmp_path):
+    a, b = trained_like("topk"), trained_like("relu")
+    a.save(str(tmp_path / "sae"))
+    b.save(str(tmp_path / "sae"))
+    assert type(load_sae(str(tmp_path / "sae"))).__name__ == "ReLUSAE"
+    assert not [p for p in (tmp_path / "sae").iterdir() if ".tmp-" in p.name]
+    a.save("memory://interplab-test/sae")
+    x = torch.randn(5, 8)
+    assert torch.equal(load_sae("memory://interplab-test/sae").encode(x), a.encode(x))
+
+
+def saelens_style_folder(folder: Path, architecture: str, tensors: dict, **extra) -> Path:
+    """A folder as SAELens 6 writes it (no "interplab" entry)."""
+    folder.mkdir(parents=True)
+    d_sae, d_in = tensors["W_dec"].shape
+    cfg = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": {"sae_lens_version": "6.5.0", "hook_name": "blocks.0.hook_mlp_out", "model_name": "gpt2"},
+           **extra}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "sae_weights.safetensors")
+    return folder
+
+
+def random_tensors(d_in=4, d_sae=6, threshold=False):
+    g = torch.Generator().manual_seed(5)
+    t = {"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.randn(d_sae, generator=g),
+         "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g)}
+    if threshold:
+        t["threshold"] = torch.rand(d_sae, generator=g)
+    return t
+
+
+@pytest.mark.parametrize("architecture, arch", [("standard", "relu"), ("topk", "topk"), ("jumprelu", "jumprelu")])
+def test_loads_folders_written_by_sae_lens(architecture, arch, tmp_path):
+    t = random_tensors(threshold=architecture == "jumprelu")
+    extra = {"k": 2} if architecture == "topk" else {}
+    sae = load_sae(str(saelens_style_folder(tmp_path / "s", architecture, t, **extra)))
+    assert sae.cfg.arch == arch and sae.cfg.hook_name == "blocks.0.hook_mlp_out" and sae.cfg.model == "gpt2"
+    assert not sae.cfg.subtract_b_dec
+    x = torch.randn(7, 4)
+    pre = x @ t["W_enc"] + t["b_enc"]  # apply_b_dec_to_input = false in that cfg.json
+    if arch == "relu":
+        f = pre.relu()
+    elif arch == "topk":
+        assert sae.cfg.k == 2
+        v, i = pre.topk(2, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, i, v.relu())
+    else:
+        f = pre.relu() * (pre > t["threshold"])
+    torch.testing.assert_close(sae.encode(x), f)
+    torch.testing.assert_close(sae(x), f @ t["W_dec"] + t["b_dec"])
+
+
+def test_folds_sae_lens_topk_decoder_norm_rescaling(tmp_path):
+    t = random_tensors()
+    sae = load_sae(str(saelens_style_folder(tmp_path / "s", "topk", t, k=2, rescale_acts_by_decoder_norm=True)))
+    x = torch.randn(7, 4)
+    norms = t["W_dec"].norm(dim=1)
+    pre = (x @ t["W_enc"] + t["b_enc"]) * norms  # SAELens: select on pre·‖W_dec‖, decode with f/‖W_dec‖
+    v, i = pre.topk(2, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, i, v.relu())
+    torch.testing.assert_close(sae.encode(x), f)
+    torch.testing.assert_close(sae(x), (f / norms) @ t["W_dec"] + t["b_dec"])
+
+
+def test_loads_a_sparsify_hookpoint_folder(tmp_path):
+    """EleutherAI sparsify: encoder.weight [d_sae, d_in], f = TopK(ReLU((x − b_dec) Wᵀ + b)), x̂ = f W_dec + b_dec."""
+    g = torch.Generator().manual_seed(2)
+    d_in, d_sae, k = 4, 8, 3
+    t = {"encoder.weight": torch.randn(d_sae, d_in, generator=g), "encoder.bias": torch.randn(d_sae, generator=g),
+         "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g)}
+    folder = tmp_path / "sparsify-run" / "layers.3"
+    folder.mkdir(parents=True)
+    save_file(t, folder / "sae.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 2, "normalize_decoder": True,
+                                                 "num_latents": 0, "k": k, "multi_topk": False,
+                                                 "skip_connection": False, "transcode": False, "d_in": d_in}))
+    sae = load_sae(str(folder))
+    assert sae.cfg.arch == "topk" and (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k) == (d_in, d_sae, k)
+    assert sae.cfg.hook_name == "layers.3"
+    x = torch.randn(9, d_in)
+    pre = ((x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"]).relu()
+    v, i = pre.topk(k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, i, v)
+    torch.testing.assert_close(sae.encode(x), f)
+    torch.testing.assert_close(sae(x), f @ t["W_dec"] + t["b_dec"])
+    with pytest.raises(InterplabError, match="holds sparsify SAEs for several hookpoints; load one of their "
+                                             "folders: layers.3"):
+        load_sae(str(tmp_path / "sparsify-run"))
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "skip_connection": True}))
+    with pytest.raises(InterplabError, match="skip_connection=true is not supported"):
+        load_sae(str(folder))
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
+def test_missing_folder_and_files(tmp_path):
+    with pytest.raises(InterplabError, match="the folder does not exist"):
+        load_sae(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InterplabError, match="missing cfg.json and sae_weights.safetensors"):
+        load_sae(str(tmp_path / "empty"))
+    trained_like("topk").save(str(tmp_path / "sae"))
+    (tmp_path / "sae" / "sae_weights.safetensors").unlink()
+    with pytest.raises(InterplabError, match=r"missing sae_weights.safetensors \(SAELens\) or sae.safetensors"):
+        load_sae(str(tmp_path / "sae"))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    t = random_tensors()
+    del t["b_enc"]
+    with pytest.raises(InterplabError, match=r"missing tensor 'b_enc'; found \['W_dec', 'W_enc', 'b_dec'\]"):
+        load_sae(str(saelens_style_folder(tmp_path / "s", "standard", t)))
+    with pytest.raises(InterplabError, match="missing tensor 'threshold'"):
+        load_sae(str(saelens_style_folder(tmp_path / "j", "jumprelu", random_tensors())))
+
+
+def test_wrong_shape_names_tensor_expected_and_got(tmp_path):
+    trained_like("topk").save(str(tmp_path / "sae"))
+    weights = load_file(tmp_path / "sae" / "sae_weights.safetensors")
+    weights["W_dec"] = weights["W_dec"][:, :7].contiguous()
+    save_file(weights, tmp_path / "sae" / "sae_weights.safetensors")
+    with pytest.raises(InterplabError, match=r"tensor 'W_dec' has shape \[32, 7\], expected \[32, 8\]"):
+        load_sae(str(tmp_path / "sae"))
+
+
+def test_unknown_architecture_and_bad_config(tmp_path):
+    with pytest.raises(InterplabError, match="unknown SAE architecture 'gated'; interplab loads standard, topk"):
+        load_sae(str(saelens_style_folder(tmp_path / "g", "gated", random_tensors())))
+    trained_like("relu").save(str(tmp_path / "sae"))
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    cfg["interplab"]["arch"] = "transcoder"
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(InterplabError, match="unknown SAE architecture 'transcoder'"):
+        load_sae(str(tmp_path / "sae"))
+    (tmp_path / "sae" / "cfg.json").write_text("{not json")
+    with pytest.raises(InterplabError, match="is not valid JSON"):
+        load_sae(str(tmp_path / "sae"))
+    with pytest.raises(InterplabError, match="normalize_activations='layer_norm' is not supported"):
+        load_sae(str(saelens_style_folder(tmp_path / "n", "standard", random_tensors(),
+                                          normalize_activations="layer_norm")))
+    (tmp_path / "sae" / "sae_weights.safetensors").write_bytes(b"garbage")
+    (tmp_path / "sae" / "cfg.json").write_text("{}")
+    with pytest.raises(InterplabError, match="cannot read"):
+        load_sae(str(tmp_path / "sae"))

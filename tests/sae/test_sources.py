@@ -1,0 +1,146 @@
+"""Batch sources of the SAE trainer: resumable by batch index (store and stream), passes, hooks, NaN shards.
+
+Also home of the synthetic-store helpers the other trainer tests import: activations that are sparse sums of
+known unit directions, so that an SAE that learns has a ground truth to be measured against.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from interplab.activations import StoreWriter
+from interplab.activations.store import NonFiniteShardError
+from interplab.errors import InterplabError
+from interplab.sae.sources import StoreSource, StreamSource
+
+HOOK = "blocks.0.hook_resid_post"
+D, N_FEATURES, ACTIVE = 32, 24, 2
+
+
+def synthetic(n: int, *, d: int = D, seed: int = 1) -> torch.Tensor:
+    """n activations [n, d]: each the sum of ACTIVE of N_FEATURES fixed random unit directions, weights in [1, 2)."""
+    features = torch.nn.functional.normalize(torch.randn(N_FEATURES, d, generator=torch.Generator().manual_seed(1234)),
+                                             dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.rand(n, N_FEATURES, generator=gen).argsort(1)[:, :ACTIVE]
+    weights = torch.zeros(n, N_FEATURES).scatter(1, chosen, 1 + torch.rand(n, ACTIVE, generator=gen))
+    return weights @ features
+
+
+def synthetic_store(path: Path | str, *, n_contexts: int = 128, ctx_len: int = 16, per_shard: int = 16,
+                    d: int = D, seed: int = 1, scale: float = 1.0, hooks: tuple[str, ...] = (HOOK,)) -> torch.Tensor:
+    """Write a complete store of synthetic activations (the same at every hook); return them [contexts, ctx_len, d]."""
+    x = synthetic(n_contexts * ctx_len, d=d, seed=seed).view(n_contexts, ctx_len, d) * scale
+    tokens = torch.arange(n_contexts * ctx_len).view(n_contexts, ctx_len) % 50
+    with StoreWriter(str(path), config={"model": "synthetic", "seed": seed}, hooks=list(hooks),
+                     shapes={h: (ctx_len, d) for h in hooks}, contexts_per_shard=per_shard) as writer:
+        writer.add({h: x for h in hooks}, tokens)
+        writer.finish()
+    return x
+
+
+def poison_shard(path: Path, index: int) -> None:
+    """Rewrite shard `index` of a store with a NaN in it, keeping the manifest's sha256 valid."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    shard = path / f"shard-{index:05d}.safetensors"
+    tensors = load_file(shard)
+    tensors[HOOK][0, 3, 1] = float("nan")
+    save_file(tensors, shard)
+    manifest = json.loads((path / "manifest.json").read_text())
+    data = shard.read_bytes()
+    manifest["shards"][index].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+# ---- store mode ------------------------------------------------------------------------------------------------
+
+
+def test_store_source_resumes_at_any_batch_and_repeats_with_a_new_shuffle(tmp_path):
+    x = synthetic_store(tmp_path / "s", n_contexts=20, ctx_len=4, per_shard=3)  # 80 tokens
+    source = StoreSource(str(tmp_path / "s"), None, batch_size=16, seed=3)
+    assert (source.hook, source.d_in, source.batches_per_pass, source.tokens_per_pass) == (HOOK, D, 5, 80)
+    stream = list(itertools.islice(source.batches(0), 12))  # 2.4 passes
+    assert all(b.shape == (16, D) and b.dtype == torch.float32 for b in stream)
+    for start in (1, 4, 5, 7):
+        assert all(torch.equal(a, b) for a, b in zip(itertools.islice(source.batches(start), 12 - start),
+                                                      stream[start:], strict=True))
+    rows = x.flatten(0, 1)
+    first, second = torch.cat(stream[:5]), torch.cat(stream[5:10])
+    assert not torch.equal(first, second)  # a new shuffle ...
+    for rows_of_pass in (first, second):  # ... of the same rows, each once
+        assert torch.equal(rows_of_pass[rows_of_pass[:, 0].argsort()], rows[rows[:, 0].argsort()])
+
+
+def test_store_source_hook_choice(tmp_path):
+    synthetic_store(tmp_path / "two", n_contexts=4, hooks=(HOOK, "blocks.1.hook_resid_post"))
+    with pytest.raises(InterplabError, match="several hooks; pick one with --hook: blocks.0.hook_resid_post, blocks.1"):
+        StoreSource(str(tmp_path / "two"), None, 16, 0)
+    with pytest.raises(InterplabError, match="unknown hook 'blocks.7.hook_mlp_out'; .* holds: blocks.0.hook_resid"):
+        StoreSource(str(tmp_path / "two"), "blocks.7.hook_mlp_out", 16, 0)
+    assert StoreSource(str(tmp_path / "two"), "blocks.1.hook_resid_post", 16, 0).hook == "blocks.1.hook_resid_post"
+    with pytest.raises(InterplabError, match="holds 64 tokens, fewer than one batch \\(--batch-size 100\\)"):
+        StoreSource(str(tmp_path / "two"), HOOK, 100, 0)
+
+
+def test_store_source_names_a_shard_holding_nan(tmp_path):
+    synthetic_store(tmp_path / "s", n_contexts=8, ctx_len=4, per_shard=2)
+    poison_shard(tmp_path / "s", 2)
+    with pytest.raises(NonFiniteShardError, match=r"shard-00002.safetensors in .* holds 1 non-finite") as info:
+        list(StoreSource(str(tmp_path / "s"), None, 4, 0).batches(0))
+    assert info.value.shard == "shard-00002.safetensors"
+
+
+# ---- stream mode -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stream(tiny_gpt2_dir) -> StreamSource:
+    return StreamSource(str(tiny_gpt2_dir), HOOK, "python-docs", split="train", ctx_len=16, model_batch_size=4,
+                        shuffle_buffer=100, batch_size=24, seed=0, device="cpu")
+
+
+def test_stream_source_shuffles_fills_of_the_models_activations(stream):
+    # A fill is ceil(100 / 16) = 7 contexts = 112 rows = 4 whole batches of 24 (16 rows dropped).
+    assert (stream.d_in, stream.contexts_per_fill, stream.batches_per_fill) == (32, 7, 4)
+    contexts = torch.stack(list(itertools.islice(stream._contexts(), 7)))
+    expected = stream.model.run_with_cache(contexts, [HOOK]).cache[HOOK].flatten(0, 1)
+    fill = torch.cat(list(itertools.islice(stream.batches(0), 4)))
+    assert fill.shape == (96, 32)
+    # Each batch row is a distinct row of the fill's activations (BOS rows are all alike, so match greedily).
+    close = torch.cdist(fill, expected, compute_mode="donot_use_mm_for_euclid_dist") < 1e-4
+    used = torch.zeros(len(expected), dtype=torch.bool)
+    for row in close:
+        free = (row & ~used).nonzero()
+        assert len(free), "a batch row is not one of the fill's activations, or is one used twice"
+        used[free[0]] = True
+    assert not torch.equal(fill, expected[:96])  # and they are shuffled
+
+
+def test_stream_source_resumes_at_any_batch_without_the_earlier_forward_passes(stream, monkeypatch):
+    reference = list(itertools.islice(stream.batches(0), 10))  # 2.5 fills
+    calls = []
+    forward = stream._activations
+    monkeypatch.setattr(stream, "_activations", lambda tokens: calls.append(len(tokens)) or forward(tokens))
+    for start in (3, 4, 9):
+        calls.clear()
+        resumed = list(itertools.islice(stream.batches(start), 10 - start))
+        assert all(torch.equal(a, b) for a, b in zip(resumed, reference[start:], strict=True))
+        assert calls == [7] * (3 - start // 4)  # only the fills still needed are run through the model
+
+
+def test_stream_source_rejects_bad_hooks_and_lengths(tiny_gpt2_dir):
+    kw = dict(split="train", model_batch_size=4, shuffle_buffer=64, batch_size=16, seed=0, device="cpu")
+    with pytest.raises(InterplabError, match="unknown hook name"):
+        StreamSource(str(tiny_gpt2_dir), "blocks.9.hook_resid_post", "python-docs", ctx_len=16, **kw)
+    with pytest.raises(InterplabError, match="attention patterns"):
+        StreamSource(str(tiny_gpt2_dir), "blocks.0.attn.hook_pattern", "python-docs", ctx_len=16, **kw)
+    with pytest.raises(InterplabError, match="--ctx-len 65 is longer than"):
+        StreamSource(str(tiny_gpt2_dir), HOOK, "python-docs", ctx_len=65, **kw)
