@@ -2,14 +2,15 @@
 
     interplab harvest --hooks blocks.6.hook_resid_post --tokens 393216 --split train --out TRAIN
     interplab harvest --hooks blocks.6.hook_resid_post --tokens 65536 --split test --out TEST
-    python benchmarks/sae_quality.py --train TRAIN --test TEST [--k 32] [--expansion 16] [--batch-size 1024]
+    python benchmarks/sae_quality.py --train TRAIN --test TEST [--k 32] [--expansion 16] [--batch-size 1024] [--lr 3e-4]
 
 Both SAEs see the same shuffled batches of the train store (same seed), the same number of tokens, the same k (so
-L0 is k for both) and the same width. Everything else is each library's default, as a user gets it: interplab's
-`interplab sae train` defaults (Adam 2e-4 with warm-up and linear decay, activation normalisation folded on save,
-b_dec at the geometric median, AuxK), and SAELens's TopK training SAE with its runner defaults (Adam 3e-4
-constant, its own initialisation, `expected_average_only_in` normalisation, gradient clipping at 1, dead window of
-1,000 steps for AuxK). FVU is measured on the held-out store in raw activation space:
+L0 is k for both), the same width and the same Adam learning rate (`--lr`, default SAELens's 3e-4: in runs this
+short the learning rate moves FVU more than anything else, so it is held equal). Everything else is each library's
+default, as a user gets it: interplab's `interplab sae train` (linear decay over the last 20%, activation
+normalisation folded on save, b_dec at the geometric median, AuxK), and SAELens's TopK training SAE with its runner
+defaults (constant learning rate, its own initialisation, `expected_average_only_in` normalisation, gradient
+clipping at 1, dead window of 1,000 steps for AuxK). FVU is measured on the held-out store in raw activation space:
 FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖². The last line is one JSON object.
 """
 
@@ -51,7 +52,7 @@ def train_interplab(args: argparse.Namespace, out: str) -> tuple[object, float]:
 
     start = time.perf_counter()
     train(TrainConfig(store=args.train, arch="topk", k=[args.k], expansion=[args.expansion], tokens=args.tokens,
-                      batch_size=args.batch_size, seed=args.seed, out=out), progress=False)
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=out), progress=False)
     seconds = time.perf_counter() - start
     return load_sae(f"{out}/topk-k{args.k}-x{args.expansion}"), seconds
 
@@ -63,7 +64,7 @@ def train_saelens(args: argparse.Namespace, train: ActivationStore, hook: str) -
     d_in = train.d(hook)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_in * args.expansion, k=args.k, device="cpu"))
     sae.train()
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(sae.parameters(), lr=args.lr, betas=(0.9, 0.999))
     # expected_average_only_in: scale so the mean norm is sqrt(d_in), estimated on the first batches
     norms = [x.float().norm(dim=-1).mean() for x, _ in zip(train.iter_batches(hook, args.batch_size, seed=args.seed),
                                                            range(50))]
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: the whole train store)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate of both trainers")
     args = parser.parse_args()
     train, test = ActivationStore(args.train), ActivationStore(args.test)
     hook = train.hooks[0]
@@ -115,7 +117,7 @@ def main() -> None:
     print(f"SAELens: FVU {fvu_ref:.4f}, L0 {l0_ref:.1f}, trained in {theirs_s:.0f} s", flush=True)
     print(json.dumps({
         "bench": "sae_quality", "hook": hook, "k": args.k, "d_sae": train.d(hook) * args.expansion,
-        "train_tokens": args.tokens, "batch_size": args.batch_size, "test_tokens": test.n_tokens,
+        "train_tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "test_tokens": test.n_tokens,
         "interplab_fvu": round(fvu, 5), "interplab_l0": round(l0, 2), "interplab_train_s": round(ours_s, 1),
         "saelens_fvu": round(fvu_ref, 5), "saelens_l0": round(l0_ref, 2), "saelens_train_s": round(theirs_s, 1),
         "fvu_ratio": round(fvu / fvu_ref, 4),

@@ -3,9 +3,10 @@
     python benchmarks/sae_train.py [--steps 6] [--rounds 2]
 
 Fixed random activations (d_in=576, 16x expansion = 9,216 latents, batch 4,096, seeded), two architectures:
-TopK (k=32) and standard ReLU + L1. A step is everything a training step does: forward, loss, backward, optimiser
-and (for interplab) the decoder-norm constraint; SAELens's step is its `SAETrainer._train_step` body (forward, loss,
-firing statistics, backward, gradient clipping, Adam, zero_grad). SAELens comes from the `bench` extra.
+TopK (k=32) and standard ReLU + L1. A step is everything a training step does. interplab's is the trainer's own
+`SAERun.train_step` (forward, loss, backward, decoder-gradient projection, fused Adam, decoder renormalisation,
+dead-latent counters, metric sums); SAELens's is its `SAETrainer._train_step` body (forward, loss, firing
+statistics, backward, gradient clipping, Adam, zero_grad). SAELens comes from the `bench` extra.
 
 The matmul peak is the best rate of `[4096, 576] @ [576, 9216]` and its transposed forms in this run. The L1 step
 needs five such matmuls (encoder forward, decoder forward, dW_dec, df, dW_enc), so
@@ -54,19 +55,17 @@ def time_steps(step: Callable[[torch.Tensor], None], batches: list[torch.Tensor]
 
 
 def interplab_step(arch: str) -> Callable[[torch.Tensor], None]:
-    from interplab.sae import SAEConfig, make_sae
+    """The trainer's own step (`SAERun.train_step`): forward, loss, backward, gradient projection, fused Adam,
+    decoder renormalisation, dead-latent counters and metric sums."""
+    from interplab.sae import SAEConfig
+    from interplab.sae.sae_run import SAERun
 
-    sae = make_sae(SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=K, l1_coefficient=5.0))
-    sae.initialize(torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(1)), seed=0)
-    opt = torch.optim.Adam(sae.parameters(), lr=2e-4)
+    run = SAERun(arch, SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=K, l1_coefficient=5.0), "cpu", 2e-4, seed=0)
+    run.sae.initialize(torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(1)), seed=0)
 
     def step(x: torch.Tensor) -> None:
-        out = sae.training_forward(x)
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.after_optimizer_step()
+        total_var = (x - x.mean(0)).pow(2).sum()
+        run.train_step(x, total_var, lr=2e-4, sparsity=1.0, dead_window=10_000_000)
 
     return step
 

@@ -8,6 +8,7 @@ import torch
 from interplab.activations import ActivationStore
 from interplab.activations.summary import summarize
 from interplab.cli import main
+from interplab.sae import load_sae
 
 
 def test_demo_on_a_tiny_model_resumes_and_summarises(tiny_gpt2_dir, tmp_path, capsys):
@@ -16,7 +17,10 @@ def test_demo_on_a_tiny_model_resumes_and_summarises(tiny_gpt2_dir, tmp_path, ca
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "blocks.1.hook_resid_post: 2,048 tokens" in out and "participation ratio" in out
-    assert main(args) == 0  # a second run finds the complete store and only summarises
+    assert "topk-k32-x16: training FVU" in out
+    sae = load_sae(str(tmp_path / "run" / "saes" / "topk-k32-x16"))
+    assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.hook_name) == (32, 512, "blocks.1.hook_resid_post")
+    assert main(args) == 0  # a second run finds the complete store and SAE: it only summarises
     assert "harvested at" not in capsys.readouterr().out
 
 

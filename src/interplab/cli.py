@@ -35,8 +35,14 @@ class DemoConfig:
     """Tokens per context."""
     batch_size: int = 16
     """Contexts per forward pass."""
+    k: int = 32
+    """Active latents per token of the demo's TopK SAE."""
+    expansion: int = 16
+    """Width of the demo's SAE as a multiple of the activation width."""
+    sae_batch_size: int = 1024
+    """Activations per SAE training step."""
     out: str = "interplab-demo"
-    """Run directory: the store goes to OUT/activations (an interrupted demo resumes where it stopped)."""
+    """Run directory: the store goes to OUT/activations, the SAE to OUT/saes (an interrupted demo resumes)."""
     device: str | None = None
     """Device to run on (default: cuda if available, else cpu)."""
 
@@ -74,16 +80,25 @@ def run_demo(cfg: DemoConfig) -> None:
     from interplab.activations.harvest import harvest
     from interplab.activations.store import ActivationStore
     from interplab.activations.summary import format_summary, summarize
+    from interplab.sae import TrainConfig, train
 
-    out = cfg.out.rstrip("/") + "/activations"
-    print(f"interplab demo: harvesting {cfg.hook} of {cfg.model} on {cfg.corpus} ({cfg.tokens:,} tokens) -> {out}")
+    root = cfg.out.rstrip("/")
+    store = f"{root}/activations"
+    print(f"interplab demo: harvesting {cfg.hook} of {cfg.model} on {cfg.corpus} ({cfg.tokens:,} tokens) -> {store}")
     result = harvest(HarvestConfig(model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, tokens=cfg.tokens,
-                                   ctx_len=cfg.ctx_len, batch_size=cfg.batch_size, out=out, device=cfg.device,
+                                   ctx_len=cfg.ctx_len, batch_size=cfg.batch_size, out=store, device=cfg.device,
                                    resume=True))
     if not result.already_complete:
         print(f"harvested at {result.tokens_per_s:,.0f} tokens/s (forward pass and writes)")
-    print(format_summary(summarize(ActivationStore(out))))
-    print(f"next: interplab sae train --store {out} --arch topk --k 32 --expansion 16 --out {cfg.out.rstrip('/')}/saes")
+    print(format_summary(summarize(ActivationStore(store))))
+
+    print(f"training a TopK SAE (k={cfg.k}, {cfg.expansion}x) on the store -> {root}/saes")
+    trained = train(TrainConfig(store=store, arch="topk", k=[cfg.k], expansion=[cfg.expansion],
+                                batch_size=cfg.sae_batch_size, out=f"{root}/saes", device=cfg.device, resume=True))
+    for name, m in trained.metrics.items():
+        print(f"{name}: training FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.1%} "
+              f"-> {root}/saes/{name}")
+    print("next: evaluate the SAE with its controls (coming in the evaluation capability)")
 
 
 def run_hooks(cfg: HooksConfig) -> None:

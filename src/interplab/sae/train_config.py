@@ -81,8 +81,9 @@ class TrainConfig:
     """Training tokens, rounded up to whole batches (default with --store: one pass; the data repeats if needed)."""
     batch_size: int = 4096
     """Activations (tokens) per training step."""
-    lr: float = 2e-4
-    """Adam learning rate (betas 0.9, 0.999)."""
+    lr: float = 3e-4
+    """Adam learning rate (betas 0.9, 0.999). Short runs gain from more (SmolLM2 layer 6, 384k tokens, k=32:
+    held-out FVU 0.095 at 2e-4, 0.079 at 3e-4, 0.050 at 1e-3)."""
     lr_warmup_steps: int = 0
     """Linear learning-rate warm-up: step s (from 0) uses lr x min(1, (s+1)/lr_warmup_steps)."""
     lr_decay_start: float = 0.8
