@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from planted import sparse_data
 
 from interplab.sae import BatchTopKSAE, JumpReLUSAE, SAEConfig, load_sae, make_sae
 
@@ -89,12 +90,9 @@ def test_saved_as_jumprelu_and_loaded_back_exactly(tmp_path):
 def test_learns_synthetic_sparse_data():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    dirs = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
-    dirs /= dirs.norm(dim=1, keepdim=True)
 
     def data(n):
-        idx = torch.rand(n, 64, generator=gen).argsort(1)[:, :3]
-        return torch.zeros(n, 64).scatter(1, idx, torch.rand(n, 3, generator=gen) + 0.5) @ dirs
+        return sparse_data(n, gen)
 
     sae = make_sae(SAEConfig(arch="batchtopk", d_in=32, d_sae=128, k=3, aux_k=16))
     sae.initialize(data(1024))

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from planted import sparse_data
 
 from interplab.sae import SAEConfig, make_sae
 
@@ -98,12 +99,9 @@ def test_ste_matches_a_finite_difference_of_the_smoothed_step():
 def test_training_lowers_l0_with_a_larger_penalty():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    dirs = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
-    dirs /= dirs.norm(dim=1, keepdim=True)
 
     def data(n):
-        idx = torch.rand(n, 64, generator=gen).argsort(1)[:, :3]
-        return torch.zeros(n, 64).scatter(1, idx, torch.rand(n, 3, generator=gen) + 0.5) @ dirs
+        return sparse_data(n, gen)
 
     results = []
     for coef in (1e-4, 1e-1):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from planted import sparse_data
 
 from interplab.sae import SAEConfig, make_sae
 
@@ -134,15 +135,6 @@ def test_decoder_norms_are_not_constrained():
     sae.before_optimizer_step()
     sae.after_optimizer_step()
     assert torch.equal(sae.W_dec.grad, grad) and torch.equal(sae.W_dec.detach(), before)
-
-
-def sparse_data(n, gen, d=32, m=64, active=3):
-    """n samples, each a sum of `active` of m fixed random unit directions in d dims with magnitudes in [0.5, 1.5]."""
-    dirs = torch.randn(m, d, generator=torch.Generator().manual_seed(0))
-    dirs /= dirs.norm(dim=1, keepdim=True)
-    idx = torch.rand(n, m, generator=gen).argsort(1)[:, :active]
-    codes = torch.zeros(n, m).scatter(1, idx, torch.rand(n, active, generator=gen) + 0.5)
-    return codes @ dirs
 
 
 def test_learns_synthetic_sparse_data():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from planted import planted_directions, sparse_data
 
 from interplab.sae import SAEConfig, make_sae
 
@@ -111,25 +112,16 @@ def test_fired_and_l0_count_only_positive_activations():
     assert out.fired.tolist() == [False, True, False]
 
 
-def sparse_data(n, gen, d=32, m=64, active=3):
-    """n samples, each a sum of `active` of m fixed random unit directions in d dims with magnitudes in [0.5, 1.5]."""
-    dirs = torch.randn(m, d, generator=torch.Generator().manual_seed(0))
-    dirs /= dirs.norm(dim=1, keepdim=True)
-    idx = torch.rand(n, m, generator=gen).argsort(1)[:, :active]
-    codes = torch.zeros(n, m).scatter(1, idx, torch.rand(n, active, generator=gen) + 0.5)
-    return codes @ dirs, dirs
-
-
 def test_learns_synthetic_sparse_data():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     sae = make_sae(SAEConfig(arch="topk", d_in=32, d_sae=128, k=3, aux_k=16))
-    sae.initialize(sparse_data(1024, gen)[0])
+    sae.initialize(sparse_data(1024, gen))
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    test, dirs = sparse_data(2048, torch.Generator().manual_seed(99))
+    test, dirs = sparse_data(2048, torch.Generator().manual_seed(99)), planted_directions()
     since_fired = torch.zeros(128)
     for _ in range(400):
-        out = sae.training_forward(sparse_data(256, gen)[0], dead_mask=since_fired > 50)
+        out = sae.training_forward(sparse_data(256, gen), dead_mask=since_fired > 50)
         since_fired = torch.where(out.fired, 0, since_fired + 1)
         opt.zero_grad()
         out.loss.backward()
