@@ -105,6 +105,14 @@ class HFHookedModel(HookedModel):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _final_norm(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        return self.model.get_submodule(self.arch.final_norm)(resid)
+
+    def _unembed(
+        self, normalized: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        return self.model.get_output_embeddings()(normalized)
+
     def _forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
         return self.model(input_ids=tokens, use_cache=False).logits
 

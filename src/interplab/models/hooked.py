@@ -48,11 +48,33 @@ class CacheResult(NamedTuple):
     """Activations by hook name, detached."""
 
 
+class Prefix(NamedTuple):
+    """A clean forward pass up to one hook, kept so that many variants can each run only the rest of the model."""
+
+    hook: str
+    act: torch.Tensor
+    """The clean activation at `hook`."""
+    layer: int | None
+    """The block holding `hook` (None for hooks outside the blocks)."""
+    block_args: tuple
+    """What that block was called with (its input first), reused to call it and the blocks after it."""
+    block_kwargs: dict[str, Any]
+    tokens: torch.Tensor
+
+    @property
+    def block_input(self) -> torch.Tensor:
+        """The residual stream entering the block that holds the hook."""
+        return self.block_args[0] if self.block_args else self.block_kwargs["hidden_states"]
+
+
 class HookedModel(ABC):
     """A language model with TransformerLens-named hook points."""
 
     info: ModelInfo
     tokenizer: Any  # a transformers tokenizer, or None for models that take token ids only
+    blocks: Sequence[torch.nn.Module]
+    """The transformer blocks in order: each maps the residual stream to the next, given the extra inputs the
+    model passes every block alike (masks, rotary embeddings)."""
 
     # ---- what a subclass provides -------------------------------------------------------------------------
     @property
@@ -71,6 +93,17 @@ class HookedModel(ABC):
     @property
     @abstractmethod
     def device(self) -> torch.device: ...
+
+
+    @abstractmethod
+    def _final_norm(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        """ln_final, with its hook point (the output of this is `ln_final.hook_normalized`)."""
+
+    @abstractmethod
+    def _unembed(
+        self, normalized: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        """Logits from the normalised final residual stream."""
 
     # ---- the public interface -----------------------------------------------------------------------------
     def check_hook_names(self, names: Sequence[str]) -> None:
@@ -175,6 +208,64 @@ class HookedModel(ABC):
             except StopForward:
                 pass
         return CacheResult(logits if return_logits else None, cache)
+
+
+    # ---- prefix and suffix: many variants of one activation, one clean prefix ------------------------------
+    @torch.no_grad()
+    def run_prefix(self, tokens: Int[torch.Tensor, "batch pos"], hook: str) -> Prefix:
+        """Run the model up to `hook` (and no further), keeping what `run_suffix` needs to finish the pass.
+
+        Splicing k variants of the activation at `hook` then costs one prefix plus k suffixes, instead of k
+        full forward passes.
+        """
+        self.check_hook_names([hook])
+        tokens = self.check_tokens(tokens)
+        parsed = parse_block_hook(hook)
+        layer = parsed[0] if parsed else None
+        captured: dict[str, Any] = {}
+
+        def keep_block_inputs(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["args"], captured["kwargs"] = args, dict(kwargs)
+
+        handle = self.blocks[layer].register_forward_pre_hook(keep_block_inputs, with_kwargs=True) if parsed else None
+        try:
+            act = self.run_with_cache(tokens, [hook]).cache[hook]
+        finally:
+            if handle is not None:
+                handle.remove()
+        return Prefix(hook, act, layer, captured.get("args", ()), captured.get("kwargs", {}), tokens)
+
+    def run_suffix(self, prefix: Prefix, replacement: torch.Tensor) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        """Logits of the forward pass whose activation at `prefix.hook` is `replacement`; only the block holding
+        the hook and the ones after it run. Gradients follow the caller's mode (so a suffix can be trained through).
+        """
+        if not isinstance(replacement, torch.Tensor) or replacement.shape != prefix.act.shape:
+            raise InterplabError(f"replacement for '{prefix.hook}' must have shape {tuple(prefix.act.shape)}, "
+                                 f"got {_describe(replacement)}")
+        if prefix.hook == "ln_final.hook_normalized":
+            return self._unembed(replacement)
+        if prefix.layer is None:  # embedding hooks: everything after them is the whole model
+            return self.run_with_hooks(prefix.tokens, [(prefix.hook, lambda act, name: replacement)])
+        point = parse_block_hook(prefix.hook)[1]  # type: ignore[index]
+        if point == "hook_resid_post":
+            resid = replacement
+        elif point == "hook_resid_pre":
+            resid = self._call_block(prefix, prefix.layer, replacement)
+        else:
+            with self.hooks([(prefix.hook, lambda act, name: replacement)]):
+                resid = self._call_block(prefix, prefix.layer, prefix.block_input)
+        for layer in range(prefix.layer + 1, len(self.blocks)):
+            resid = self._call_block(prefix, layer, resid)
+        return self._unembed(self._final_norm(resid))
+
+    def _call_block(self, prefix: Prefix, layer: int, resid: torch.Tensor) -> torch.Tensor:
+        """Call block `layer` on `resid` with the extra inputs the prefix pass gave its block."""
+        args, kwargs = prefix.block_args, prefix.block_kwargs
+        if args:
+            out = self.blocks[layer](resid, *args[1:], **kwargs)
+        else:
+            out = self.blocks[layer](**{**kwargs, "hidden_states": resid})
+        return out[0] if isinstance(out, tuple) else out
 
 
 def _bind(fn: HookFn, name: str) -> ActFn:

@@ -168,8 +168,7 @@ class ToyTransformer(nn.Module, HookedModel):
         resid = self.hook_embed(self.W_E[tokens]) + self.hook_pos_embed(self.W_pos[:pos])  # [batch pos d_model]
         for block in self.blocks:
             resid = block(resid)
-        normalized = self.hook_normalized(self.ln_final(resid))
-        return normalized @ self.W_U + self.b_U
+        return self._unembed(self._final_norm(resid))
 
     # ---- HookedModel ---------------------------------------------------------------------------------------
     @property
@@ -182,6 +181,14 @@ class ToyTransformer(nn.Module, HookedModel):
 
     def _forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
         return self(tokens)
+
+    def _final_norm(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        return self.hook_normalized(self.ln_final(resid))
+
+    def _unembed(
+        self, normalized: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        return normalized @ self.W_U + self.b_U
 
     def _attach(self, name: str, fn: ActFn) -> list[Any]:
         module_path = {"hook_embed": "hook_embed", "hook_pos_embed": "hook_pos_embed",
