@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from interplab.activations.harvest import HarvestConfig
 from interplab.config import add_dataclass_args, dataclass_from_args
 from interplab.errors import InterplabError
+from interplab.evals.sae_eval import EvalConfig
 from interplab.sae.train_config import TrainConfig
 
 
@@ -139,12 +140,22 @@ def run_sae_train(cfg: TrainConfig) -> None:
           f"({result.tokens_per_s:,.0f} tokens/s{resumed})")
 
 
+def run_sae_eval(cfg: EvalConfig) -> None:
+    from interplab.evals.sae_eval import evaluate, format_summary
+
+    result = evaluate(cfg)
+    print(format_summary(result))
+    if cfg.out:
+        print(f"metrics written to {cfg.out}")
+
+
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, run_demo, "the main job on the defaults: harvest SmolLM2 on python-docs and summarise"),
     "harvest": (HarvestConfig, run_harvest, "harvest activations at hook points into an on-disk store"),
     "hooks": (HooksConfig, run_hooks, "list a model's hook points"),
     "inspect": (InspectConfig, run_inspect, "describe an activation store and verify its checksums"),
     "sae train": (TrainConfig, run_sae_train, "train sparse autoencoders (a sweep in one pass) on a store or a model"),
+    "sae eval": (EvalConfig, run_sae_eval, "evaluate an SAE spliced into its model, beside its controls"),
 }
 
 GROUPS: dict[str, str] = {"sae": "sparse autoencoders: train dictionaries on activations"}

@@ -70,7 +70,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             kind, shown = _comma_list(typing.get_args(tp)[0]), None if default is None else ",".join(map(str, default))
         else:
             kind, shown = tp, default
-        help_text += f" (default: {shown})" if shown is not None else (" (optional)" if optional else "")
+        if shown not in (None, ""):
+            help_text += f" (default: {shown})"
+        elif optional:
+            help_text += " (optional)"
         parser.add_argument(flag, type=kind, default=default, dest=field.name, help=help_text,
                             metavar=field.name.upper())
 

@@ -1,0 +1,296 @@
+"""`interplab sae eval`: an SAE's reconstruction, sparsity and downstream metrics, each beside its controls.
+
+Per batch of contexts the model runs ONCE up to the SAE's hook (`run_prefix`); every variant of the activation x
+there is then spliced in with `run_suffix`, so all variants share that prefix:
+
+    clean            x                       (run through the suffix too: the reference logits)
+    sae              x̂ = sae(x)
+    zero_ablation    0
+    mean_ablation    μ = mean of x over the non-BOS tokens of the FIRST batch (a fixed estimate, so that every batch
+                     is ablated with the same vector and no second pass over the corpus is needed)
+    epsilon_random   x + ‖x − x̂‖·u, u a fresh random unit vector per token (seeded)
+    sae_norm_patch   x·‖x̂‖/‖x‖;   sae_output_at_original_norm  x̂·‖x‖/‖x̂‖
+    covariance_matched  x + e, e ~ N(0, Σ_err) rescaled to ‖x − x̂‖; Σ_err from the SAE errors of the FIRST batch
+
+BOS (position 0) is left out everywhere: it is never replaced (every variant keeps the clean activation there) and
+no per-token statistic counts it (its norm is an outlier that would dominate MSE, variance and the ablations).
+KL(clean ‖ variant) is per position 1..T−1; CE is the next-token loss predicted from positions 1..T−2.
+Key names follow SAELens's `evals.py` (ce_loss_score, kl_div_score, explained_variance, l0, ...).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from interplab.errors import InterplabError
+from interplab.evals import controls as C
+from interplab.evals.metrics import (
+    FiringCounts,
+    ce_loss_per_token,
+    ce_loss_recovered,
+    firing_counts,
+    kl_per_token,
+    mean_and_sem,
+    ratio_with_sem,
+    sparsity_metrics,
+)
+
+VARIANTS = ("sae", "zero_ablation", "mean_ablation", "epsilon_random", "sae_norm_patch",
+            "sae_output_at_original_norm", "covariance_matched")
+"""The spliced variants, besides `clean`, in the order they are run."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate an SAE spliced into its model, with controls (ε-random, norm-matched, covariance-matched, ablations)."""
+
+    sae: str = ""
+    """SAE folder (SAELens layout or sparsify hookpoint folder). Required."""
+    model: str | None = None
+    """Model spec (default: the model recorded in the SAE's cfg.json)."""
+    hook: str | None = None
+    """Hook point to splice at (default: the SAE's cfg.hook_name)."""
+    corpus: str = "python-docs"
+    """Text corpus (see `interplab harvest --help`)."""
+    split: str = "test"
+    """Corpus split: test (held out, the default), train or all."""
+    tokens: int = 65_536
+    """Tokens to evaluate on (rounded down to whole contexts)."""
+    ctx_len: int = 128
+    """Tokens per context (BOS included)."""
+    batch_size: int = 8
+    """Contexts per forward pass."""
+    seed: int = 0
+    """Seed of the corpus shuffle and of the random controls."""
+    device: str | None = None
+    """Device to run on (default: cuda if available, else cpu)."""
+    out: str | None = None
+    """Where to write the metrics JSON (local path or fsspec URL); not written if omitted."""
+
+
+class _Moments:
+    """Float64 sums over tokens from which the reconstruction metrics of all tokens follow exactly."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s: dict[str, Any] = {}
+
+    def add(self, x: Tensor, h: Tensor) -> None:
+        x, h = x.double(), h.double()
+        n_in, n_out = x.norm(dim=-1), h.norm(dim=-1)
+        both_zero = (n_in <= 1e-12) & (n_out <= 1e-12)
+        denom = n_in * n_out
+        cos = torch.where(denom > 1e-12, (x * h).sum(-1) / denom.clamp_min(1e-12), 0.0)
+        ratio = torch.where(n_in > 1e-12, n_out / n_in.clamp_min(1e-12), 0.0)
+        parts = {"err2": (x - h).pow(2).sum(-1), "sq": x.pow(2).sum(-1), "cos": torch.where(both_zero, 1.0, cos),
+                 "ratio": torch.where(both_zero, 1.0, ratio), "n_in": n_in, "n_out": n_out,
+                 "dot": (x * h).sum(-1), "out2": n_out.pow(2)}
+        for k, v in parts.items():
+            self.s[k] = self.s.get(k, 0.0) + v.sum().item()
+        self.s["sum_x"] = self.s.get("sum_x", 0.0) + x.sum(0)
+        self.n += x.shape[0]
+
+    def metrics(self) -> dict[str, float]:
+        m = {k: v / self.n for k, v in self.s.items() if k != "sum_x"}
+        mean = self.s["sum_x"] / self.n
+        var = m["sq"] - mean.pow(2).sum().item()                     # mean_t ‖x_t − x̄‖²
+        ev = 1.0 - m["err2"] / var if var > 1e-12 else (1.0 if m["err2"] <= 1e-12 else 0.0)
+        return {"mse": m["err2"], "explained_variance": ev, "fvu": 1.0 - ev, "cossim": m["cos"],
+                "l2_norm_in": m["n_in"], "l2_norm_out": m["n_out"], "l2_ratio": m["ratio"],
+                "relative_reconstruction_bias": m["out2"] / m["dot"] if abs(m["dot"]) > 1e-12 else math.nan}
+
+
+def _finite(v: Any) -> Any:
+    """NaN/inf → None, so the JSON stays standard."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _resolve(cfg: EvalConfig, sae: Any, model: Any) -> EvalConfig:
+    """Fill model and hook from the SAE, and check every input before the first forward pass."""
+    hook = cfg.hook or sae.cfg.hook_name
+    if not hook:
+        raise InterplabError(f"{cfg.sae} records no hook name (cfg.hook_name); pass --hook")
+    model.check_hook_names([hook])  # lists the valid names
+    width = model.hook_dim(hook)
+    if width is None:
+        raise InterplabError(f"cannot splice an SAE at {hook}: attention patterns are not one vector per token")
+    if sae.cfg.d_in != width:
+        raise InterplabError(f"SAE d_in {sae.cfg.d_in} does not match the width {width} of {hook} in "
+                             f"{model.info.spec}")
+    if cfg.ctx_len < 3:
+        raise InterplabError(f"--ctx-len {cfg.ctx_len} is too short: need >= 3 (BOS plus two predicted tokens)")
+    if cfg.ctx_len > model.info.n_ctx:
+        raise InterplabError(f"--ctx-len {cfg.ctx_len} is longer than {model.info.spec} allows ({model.info.n_ctx})")
+    if cfg.tokens < cfg.ctx_len:
+        raise InterplabError(f"--tokens {cfg.tokens} is less than one context (--ctx-len {cfg.ctx_len})")
+    if cfg.batch_size < 1:
+        raise InterplabError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if model.tokenizer is None:
+        raise InterplabError(f"{model.info.spec} has no tokenizer, so it cannot read a text corpus")
+    return replace(cfg, hook=hook)
+
+
+@torch.no_grad()
+def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Run the evaluation; return {"config", "sae_config", "n_tokens", "n_contexts", "metrics"} (also written to
+    cfg.out as JSON if set). `sae` and `model` may be passed already loaded (then cfg.sae / cfg.model only label)."""
+    from interplab.data import iter_contexts
+    from interplab.sae import load_sae
+
+    if sae is None:
+        if not cfg.sae:
+            raise InterplabError("--sae is required: the folder of the SAE to evaluate")
+        sae = load_sae(cfg.sae)
+    model_spec = cfg.model or sae.cfg.model
+    if model is None:
+        if not model_spec:
+            raise InterplabError(f"{cfg.sae} records no model (cfg.model); pass --model")
+        from interplab.models import load_model
+
+        model = load_model(model_spec, device=cfg.device)
+    cfg = _resolve(replace(cfg, model=model_spec or model.info.spec), sae, model)
+    sae = sae.to(model.device).float().eval()
+    hook = cfg.hook
+
+    n_contexts = cfg.tokens // cfg.ctx_len
+    contexts = itertools.islice(iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split=cfg.split,
+                                              seed=cfg.seed), n_contexts)
+    gen_eps = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    gen_cov = torch.Generator(device=model.device).manual_seed(cfg.seed + 1)
+    mean: Tensor | None = None
+    cov_factor: Tensor | None = None
+    kl: dict[str, list[Tensor]] = {v: [] for v in VARIANTS}
+    ce: dict[str, list[Tensor]] = {v: [] for v in ("clean", *VARIANTS)}
+    moments, counts = _Moments(), None
+    l0_sum = l1_sum = 0.0
+    done = 0
+    batch = list(itertools.islice(contexts, cfg.batch_size))  # read before the bar, so a bad corpus fails cleanly
+    if not batch:
+        raise InterplabError(f"corpus '{cfg.corpus}' ({cfg.split} split) yields no context of {cfg.ctx_len} tokens")
+    bar = tqdm(total=n_contexts * cfg.ctx_len, unit="tok", unit_scale=True, desc="sae eval", disable=not progress)
+    while batch:
+        tokens = torch.stack(batch).to(model.device)                                 # [B T]
+        prefix = model.run_prefix(tokens, hook)
+        act = prefix.act
+        x = act[:, 1:].float()                                                       # [B T-1 d], BOS left out
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+        flat_x, flat_err = x.reshape(-1, x.shape[-1]), (x - x_hat).reshape(-1, x.shape[-1])
+        if mean is None:
+            mean = flat_x.mean(0)
+            cov_factor = C.error_covariance_factor(flat_err) if flat_err.shape[0] >= 2 else None
+        replacements: dict[str, Callable[[], Tensor]] = {
+            "sae": lambda: x_hat,
+            "zero_ablation": lambda: C.zero_ablation(x),
+            "mean_ablation": lambda: C.mean_ablation(x, mean),
+            "epsilon_random": lambda: C.epsilon_random(x, x_hat, gen_eps),
+            "sae_norm_patch": lambda: C.sae_norm_patch(x, x_hat),
+            "sae_output_at_original_norm": lambda: C.sae_output_at_original_norm(x, x_hat),
+            "covariance_matched": lambda: (C.covariance_matched_error(x, x_hat, cov_factor, gen_cov)
+                                           if cov_factor is not None else x),
+        }
+        clean = model.run_suffix(prefix, act)
+        ce["clean"].append(ce_loss_per_token(clean, tokens)[:, 1:].flatten().double().cpu())
+        for name in VARIANTS:
+            spliced = torch.cat([act[:, :1], replacements[name]().to(act.dtype)], dim=1)  # BOS kept clean
+            logits = model.run_suffix(prefix, spliced)
+            kl[name].append(kl_per_token(clean, logits)[:, 1:].flatten().double().cpu())
+            ce[name].append(ce_loss_per_token(logits, tokens)[:, 1:].flatten().double().cpu())
+        moments.add(flat_x, x_hat.reshape(flat_x.shape))
+        fired = firing_counts(f)
+        counts = fired if counts is None else counts.merge(fired)
+        l0_sum += (f != 0).sum().item()
+        l1_sum += f.double().abs().sum().item()
+        done += len(batch)
+        bar.update(len(batch) * cfg.ctx_len)
+        batch = list(itertools.islice(contexts, cfg.batch_size))
+    bar.close()
+    if done < n_contexts:
+        tqdm.write(f"note: the corpus ran out after {done} of {n_contexts} contexts")
+
+    metrics = _summarise(kl, ce, moments, counts, f, l0_sum, l1_sum)
+    result = _finite({"config": asdict(cfg), "sae_config": sae.cfg.to_dict(), "n_contexts": done,
+                      "n_tokens": moments.n, "n_tokens_total": done * cfg.ctx_len,
+                      "bos_excluded": True, "metrics": metrics})
+    if cfg.out:
+        from interplab.fileio import write_url_atomic
+
+        write_url_atomic(cfg.out, (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+def _summarise(kl: dict[str, list[Tensor]], ce: dict[str, list[Tensor]], moments: _Moments,
+               counts: FiringCounts | None, last_f: Tensor, l0_sum: float, l1_sum: float) -> dict[str, Any]:
+    kl_t = {k: torch.cat(v) for k, v in kl.items()}
+    ce_t = {k: torch.cat(v) for k, v in ce.items()}
+    kl_stats = {k: mean_and_sem(v)._asdict() for k, v in kl_t.items()}
+    ce_stats = {k: mean_and_sem(v)._asdict() if v.numel() else {"mean": math.nan, "sem": math.nan}
+                for k, v in ce_t.items()}
+    try:
+        ratio = ratio_with_sem(kl_t["sae"], kl_t["epsilon_random"])
+        kl_ratio, kl_ratio_sem = ratio.mean, ratio.sem
+    except InterplabError:  # ε-random KL is 0 (e.g. a perfect SAE): the ratio is undefined
+        kl_ratio = kl_ratio_sem = math.nan
+    ce_m = {k: v["mean"] for k, v in ce_stats.items()}
+    kl_sae, kl_zero = kl_stats["sae"]["mean"], kl_stats["zero_ablation"]["mean"]
+    sparsity = sparsity_metrics(last_f, counts)
+    sparsity["l0"], sparsity["l1"] = l0_sum / moments.n, l1_sum / moments.n
+    return {
+        "reconstruction": moments.metrics(),
+        "sparsity": sparsity,
+        "model_performance": {
+            "ce_loss_without_sae": ce_m["clean"],
+            "ce_loss_with_sae": ce_m["sae"],
+            "ce_loss_with_ablation": ce_m["zero_ablation"],
+            "ce_loss_with_mean_ablation": ce_m["mean_ablation"],
+            "ce_loss_score": ce_loss_recovered(ce_m["clean"], ce_m["sae"], ce_m["zero_ablation"]),
+            "ce_loss_score_mean_ablation": ce_loss_recovered(ce_m["clean"], ce_m["sae"], ce_m["mean_ablation"]),
+        },
+        "model_behavior": {
+            "kl_div_with_sae": kl_sae,
+            "kl_div_with_sae_sem": kl_stats["sae"]["sem"],
+            "kl_div_with_ablation": kl_zero,
+            "kl_div_score": (kl_zero - kl_sae) / kl_zero if abs(kl_zero) > 1e-12 else math.nan,
+            "kl_ratio": kl_ratio,
+            "kl_ratio_sem": kl_ratio_sem,
+        },
+        "kl": kl_stats,
+        "ce_loss": ce_stats,
+    }
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A short table: per variant mean KL ± SEM and CE, then the headline scores."""
+    m = result["metrics"]
+
+    def num(v: Any, fmt: str = ".4g") -> str:
+        return "nan" if v is None else format(v, fmt)
+
+    lines = [f"{result['config']['sae']} at {result['config']['hook']}: {result['n_tokens']:,} tokens (BOS excluded)",
+             f"{'variant':<30}{'KL(clean||variant)':>24}{'CE loss':>12}"]
+    lines.append(f"{'clean':<30}{'0':>24}{num(m['ce_loss']['clean']['mean']):>12}")
+    for name in VARIANTS:
+        k = m["kl"][name]
+        lines.append(f"{name:<30}{num(k['mean']) + ' ± ' + num(k['sem'], '.2g'):>24}"
+                     f"{num(m['ce_loss'][name]['mean']):>12}")
+    b, p, r, s = m["model_behavior"], m["model_performance"], m["reconstruction"], m["sparsity"]
+    lines.append(f"kl_ratio (sae / epsilon_random) {num(b['kl_ratio'])} ± {num(b['kl_ratio_sem'], '.2g')}   "
+                 f"ce_loss_score {num(p['ce_loss_score'])} (mean-ablation {num(p['ce_loss_score_mean_ablation'])})")
+    lines.append(f"explained_variance {num(r['explained_variance'])}  cossim {num(r['cossim'])}  "
+                 f"l2_ratio {num(r['l2_ratio'])}  l0 {num(s['l0'], '.1f')}  dead {num(s['dead_fraction'], '.1%')}  "
+                 f"dense {num(s['dense_fraction'], '.1%')}")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""`interplab sae eval`: known answers (a perfect SAE), sign of KL, seeded controls, one prefix per batch, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from interplab.cli import main
+from interplab.errors import InterplabError
+from interplab.evals.sae_eval import VARIANTS, EvalConfig, evaluate
+from interplab.models import load_model
+from interplab.sae import SAEConfig, load_sae, make_sae
+
+HOOK = "blocks.1.hook_resid_post"
+D = 32  # width of the tiny GPT-2
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    words = "the quick brown fox jumps over a lazy dog python sparse features residual stream layers".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [json.dumps({"text": " ".join(words[i] for i in torch.randint(len(words), (60,), generator=g).tolist())})
+             for _ in range(40)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gpt2_dir):
+    return load_model(str(tiny_gpt2_dir), device="cpu")
+
+
+def perfect_sae(tiny_gpt2_dir, folder):
+    """ReLU SAE with W_enc = [I, −I], W_dec = [I; −I], biases 0: decode(encode(x)) = relu(x) − relu(−x) = x."""
+    sae = make_sae(SAEConfig(arch="relu", d_in=D, d_sae=2 * D, hook_name=HOOK, model=str(tiny_gpt2_dir)))
+    eye = torch.eye(D)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.save(str(folder))
+    return str(folder)
+
+
+def random_sae(tiny_gpt2_dir, folder, model):
+    sae = make_sae(SAEConfig(arch="topk", d_in=D, d_sae=4 * D, k=4, hook_name=HOOK, model=str(tiny_gpt2_dir)))
+    sample = model.run_with_cache(torch.randint(1, 200, (2, 16)), [HOOK]).cache[HOOK].reshape(-1, D)
+    sae.initialize(sample, seed=1)
+    sae.save(str(folder))
+    return str(folder)
+
+
+def cfg(sae, corpus, **kw):
+    return EvalConfig(**{"sae": sae, "corpus": corpus, "split": "all", "tokens": 160, "ctx_len": 16,
+                         "batch_size": 4, "device": "cpu", **kw})
+
+
+def test_perfect_sae_known_answers(tiny_gpt2_dir, tmp_path, corpus, model):
+    result = evaluate(cfg(perfect_sae(tiny_gpt2_dir, tmp_path / "p"), corpus), model=model, progress=False)
+    m = result["metrics"]
+    assert abs(m["model_behavior"]["kl_div_with_sae"]) < 1e-6
+    assert m["reconstruction"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert m["reconstruction"]["cossim"] == pytest.approx(1.0, abs=1e-6)
+    assert m["model_performance"]["ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
+    assert m["model_performance"]["ce_loss_with_sae"] == pytest.approx(m["model_performance"]["ce_loss_without_sae"],
+                                                                      abs=1e-6)
+    # zero error norm: ε-random and the norm-matched controls are the clean activation too; the ratio is undefined
+    for name in ("epsilon_random", "sae_norm_patch", "sae_output_at_original_norm", "covariance_matched"):
+        assert abs(m["kl"][name]["mean"]) < 1e-6
+    assert m["model_behavior"]["kl_ratio"] is None
+    assert m["sparsity"]["l0"] == pytest.approx(D, abs=1.0)  # each coordinate fires one of its two latents
+    assert result["n_tokens"] == 10 * 15  # 160 tokens → 10 contexts of 16, BOS excluded
+
+
+def test_random_sae_controls(tiny_gpt2_dir, tmp_path, corpus, model):
+    sae = random_sae(tiny_gpt2_dir, tmp_path / "r", model)
+    a = evaluate(cfg(sae, corpus, seed=3), model=model, progress=False)["metrics"]
+    b = evaluate(cfg(sae, corpus, seed=3), model=model, progress=False)["metrics"]
+    for name in VARIANTS:
+        assert a["kl"][name]["mean"] >= -1e-6
+        assert a["kl"][name]["sem"] >= 0
+    assert a["kl"]["epsilon_random"] == b["kl"]["epsilon_random"]  # seeded: reproducible
+    assert a["kl"]["covariance_matched"] == b["kl"]["covariance_matched"]
+    beh = a["model_behavior"]
+    assert beh["kl_ratio"] == pytest.approx(a["kl"]["sae"]["mean"] / a["kl"]["epsilon_random"]["mean"], rel=1e-9)
+    assert beh["kl_ratio_sem"] > 0
+    assert a["model_performance"]["ce_loss_with_ablation"] > a["model_performance"]["ce_loss_without_sae"]
+    assert a["reconstruction"]["explained_variance"] < 1
+    assert set(a["sparsity"]) >= {"l0", "l1", "dead_fraction", "dense_fraction", "feature_density_hist"}
+    assert a["sparsity"]["l0"] == pytest.approx(4.0)
+
+
+def test_prefix_runs_once_per_batch(tiny_gpt2_dir, tmp_path, corpus, model):
+    sae = perfect_sae(tiny_gpt2_dir, tmp_path / "p")
+    calls = {"block0": 0, "block2": 0}
+    h0 = model.blocks[0].register_forward_hook(lambda *a: calls.__setitem__("block0", calls["block0"] + 1))
+    h2 = model.blocks[2].register_forward_hook(lambda *a: calls.__setitem__("block2", calls["block2"] + 1))
+    try:
+        evaluate(cfg(sae, corpus), model=model, progress=False)  # 10 contexts, batches of 4 → 3 batches
+    finally:
+        h0.remove()
+        h2.remove()
+    assert calls["block0"] == 3
+    assert calls["block2"] == 3 * (1 + len(VARIANTS))  # clean + each variant run the suffix
+
+
+def test_cli_writes_json(tiny_gpt2_dir, tmp_path, corpus, capsys):
+    sae = perfect_sae(tiny_gpt2_dir, tmp_path / "p")
+    out = tmp_path / "m" / "metrics.json"
+    argv = ["sae", "eval", "--sae", sae, "--corpus", corpus, "--split", "all", "--tokens", "64", "--ctx-len", "16",
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert set(data) >= {"config", "sae_config", "n_tokens", "metrics"}
+    assert data["config"]["hook"] == HOOK and data["config"]["model"] == str(tiny_gpt2_dir)
+    assert set(data["metrics"]) == {"reconstruction", "sparsity", "model_performance", "model_behavior", "kl",
+                                    "ce_loss"}
+    assert "kl_ratio" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hook": "blocks.9.hook_nonsense"}, "valid names"),
+    ({"hook": "blocks.0.mlp.hook_post"}, "d_in"),
+    ({"tokens": "8"}, "less than one context"),
+    ({"corpus": "EMPTY"}, "no context"),
+])
+def test_cli_errors_exit_2_one_line(tiny_gpt2_dir, tmp_path, corpus, capsys, change, message):
+    sae = perfect_sae(tiny_gpt2_dir, tmp_path / "p")
+    if change.get("corpus") == "EMPTY":
+        (tmp_path / "empty.jsonl").write_text(json.dumps({"text": "tiny"}) + "\n")
+        change = {"corpus": str(tmp_path / "empty.jsonl")}
+    opts = {"sae": sae, "corpus": corpus, "split": "all", "tokens": "64", "ctx-len": "16", "device": "cpu", **change}
+    argv = ["sae", "eval"] + [a for k, v in opts.items() for a in (f"--{k}", str(v))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_sae_without_hook_needs_one(tiny_gpt2_dir, tmp_path, corpus, model):
+    sae = make_sae(SAEConfig(arch="relu", d_in=D, d_sae=2 * D))
+    sae.save(str(tmp_path / "n"))
+    with pytest.raises(InterplabError, match="--hook"):
+        evaluate(cfg(str(tmp_path / "n"), corpus), model=model, progress=False)
+    assert load_sae(str(tmp_path / "n")).cfg.hook_name == ""
