@@ -164,3 +164,17 @@ def test_ratio_with_sem_matches_delta_method_and_simulation():
     assert sem == pytest.approx(spread, rel=0.1)
     with pytest.raises(InterplabError, match="denominator"):
         ratio_with_sem(a, torch.zeros(n))
+
+
+def test_fused_kl_and_ce_equal_the_separate_metrics():
+    from interplab.evals.metrics import clean_log_probs, kl_and_ce_per_token
+
+    gen = torch.Generator().manual_seed(0)
+    clean, patched = torch.randn(2, 5, 30, generator=gen) * 3, torch.randn(2, 5, 30, generator=gen) * 3
+    clean[0, 0, 3] = -1e4  # a token with P_clean = 0 in float32
+    tokens = torch.randint(0, 30, (2, 5), generator=gen)
+    kl, ce = kl_and_ce_per_token(clean_log_probs(clean), patched.clone(), tokens)
+    torch.testing.assert_close(kl, kl_per_token(clean, patched), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ce, ce_loss_per_token(patched, tokens))
+    kl_self, _ = kl_and_ce_per_token(clean_log_probs(clean), clean.clone(), tokens)
+    assert kl_self.abs().max() < 1e-5

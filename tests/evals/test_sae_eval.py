@@ -118,7 +118,8 @@ def test_cli_writes_json(tiny_gpt2_dir, tmp_path, corpus, capsys):
     assert set(data) >= {"config", "sae_config", "n_tokens", "metrics"}
     assert data["config"]["hook"] == HOOK and data["config"]["model"] == str(tiny_gpt2_dir)
     assert set(data["metrics"]) == {"reconstruction", "sparsity", "model_performance", "model_behavior", "kl",
-                                    "ce_loss"}
+                                    "ce_loss", "per_token"}
+    assert "figures" not in data  # only with --figures
     assert "kl_ratio" in capsys.readouterr().out
 
 
@@ -146,3 +147,32 @@ def test_sae_without_hook_needs_one(tiny_gpt2_dir, tmp_path, corpus, model):
     with pytest.raises(InterplabError, match="--hook"):
         evaluate(cfg(str(tmp_path / "n"), corpus), model=model, progress=False)
     assert load_sae(str(tmp_path / "n")).cfg.hook_name == ""
+
+
+def test_per_token_analysis_and_figures(tiny_gpt2_dir, tmp_path, corpus, model):
+    sae = random_sae(tiny_gpt2_dir, tmp_path / "r", model)
+    figs = tmp_path / "figs"
+    result = evaluate(cfg(sae, corpus, figures=str(figs)), model=model, progress=False)
+    m = result["metrics"]
+    pt = m["per_token"]
+    assert pt["n_tokens"] == result["n_tokens"] == sum(b["n_tokens"] for b in pt["bins"])
+    assert sum(b["n_token_types"] for b in pt["bins"]) == pt["n_token_types"]
+    assert pt["gap_mean"] == pytest.approx(m["kl"]["sae"]["mean"] - m["kl"]["epsilon_random"]["mean"], rel=1e-4,
+                                           abs=1e-7)  # float32 per-token arrays
+    assert -1 <= pt["corr_gap_log10_freq"] <= 1
+    assert len(pt["bins"]) == 8 and all("kl_sae_norm_patch_mean" in b for b in pt["bins"])
+    assert set(result["figures"]) == {"kl_histograms", "kl_gap_vs_frequency"}
+    for name, path in result["figures"].items():
+        assert path == str(figs / f"{name}.png")
+        data = (figs / f"{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_per_token_perfect_sae(tiny_gpt2_dir, tmp_path, corpus, model):
+    result = evaluate(cfg(perfect_sae(tiny_gpt2_dir, tmp_path / "p"), corpus, figures=str(tmp_path / "f")),
+                      model=model, progress=False)
+    pt = result["metrics"]["per_token"]
+    assert abs(pt["gap_mean"]) < 1e-6
+    assert all(b["mean_gap"] is None or abs(b["mean_gap"]) < 1e-6 for b in pt["bins"])
+    assert (tmp_path / "f" / "kl_histograms.png").exists()
+    json.dumps(result, allow_nan=False)  # NaNs (e.g. the correlation of a constant gap) became null

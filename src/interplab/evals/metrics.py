@@ -175,6 +175,33 @@ def ce_loss_per_token(
     return -logp.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
 
 
+class CleanLogProbs(NamedTuple):
+    """log P and P of the clean run, computed once and shared by every variant's KL."""
+
+    logp: Float[Tensor, "batch pos d_vocab"]
+    p: Float[Tensor, "batch pos d_vocab"]
+    p_log_p: Float[Tensor, "batch pos"]
+    """Σ_v p_v log p_v (xlogy: p_v = 0 terms are 0)."""
+
+
+def clean_log_probs(clean_logits: Float[Tensor, "batch pos d_vocab"]) -> CleanLogProbs:
+    logp = clean_logits.to(torch.promote_types(clean_logits.dtype, torch.float32)).log_softmax(-1)
+    p = logp.exp()
+    return CleanLogProbs(logp, p, torch.xlogy(p, p).sum(-1))
+
+
+def kl_and_ce_per_token(
+    clean: CleanLogProbs, logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"]
+) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos-1"]]:
+    """`kl_per_token(clean, logits)` and `ce_loss_per_token(logits, tokens)` from a single log-softmax of `logits`,
+    worked in place: with many variants per batch over a large vocabulary these passes are most of the cost that is
+    not the model itself. KL = Σ_v p_v log p_v − Σ_v p_v log q_v, the first sum computed once per clean run."""
+    logq = logits.to(clean.logp.dtype).log_softmax(-1)                                 # [batch pos d_vocab]
+    ce = -logq[:, :-1].gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
+    neg_cross = logq.mul_(clean.p).sum(-1)                                              # Σ p log q
+    return clean.p_log_p - neg_cross, ce
+
+
 def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float, *, eps: float = 1e-6,
                       strict: bool = False) -> float:
     """(ce_ablated − ce_spliced) / (ce_ablated − ce_clean): 1 = as good as clean, 0 = as bad as ablating the site.

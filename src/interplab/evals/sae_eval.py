@@ -16,6 +16,11 @@ BOS (position 0) is left out everywhere: it is never replaced (every variant kee
 no per-token statistic counts it (its norm is an outlier that would dominate MSE, variance and the ablations).
 KL(clean ‖ variant) is per position 1..T−1; CE is the next-token loss predicted from positions 1..T−2.
 Key names follow SAELens's `evals.py` (ce_loss_score, kl_div_score, explained_variance, l0, ...).
+
+`metrics.per_token` (see `token_analysis`): the per-token KL gap (sae − epsilon_random) against log10 token frequency,
+each KL position labelled with its INPUT token id tokens[:, t] (the token whose activation was replaced and from which
+the next token is predicted), binned with mean ± SEM per bin, and its Pearson correlation with log10 frequency.
+With `figures` set, kl_histograms.png and kl_gap_vs_frequency.png are written there and listed under `figures`.
 """
 
 from __future__ import annotations
@@ -34,18 +39,21 @@ from interplab.errors import InterplabError
 from interplab.evals import controls as C
 from interplab.evals.metrics import (
     FiringCounts,
-    ce_loss_per_token,
     ce_loss_recovered,
+    clean_log_probs,
     firing_counts,
-    kl_per_token,
+    kl_and_ce_per_token,
     mean_and_sem,
     ratio_with_sem,
     sparsity_metrics,
 )
+from interplab.evals.token_analysis import per_token_analysis
 
 VARIANTS = ("sae", "zero_ablation", "mean_ablation", "epsilon_random", "sae_norm_patch",
             "sae_output_at_original_norm", "covariance_matched")
 """The spliced variants, besides `clean`, in the order they are run."""
+PER_TOKEN_VARIANTS = ("sae", "epsilon_random", "sae_norm_patch")
+"""The variants whose per-token KL the per-token analysis and the KL histograms use."""
 
 
 @dataclass
@@ -74,6 +82,8 @@ class EvalConfig:
     """Device to run on (default: cuda if available, else cpu)."""
     out: str | None = None
     """Where to write the metrics JSON (local path or fsspec URL); not written if omitted."""
+    figures: str | None = None
+    """Folder to write the PNG figures to (kl_histograms.png, kl_gap_vs_frequency.png); none if omitted."""
 
 
 class _Moments:
@@ -175,6 +185,7 @@ def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: b
     cov_factor: Tensor | None = None
     kl: dict[str, list[Tensor]] = {v: [] for v in VARIANTS}
     ce: dict[str, list[Tensor]] = {v: [] for v in ("clean", *VARIANTS)}
+    token_ids: list[Tensor] = []  # the input token at each KL position (BOS excluded), for the per-token analysis
     moments, counts = _Moments(), None
     l0_sum = l1_sum = 0.0
     done = 0
@@ -204,12 +215,16 @@ def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: b
                                            if cov_factor is not None else x),
         }
         clean = model.run_suffix(prefix, act)
-        ce["clean"].append(ce_loss_per_token(clean, tokens)[:, 1:].flatten().double().cpu())
+        token_ids.append(tokens[:, 1:].flatten().to(torch.int32).cpu())
+        clean_lp = clean_log_probs(clean)  # shared by every variant's KL
+        clean_ce = -clean_lp.logp[:, :-1].gather(-1, tokens[:, 1:, None].long()).squeeze(-1)  # no 2nd softmax
+        ce["clean"].append(clean_ce[:, 1:].flatten().double().cpu())
         for name in VARIANTS:
             spliced = torch.cat([act[:, :1], replacements[name]().to(act.dtype)], dim=1)  # BOS kept clean
             logits = model.run_suffix(prefix, spliced)
-            kl[name].append(kl_per_token(clean, logits)[:, 1:].flatten().double().cpu())
-            ce[name].append(ce_loss_per_token(logits, tokens)[:, 1:].flatten().double().cpu())
+            kl_tok, ce_tok = kl_and_ce_per_token(clean_lp, logits, tokens)
+            kl[name].append(kl_tok[:, 1:].flatten().double().cpu())
+            ce[name].append(ce_tok[:, 1:].flatten().double().cpu())
         moments.add(flat_x, x_hat.reshape(flat_x.shape))
         fired = firing_counts(f)
         counts = fired if counts is None else counts.merge(fired)
@@ -223,14 +238,29 @@ def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: b
         tqdm.write(f"note: the corpus ran out after {done} of {n_contexts} contexts")
 
     metrics = _summarise(kl, ce, moments, counts, f, l0_sum, l1_sum)
-    result = _finite({"config": asdict(cfg), "sae_config": sae.cfg.to_dict(), "n_contexts": done,
-                      "n_tokens": moments.n, "n_tokens_total": done * cfg.ctx_len,
-                      "bos_excluded": True, "metrics": metrics})
+    per_token_kl = {k: torch.cat(kl[k]).float().numpy() for k in PER_TOKEN_VARIANTS}  # 1-D float32, n_tokens
+    metrics["per_token"] = per_token_analysis(per_token_kl, torch.cat(token_ids).numpy())
+    result = {"config": asdict(cfg), "sae_config": sae.cfg.to_dict(), "n_contexts": done,
+              "n_tokens": moments.n, "n_tokens_total": done * cfg.ctx_len, "bos_excluded": True, "metrics": metrics}
+    if cfg.figures:
+        result["figures"] = _write_figures(cfg.figures, per_token_kl, metrics["per_token"])
+    result = _finite(result)
     if cfg.out:
         from interplab.fileio import write_url_atomic
 
         write_url_atomic(cfg.out, (json.dumps(result, indent=2) + "\n").encode())
     return result
+
+
+def _write_figures(folder: str, per_token_kl: dict[str, Any], per_token: dict[str, Any]) -> dict[str, str]:
+    from interplab.fileio import join
+    from interplab.report.figures import kl_gap_vs_frequency, kl_histograms
+
+    return {
+        "kl_histograms": kl_histograms(per_token_kl, join(folder, "kl_histograms.png")),
+        "kl_gap_vs_frequency": kl_gap_vs_frequency(per_token["bins"], join(folder, "kl_gap_vs_frequency.png"),
+                                                   corr=per_token["corr_gap_log10_freq"]),
+    }
 
 
 def _summarise(kl: dict[str, list[Tensor]], ce: dict[str, list[Tensor]], moments: _Moments,
