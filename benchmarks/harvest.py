@@ -13,14 +13,12 @@ printed is one JSON object with the figures and `ratio_vs_bare`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
 import tempfile
 import time
 
 import torch
-from torch import nn
+from common import take_batches, truncated
 
 from interplab.activations.harvest import HarvestConfig, harvest
 from interplab.data import iter_contexts
@@ -29,18 +27,6 @@ from interplab.models.load import _gguf_cache_dir, smollm2_gguf_path
 
 LAYER, BATCH, CTX = 6, 16, 128
 HOOK = f"blocks.{LAYER}.hook_resid_post"
-
-
-@contextlib.contextmanager
-def truncated(base_model: nn.Module, n_layers: int):
-    """Temporarily keep only the first `n_layers` decoder layers (and skip the final norm)."""
-    layers, norm, n = base_model.layers, base_model.norm, base_model.config.num_hidden_layers
-    base_model.layers, base_model.norm = nn.ModuleList(layers[:n_layers]), nn.Identity()
-    base_model.config.num_hidden_layers = n_layers
-    try:
-        yield base_model
-    finally:
-        base_model.layers, base_model.norm, base_model.config.num_hidden_layers = layers, norm, n
 
 
 def time_bare(model, batches: list[torch.Tensor]) -> float:
@@ -94,7 +80,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_model("smollm2-135m", device="cpu")
     contexts = iter_contexts("python-docs", model.tokenizer, CTX)  # the same stream harvest() reads
-    batches = [torch.stack(list(itertools.islice(contexts, BATCH))) for _ in range(args.batches)]
+    batches = take_batches(contexts, BATCH, args.batches)
 
     bridge = load_transformerlens()
     interplab_runs, bare_runs, tl_runs = [], [], []

@@ -13,11 +13,11 @@ SAE initialised from the model's activations (its quality does not change the co
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 
 import torch
+from common import take_batches, truncated
 
 from interplab.data import iter_contexts
 from interplab.evals.sae_eval import VARIANTS, EvalConfig, evaluate
@@ -39,16 +39,13 @@ def minimal_seconds(model, batches: list[torch.Tensor], layer: int, n_suffixes: 
     with torch.inference_mode():
         base(input_ids=batches[0], use_cache=False)  # warm-up, and the per-block inputs (mask, rotary) to reuse
     handle.remove()
-    layers, norm, n = base.layers, base.norm, base.config.num_hidden_layers
+    layers, norm = base.layers, base.norm
     lm_head = model.model.get_output_embeddings()
     start = time.perf_counter()
     with torch.inference_mode():
         for tokens in batches:
-            base.layers, base.norm, base.config.num_hidden_layers = layers[: layer + 1], torch.nn.Identity(), layer + 1
-            try:
+            with truncated(base, layer + 1):
                 resid = base(input_ids=tokens, use_cache=False).last_hidden_state
-            finally:
-                base.layers, base.norm, base.config.num_hidden_layers = layers, norm, n
             for _ in range(n_suffixes):
                 h = resid
                 for block in layers[layer + 1 :]:
@@ -67,7 +64,7 @@ def main() -> None:
     model = load_model("smollm2-135m", device="cpu")
     n_batches = max(1, args.tokens // (BATCH * CTX))
     contexts = iter_contexts("python-docs", model.tokenizer, CTX, split="test")
-    batches = [torch.stack(list(itertools.islice(contexts, BATCH))) for _ in range(n_batches)]
+    batches = take_batches(contexts, BATCH, n_batches)
 
     sample = model.run_with_cache(batches[0], [hook]).cache[hook].flatten(0, 1)
     sae = make_sae(SAEConfig(arch="topk", d_in=model.info.d_model, d_sae=16 * model.info.d_model, k=32,

@@ -16,3 +16,18 @@ def planted_directions(d: int = 32, m: int = 64) -> torch.Tensor:
     """The m unit directions in d dims that `sparse_data` draws from (fixed seed)."""
     dirs = torch.randn(m, d, generator=torch.Generator().manual_seed(0))
     return dirs / dirs.norm(dim=1, keepdim=True)
+
+
+def train_on_planted(sae, gen: torch.Generator, steps: int, *, lr: float = 3e-3, batch: int = 256,
+                     dead_after: int = 50) -> None:
+    """Adam steps on fresh `sparse_data` batches, with AuxK fed the latents silent for `dead_after` steps."""
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    since_fired = torch.zeros(sae.cfg.d_sae)
+    for _ in range(steps):
+        out = sae.training_forward(sparse_data(batch, gen), dead_mask=since_fired > dead_after)
+        since_fired = torch.where(out.fired, 0, since_fired + 1)
+        opt.zero_grad()
+        out.loss.backward()
+        sae.before_optimizer_step()
+        opt.step()
+        sae.after_optimizer_step()

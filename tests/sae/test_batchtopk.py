@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from planted import sparse_data
+from planted import sparse_data, train_on_planted
 
 from interplab.sae import BatchTopKSAE, JumpReLUSAE, SAEConfig, load_sae, make_sae
 
@@ -96,16 +96,7 @@ def test_learns_synthetic_sparse_data():
 
     sae = make_sae(SAEConfig(arch="batchtopk", d_in=32, d_sae=128, k=3, aux_k=16))
     sae.initialize(data(1024))
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    since_fired = torch.zeros(128)
-    for _ in range(300):
-        out = sae.training_forward(data(256), dead_mask=since_fired > 50)
-        since_fired = torch.where(out.fired, 0, since_fired + 1)
-        opt.zero_grad()
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
+    train_on_planted(sae, gen, 300)
     sae.eval()
     test = data(2048)
     with torch.no_grad():  # inference with the learned θ, not batch competition

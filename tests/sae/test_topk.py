@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from planted import planted_directions, sparse_data
+from planted import planted_directions, sparse_data, train_on_planted
 
 from interplab.sae import SAEConfig, make_sae
 
@@ -117,17 +117,8 @@ def test_learns_synthetic_sparse_data():
     gen = torch.Generator().manual_seed(1)
     sae = make_sae(SAEConfig(arch="topk", d_in=32, d_sae=128, k=3, aux_k=16))
     sae.initialize(sparse_data(1024, gen))
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     test, dirs = sparse_data(2048, torch.Generator().manual_seed(99)), planted_directions()
-    since_fired = torch.zeros(128)
-    for _ in range(400):
-        out = sae.training_forward(sparse_data(256, gen), dead_mask=since_fired > 50)
-        since_fired = torch.where(out.fired, 0, since_fired + 1)
-        opt.zero_grad()
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
+    train_on_planted(sae, gen, 400)
     with torch.no_grad():
         fvu = ((sae(test) - test) ** 2).sum() / ((test - test.mean(0)) ** 2).sum()
         best_cos = (dirs @ sae.W_dec.T).max(dim=1).values  # how well each true direction is found
