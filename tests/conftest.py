@@ -7,6 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """One torch thread for the fast tests: their tensors are tiny, and two threads contending on a busy 2-core
+    machine made a small matmul ~500x slower. Slow tests (the real model) keep the default."""
+    torch.set_num_threads(_DEFAULT_THREADS if item.get_closest_marker("slow") else 1)
+
+
 TINY_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
     "Python is a programming language that lets you work quickly.",

@@ -98,3 +98,20 @@ def test_hooks_command_lists_names(tiny_gpt2_dir, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert json.loads(lines[0])["n_layers"] == 3
     assert lines[1:3] == ["hook_embed", "hook_pos_embed"] and lines[-1] == "ln_final.hook_normalized"
+
+
+def test_perturb_command(tiny_gpt2_dir, tmp_path, capsys):
+    out, figures = tmp_path / "p" / "perturb.json", tmp_path / "figs"
+    argv = ["perturb", "--model", str(tiny_gpt2_dir), "--hook", "blocks.1.hook_resid_post",
+            "--corpus", str(_write_corpus(tmp_path)), "--split", "all", "--n-contexts", "4", "--ctx-len", "8",
+            "--n-steps", "3", "--targets", "isotropic,real,sae_decoder", "--device", "cpu",
+            "--out", str(out), "--figures", str(figures)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sae_decoder skipped" in printed and "plateau median" in printed and "results written to" in printed
+    data = json.loads(out.read_text())
+    assert list(data["curves"]) == ["isotropic", "real"] and data["step_unit"] > 0
+    assert data["config"]["later_hook"] == "blocks.2.hook_resid_post"
+    assert (figures / "perturbation_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*argv[:-4], "--n-steps", "1"]) == 2
+    assert "--n-steps must be >= 2" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,17 +13,31 @@ from interplab.cli import main
 from interplab.sae import load_sae
 
 
-def test_demo_on_a_tiny_model_resumes_and_summarises(tiny_gpt2_dir, tmp_path, capsys):
+def test_demo_on_a_tiny_model_runs_the_pipeline_and_resumes(tiny_gpt2_dir, tmp_path, capsys):
+    run = tmp_path / "run"
     args = ["demo", "--model", str(tiny_gpt2_dir), "--hook", "blocks.1.hook_resid_post", "--tokens", "2048",
-            "--ctx-len", "32", "--out", str(tmp_path / "run"), "--device", "cpu"]
+            "--ctx-len", "32", "--k", "8,4", "--eval-tokens", "256", "--scale-tune-tokens", "64",
+            "--perturb-contexts", "4", "--out", str(run), "--device", "cpu"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "blocks.1.hook_resid_post: 2,048 tokens" in out and "participation ratio" in out
-    assert "topk-k32-x16: training FVU" in out
-    sae = load_sae(str(tmp_path / "run" / "saes" / "topk-k32-x16"))
+    assert "topk-k8-x16: training FVU" in out and "topk-k4-x16: training FVU" in out
+    assert "kl_ratio (sae / epsilon_random)" in out and "decoder scales per latent" in out
+    assert f"report: {run}/report.md" in out
+    sae = load_sae(str(run / "saes" / "topk-k8-x16"))
     assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.hook_name) == (32, 512, "blocks.1.hook_resid_post")
-    assert main(args) == 0  # a second run finds the complete store and SAE: it only summarises
-    assert "harvested at" not in capsys.readouterr().out
+    for name in ("kl_histograms", "kl_gap_vs_frequency", "pareto", "perturbation_curves"):
+        assert (run / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    evals = {n: json.loads((run / "eval" / f"topk-k{n}-x16.json").read_text()) for n in (8, 4)}
+    assert "scale_tuning" in evals[8]["metrics"] and "scale_tuning" not in evals[4]["metrics"]
+    assert evals[8]["config"]["split"] == "test"   # evaluated on held-out documents
+    report = (run / "report.md").read_text()
+    assert "| topk-k8-x16 |" in report and "| topk-k4-x16 |" in report and "## Activation plateaus" in report
+    assert "![pareto](figures/pareto.png)" in report
+
+    assert main(args) == 0  # a second run finds every step done: it only summarises and rewrites the report
+    out = capsys.readouterr().out
+    assert "harvested at" not in out and "evaluating" not in out and "already done" in out
 
 
 def test_summary_statistics_match_a_direct_computation(tiny_gpt2_dir, tmp_path):
@@ -41,8 +57,10 @@ def test_summary_statistics_match_a_direct_computation(tiny_gpt2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_demo_on_smollm2(tmp_path, capsys):
-    assert main(["demo", "--tokens", "4096", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--tokens", "4096", "--k", "32,64", "--eval-tokens", "512", "--scale-tune-tokens", "256",
+                 "--perturb-contexts", "4", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "blocks.6.hook_resid_post: 4,096 tokens" in out
+    assert "blocks.6.hook_resid_post: 4,096 tokens" in out and "kl_ratio (sae / epsilon_random)" in out
+    assert (tmp_path / "demo" / "report.md").exists()
     store = ActivationStore(str(tmp_path / "demo" / "activations"))
     assert store.complete and store.d("blocks.6.hook_resid_post") == 576

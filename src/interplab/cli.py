@@ -10,42 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from interplab.activations.harvest import HarvestConfig
 from interplab.config import add_dataclass_args, dataclass_from_args
+from interplab.demo import DemoConfig, run_demo
 from interplab.errors import InterplabError
+from interplab.evals.perturb import PerturbConfig
 from interplab.evals.sae_eval import EvalConfig
 from interplab.sae.train_config import TrainConfig
-
-
-@dataclass
-class DemoConfig:
-    """The main job on the defaults: SmolLM2-135M on the Python-docs corpus."""
-
-    model: str = "smollm2-135m"
-    """Model spec: 'smollm2-135m', a .gguf file, a local HF or toy-model folder, or an HF hub id."""
-    corpus: str = "python-docs"
-    """Text corpus (see `interplab harvest --help`)."""
-    hook: str = "blocks.6.hook_resid_post"
-    """The hook point to harvest."""
-    tokens: int = 131_072
-    """Tokens to harvest."""
-    ctx_len: int = 128
-    """Tokens per context."""
-    batch_size: int = 16
-    """Contexts per forward pass."""
-    k: int = 32
-    """Active latents per token of the demo's TopK SAE."""
-    expansion: int = 16
-    """Width of the demo's SAE as a multiple of the activation width."""
-    sae_batch_size: int = 1024
-    """Activations per SAE training step."""
-    out: str = "interplab-demo"
-    """Run directory: the store goes to OUT/activations, the SAE to OUT/saes (an interrupted demo resumes)."""
-    device: str | None = None
-    """Device to run on (default: cuda if available, else cpu)."""
 
 
 @dataclass
@@ -66,6 +40,24 @@ class InspectConfig:
     """Read every shard and check its sha256."""
 
 
+@dataclass
+class ParetoConfig:
+    """Draw the L0 Pareto plot (FVU and CE-loss-recovered) of several SAEs from their evaluation results."""
+
+    metrics: list[str] = field(default_factory=list)
+    """metrics.json files written by `interplab sae eval --out`, comma-separated (one point per SAE)."""
+    out: str = "pareto.png"
+    """PNG to write (local path or fsspec URL)."""
+
+
+def run_pareto(cfg: ParetoConfig) -> None:
+    from interplab.report.figures import pareto_from_metrics
+
+    if not cfg.metrics:
+        raise InterplabError("--metrics needs at least one metrics.json from `interplab sae eval --out`")
+    print(f"wrote {pareto_from_metrics(cfg.metrics, cfg.out)}")
+
+
 def run_harvest(cfg: HarvestConfig) -> None:
     from interplab.activations.harvest import harvest
 
@@ -75,31 +67,6 @@ def run_harvest(cfg: HarvestConfig) -> None:
     else:
         print(f"harvested {result.n_tokens:,} tokens at {','.join(cfg.hooks)} into {cfg.out} "
               f"({result.tokens_per_s:,.0f} tokens/s)")
-
-
-def run_demo(cfg: DemoConfig) -> None:
-    from interplab.activations.harvest import harvest
-    from interplab.activations.store import ActivationStore
-    from interplab.activations.summary import format_summary, summarize
-    from interplab.sae import TrainConfig, train
-
-    root = cfg.out.rstrip("/")
-    store = f"{root}/activations"
-    print(f"interplab demo: harvesting {cfg.hook} of {cfg.model} on {cfg.corpus} ({cfg.tokens:,} tokens) -> {store}")
-    result = harvest(HarvestConfig(model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, tokens=cfg.tokens,
-                                   ctx_len=cfg.ctx_len, batch_size=cfg.batch_size, out=store, device=cfg.device,
-                                   resume=True))
-    if not result.already_complete:
-        print(f"harvested at {result.tokens_per_s:,.0f} tokens/s (forward pass and writes)")
-    print(format_summary(summarize(ActivationStore(store))))
-
-    print(f"training a TopK SAE (k={cfg.k}, {cfg.expansion}x) on the store -> {root}/saes")
-    trained = train(TrainConfig(store=store, arch="topk", k=[cfg.k], expansion=[cfg.expansion],
-                                batch_size=cfg.sae_batch_size, out=f"{root}/saes", device=cfg.device, resume=True))
-    for name, m in trained.metrics.items():
-        print(f"{name}: training FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.1%} "
-              f"-> {root}/saes/{name}")
-    print("next: evaluate the SAE with its controls (coming in the evaluation capability)")
 
 
 def run_hooks(cfg: HooksConfig) -> None:
@@ -149,16 +116,34 @@ def run_sae_eval(cfg: EvalConfig) -> None:
         print(f"metrics written to {cfg.out}")
 
 
+def run_perturb(cfg: PerturbConfig) -> None:
+    from interplab.evals.perturb import format_summary, perturbation_sweep
+
+    result = perturbation_sweep(cfg)
+    print(format_summary(result))
+    if cfg.out:
+        print(f"results written to {cfg.out}")
+    for path in result.get("figures", {}).values():
+        print(f"figure written to {path}")
+
+
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
-    "demo": (DemoConfig, run_demo, "the main job on the defaults: harvest SmolLM2 on python-docs and summarise"),
+    "demo": (DemoConfig, run_demo, "the main job on the defaults: harvest, train SAEs, evaluate them with controls, "
+             "perturbation sweep, figures and report"),
     "harvest": (HarvestConfig, run_harvest, "harvest activations at hook points into an on-disk store"),
     "hooks": (HooksConfig, run_hooks, "list a model's hook points"),
     "inspect": (InspectConfig, run_inspect, "describe an activation store and verify its checksums"),
     "sae train": (TrainConfig, run_sae_train, "train sparse autoencoders (a sweep in one pass) on a store or a model"),
     "sae eval": (EvalConfig, run_sae_eval, "evaluate an SAE spliced into its model, beside its controls"),
+    "report pareto": (ParetoConfig, run_pareto, "L0 vs FVU and L0 vs CE-loss-recovered of several evaluated SAEs"),
+    "perturb": (PerturbConfig, run_perturb,
+                "activation plateaus: KL and later-layer change along paths from real activations toward targets"),
 }
 
-GROUPS: dict[str, str] = {"sae": "sparse autoencoders: train dictionaries on activations"}
+GROUPS: dict[str, str] = {
+    "sae": "sparse autoencoders: train dictionaries on activations, evaluate them with controls",
+    "report": "figures and reports from saved results",
+}
 """Help of each command group (the first word of a nested COMMANDS key)."""
 
 INTERRUPTED: dict[str, str] = {

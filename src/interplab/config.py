@@ -62,7 +62,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, optional = _unwrap_optional(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
         flag = "--" + field.name.replace("_", "-")
-        help_text = docs.get(field.name, "")
+        help_text = docs.get(field.name, "").replace("%", "%%")  # argparse formats help with %
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue

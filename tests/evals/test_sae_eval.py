@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -94,6 +95,27 @@ def test_random_sae_controls(tiny_gpt2_dir, tmp_path, corpus, model):
     assert a["sparsity"]["l0"] == pytest.approx(4.0)
 
 
+def test_reconstruction_without_massive_tokens_matches_a_direct_computation(tiny_gpt2_dir, tmp_path, corpus, model,
+                                                                          monkeypatch):
+    import interplab.evals.sae_eval as sae_eval
+    from interplab.data import iter_contexts
+    from interplab.evals import reconstruction_metrics
+
+    monkeypatch.setattr(sae_eval, "MASSIVE_NORM_FACTOR", 1.0)  # "massive" = above the median: about half the tokens
+    sae_dir = random_sae(tiny_gpt2_dir, tmp_path / "r", model)
+    m = evaluate(cfg(sae_dir, corpus), model=model, progress=False)["metrics"]
+    tokens = torch.stack(list(itertools.islice(iter_contexts(corpus, model.tokenizer, 16, split="all", seed=0), 10)))
+    x = model.run_with_cache(tokens, [HOOK]).cache[HOOK][:, 1:]                          # [10 15 d]
+    cut = x[:4].norm(dim=-1).median()                                                   # the first batch's median
+    keep = x.norm(dim=-1) <= cut
+    sae = load_sae(sae_dir)
+    expected = reconstruction_metrics(x[keep], sae(x[keep]))
+    typical = m["reconstruction_typical"]
+    assert typical["n_massive"] == int((~keep).sum()) and 0.3 < typical["massive_fraction"] < 0.7
+    for key in ("mse", "explained_variance", "cossim", "l2_ratio"):
+        assert typical[key] == pytest.approx(expected[key], rel=1e-4)
+
+
 def test_prefix_runs_once_per_batch(tiny_gpt2_dir, tmp_path, corpus, model):
     sae = perfect_sae(tiny_gpt2_dir, tmp_path / "p")
     calls = {"block0": 0, "block2": 0}
@@ -118,7 +140,7 @@ def test_cli_writes_json(tiny_gpt2_dir, tmp_path, corpus, capsys):
     assert set(data) >= {"config", "sae_config", "n_tokens", "metrics"}
     assert data["config"]["hook"] == HOOK and data["config"]["model"] == str(tiny_gpt2_dir)
     assert set(data["metrics"]) == {"reconstruction", "sparsity", "model_performance", "model_behavior", "kl",
-                                    "ce_loss", "per_token"}
+                                    "ce_loss", "per_token", "reconstruction_typical"}
     assert "figures" not in data  # only with --figures
     assert "kl_ratio" in capsys.readouterr().out
 

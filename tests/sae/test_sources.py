@@ -144,3 +144,19 @@ def test_stream_source_rejects_bad_hooks_and_lengths(tiny_gpt2_dir):
         StreamSource(str(tiny_gpt2_dir), "blocks.0.attn.hook_pattern", "python-docs", ctx_len=16, **kw)
     with pytest.raises(InterplabError, match="--ctx-len 65 is longer than"):
         StreamSource(str(tiny_gpt2_dir), HOOK, "python-docs", ctx_len=65, **kw)
+
+
+def test_store_source_leaves_out_bos_rows(tmp_path):
+    x = synthetic_store(tmp_path / "s", n_contexts=8, ctx_len=16, per_shard=4)          # [8 16 d]
+    source = StoreSource(str(tmp_path / "s"), None, 24, 0, skip_positions=1)
+    assert source.batches_per_pass == 8 * 15 // 24
+    rows = torch.cat(list(itertools.islice(source.batches(), source.batches_per_pass)))
+    body, bos = x[:, 1:].reshape(-1, x.shape[-1]), x[:, 0]
+    def nearest(a, b):
+        return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+
+    assert nearest(rows, body).max() < 1e-5                           # every row is a non-BOS activation,
+    assert nearest(rows, bos).min() > 1e-3                            # never a BOS one,
+    assert len({tuple(r.tolist()) for r in rows}) == len(rows)       # and none twice within the pass
+    with pytest.raises(InterplabError, match=r"skip_positions=16 must lie in \[0, ctx_len=16\)"):
+        source.store.iter_batches(HOOK, 4, skip_positions=16)

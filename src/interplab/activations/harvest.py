@@ -45,6 +45,9 @@ class HarvestConfig:
     """Dtype the model runs in: float32, float16 or bfloat16."""
     split: str = "train"
     """Corpus split: train, test (held out) or all."""
+    test_fraction: float = 0.05
+    """Share of documents held out as the test split (decided by a hash of each text; same value to harvest, train
+    and evaluate, so the splits stay disjoint)."""
     seed: int = 0
     """Seed of the document shuffle."""
     contexts_per_shard: int = 256
@@ -100,7 +103,8 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None, *, progress: b
     model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     _check_model_fits(cfg, model)
     shard = max(cfg.batch_size, cfg.contexts_per_shard // cfg.batch_size * cfg.batch_size)
-    contexts = iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split=cfg.split, seed=cfg.seed)
+    contexts = iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split=cfg.split, seed=cfg.seed,
+                             test_fraction=cfg.test_fraction)
     first = next(contexts, None)  # reads the corpus now, so a bad corpus fails before anything is written
     if first is None:
         raise InterplabError(f"corpus '{cfg.corpus}' ({cfg.split} split) yields no context of {cfg.ctx_len} tokens")

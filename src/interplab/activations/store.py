@@ -195,6 +195,7 @@ class ActivationStore:
         with_tokens: bool = False,
         dtype: torch.dtype | None = None,
         check_finite: bool = False,
+        skip_positions: int = 0,
     ) -> Iterator[Float[Tensor, "batch d"] | tuple[Float[Tensor, "batch d"], Int[Tensor, " batch"]]]:
         """Token-level rows of `hook` in batches [batch, d] (with their int32 token ids [batch] if `with_tokens`).
 
@@ -202,22 +203,26 @@ class ActivationStore:
         shard order is shuffled and rows are shuffled within a buffer of at most `buffer_shards` shards, refilled
         a shard at a time as it drains; the same `seed` gives the same batches. Memory does not grow with the
         store: the buffer holds at most max(buffer_shards * rows_per_shard, batch_size - 1 + rows_per_shard) rows.
-        With `check_finite`, each shard is checked as it is loaded (see `load_shard`).
+        With `check_finite`, each shard is checked as it is loaded (see `load_shard`). `skip_positions` leaves out
+        the first positions of every context (1: BOS, whose norm can dwarf every other token's).
         """
         self._check_hooks([hook])
         if batch_size < 1 or buffer_shards < 1:
             raise InterplabError(f"batch_size={batch_size} and buffer_shards={buffer_shards} must both be >= 1")
+        if not 0 <= skip_positions < self.ctx_len:
+            raise InterplabError(f"skip_positions={skip_positions} must lie in [0, ctx_len={self.ctx_len})")
         # Arguments are checked above, eagerly; the generator below only starts on the first next().
         return self._batches(hook, batch_size, shuffle, seed, buffer_shards, drop_last, with_tokens,
-                             dtype or self.dtype, check_finite)
+                             dtype or self.dtype, check_finite, skip_positions)
 
     def _batches(
         self, hook: str, batch_size: int, shuffle: bool, seed: int, buffer_shards: int, drop_last: bool,
-        with_tokens: bool, dtype: torch.dtype, check_finite: bool = False,
+        with_tokens: bool, dtype: torch.dtype, check_finite: bool = False, skip: int = 0,
     ) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=gen).tolist() if shuffle else list(range(len(self.shards)))
-        capacity = buffer_shards * max((s.n_contexts for s in self.shards), default=0) * self.ctx_len
+        row_len = self.ctx_len - skip
+        capacity = buffer_shards * max((s.n_contexts for s in self.shards), default=0) * row_len
         acts = torch.empty(0, self.d(hook), dtype=self.dtype)
         tokens = torch.empty(0, dtype=torch.int32)
         self.max_buffered_rows = 0
@@ -225,12 +230,12 @@ class ActivationStore:
             # Top up with whole shards while they fit, and past capacity only as far as one full batch needs.
             new_acts, new_tokens, n_rows = [acts], [tokens], len(acts)
             while order:
-                next_rows = self.shards[order[0]].n_contexts * self.ctx_len
+                next_rows = self.shards[order[0]].n_contexts * row_len
                 if n_rows + next_rows > capacity and n_rows >= batch_size:
                     break
                 shard = self.load_shard(order.pop(0), [hook], check_finite=check_finite)
-                new_acts.append(shard[hook].flatten(0, 1))
-                new_tokens.append(shard[TOKENS_KEY].flatten())
+                new_acts.append(shard[hook][:, skip:].flatten(0, 1))
+                new_tokens.append(shard[TOKENS_KEY][:, skip:].flatten())
                 n_rows += next_rows
             if len(new_acts) > 1:
                 acts, tokens = torch.cat(new_acts), torch.cat(new_tokens)

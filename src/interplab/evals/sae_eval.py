@@ -14,6 +14,8 @@ there is then spliced in with `run_suffix`, so all variants share that prefix:
 
 BOS (position 0) is left out everywhere: it is never replaced (every variant keeps the clean activation there) and
 no per-token statistic counts it (its norm is an outlier that would dominate MSE, variance and the ablations).
+`reconstruction_typical`: the same reconstruction metrics over the tokens with ‖x‖ ≤ MASSIVE_NORM_FACTOR × the
+median norm, with the count of the others (a few massive activations can dominate MSE and FVU).
 KL(clean ‖ variant) is per position 1..T−1; CE is the next-token loss predicted from positions 1..T−2.
 Key names follow SAELens's `evals.py` (ce_loss_score, kl_div_score, explained_variance, l0, ...).
 
@@ -37,21 +39,26 @@ from tqdm.auto import tqdm
 
 from interplab.errors import InterplabError
 from interplab.evals import controls as C
+from interplab.evals.eval_summary import Moments, format_summary, scale_tuning_summary, summarise
 from interplab.evals.metrics import (
-    FiringCounts,
-    ce_loss_recovered,
     clean_log_probs,
     firing_counts,
     kl_and_ce_per_token,
-    mean_and_sem,
-    ratio_with_sem,
-    sparsity_metrics,
 )
+from interplab.evals.scale_tune import SCALE_PER, ScaleTuneResult, decode_scaled, tune_decoder_scale
 from interplab.evals.token_analysis import per_token_analysis
+
+__all__ = ["PER_TOKEN_VARIANTS", "TUNED_VARIANTS", "VARIANTS", "EvalConfig", "evaluate", "format_summary"]
 
 VARIANTS = ("sae", "zero_ablation", "mean_ablation", "epsilon_random", "sae_norm_patch",
             "sae_output_at_original_norm", "covariance_matched")
 """The spliced variants, besides `clean`, in the order they are run."""
+TUNED_VARIANTS = ("sae_scale_tuned", "epsilon_random_scale_tuned")
+"""Added with --scale-tune: the SAE with its learned decoder scales, and ε-random at that SAE's error norm."""
+MASSIVE_NORM_FACTOR = 10.0
+"""Tokens with ‖x‖ above this multiple of the median norm (of the first batch) are 'massive activations' (attention
+sinks beyond BOS, e.g. 0.03% of SmolLM2 layer-15 tokens at ~100x the median norm). They can hold most of the variance,
+so `reconstruction_typical` repeats the reconstruction metrics without them."""
 PER_TOKEN_VARIANTS = ("sae", "epsilon_random", "sae_norm_patch")
 """The variants whose per-token KL the per-token analysis and the KL histograms use."""
 
@@ -70,6 +77,9 @@ class EvalConfig:
     """Text corpus (see `interplab harvest --help`)."""
     split: str = "test"
     """Corpus split: test (held out, the default), train or all."""
+    test_fraction: float = 0.05
+    """Share of documents held out as the test split (decided by a hash of each text; same value to harvest, train
+    and evaluate, so the splits stay disjoint)."""
     tokens: int = 65_536
     """Tokens to evaluate on (rounded down to whole contexts)."""
     ctx_len: int = 128
@@ -84,38 +94,15 @@ class EvalConfig:
     """Where to write the metrics JSON (local path or fsspec URL); not written if omitted."""
     figures: str | None = None
     """Folder to write the PNG figures to (kl_histograms.png, kl_gap_vs_frequency.png); none if omitted."""
-
-
-class _Moments:
-    """Float64 sums over tokens from which the reconstruction metrics of all tokens follow exactly."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.s: dict[str, Any] = {}
-
-    def add(self, x: Tensor, h: Tensor) -> None:
-        x, h = x.double(), h.double()
-        n_in, n_out = x.norm(dim=-1), h.norm(dim=-1)
-        both_zero = (n_in <= 1e-12) & (n_out <= 1e-12)
-        denom = n_in * n_out
-        cos = torch.where(denom > 1e-12, (x * h).sum(-1) / denom.clamp_min(1e-12), 0.0)
-        ratio = torch.where(n_in > 1e-12, n_out / n_in.clamp_min(1e-12), 0.0)
-        parts = {"err2": (x - h).pow(2).sum(-1), "sq": x.pow(2).sum(-1), "cos": torch.where(both_zero, 1.0, cos),
-                 "ratio": torch.where(both_zero, 1.0, ratio), "n_in": n_in, "n_out": n_out,
-                 "dot": (x * h).sum(-1), "out2": n_out.pow(2)}
-        for k, v in parts.items():
-            self.s[k] = self.s.get(k, 0.0) + v.sum().item()
-        self.s["sum_x"] = self.s.get("sum_x", 0.0) + x.sum(0)
-        self.n += x.shape[0]
-
-    def metrics(self) -> dict[str, float]:
-        m = {k: v / self.n for k, v in self.s.items() if k != "sum_x"}
-        mean = self.s["sum_x"] / self.n
-        var = m["sq"] - mean.pow(2).sum().item()                     # mean_t ‖x_t − x̄‖²
-        ev = 1.0 - m["err2"] / var if var > 1e-12 else (1.0 if m["err2"] <= 1e-12 else 0.0)
-        return {"mse": m["err2"], "explained_variance": ev, "fvu": 1.0 - ev, "cossim": m["cos"],
-                "l2_norm_in": m["n_in"], "l2_norm_out": m["n_out"], "l2_ratio": m["ratio"],
-                "relative_reconstruction_bias": m["out2"] / m["dot"] if abs(m["dot"]) > 1e-12 else math.nan}
+    scale_tune: str = "none"
+    """Decoder-scale fine-tuning before the evaluation: none, latent (one scale per latent) or output (one per
+    output dimension); fitted on the train split, it adds the variants sae_scale_tuned and its own ε-random."""
+    scale_tune_tokens: int = 16_384
+    """Train-split tokens the decoder scales are fitted on."""
+    scale_tune_epochs: int = 4
+    """Passes of Adam over those tokens."""
+    scale_tune_lr: float = 0.01
+    """Adam learning rate of the scales."""
 
 
 def _finite(v: Any) -> Any:
@@ -151,7 +138,23 @@ def _resolve(cfg: EvalConfig, sae: Any, model: Any) -> EvalConfig:
         raise InterplabError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if model.tokenizer is None:
         raise InterplabError(f"{model.info.spec} has no tokenizer, so it cannot read a text corpus")
+    if cfg.scale_tune not in ("none", *SCALE_PER):
+        raise InterplabError(f"--scale-tune {cfg.scale_tune!r} is not valid; valid: none, {', '.join(SCALE_PER)}")
+    if cfg.scale_tune != "none" and cfg.scale_tune_tokens < cfg.ctx_len:
+        raise InterplabError(f"--scale-tune-tokens {cfg.scale_tune_tokens} is less than one context "
+                             f"(--ctx-len {cfg.ctx_len})")
     return replace(cfg, hook=hook)
+
+
+def _tune(cfg: EvalConfig, sae: Any, model: Any, progress: bool) -> ScaleTuneResult:
+    """Fit the decoder scales on train-split contexts (held out from a test-split evaluation)."""
+    from interplab.data import iter_contexts
+
+    contexts = list(itertools.islice(iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split="train",
+                                                   seed=cfg.seed + 1, test_fraction=cfg.test_fraction),
+                                     cfg.scale_tune_tokens // cfg.ctx_len))
+    return tune_decoder_scale(model, sae, cfg.hook, contexts, per=cfg.scale_tune, epochs=cfg.scale_tune_epochs,
+                              lr=cfg.scale_tune_lr, batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
 
 
 @torch.no_grad()
@@ -175,18 +178,22 @@ def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: b
     cfg = _resolve(replace(cfg, model=model_spec or model.info.spec), sae, model)
     sae = sae.to(model.device).float().eval()
     hook = cfg.hook
+    tuned = _tune(cfg, sae, model, progress) if cfg.scale_tune != "none" else None
+    variants = VARIANTS + (TUNED_VARIANTS if tuned is not None else ())
 
     n_contexts = cfg.tokens // cfg.ctx_len
     contexts = itertools.islice(iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split=cfg.split,
-                                              seed=cfg.seed), n_contexts)
+                                              seed=cfg.seed, test_fraction=cfg.test_fraction), n_contexts)
     gen_eps = torch.Generator(device=model.device).manual_seed(cfg.seed)
     gen_cov = torch.Generator(device=model.device).manual_seed(cfg.seed + 1)
+    gen_eps_tuned = torch.Generator(device=model.device).manual_seed(cfg.seed + 2)
     mean: Tensor | None = None
     cov_factor: Tensor | None = None
-    kl: dict[str, list[Tensor]] = {v: [] for v in VARIANTS}
-    ce: dict[str, list[Tensor]] = {v: [] for v in ("clean", *VARIANTS)}
+    kl: dict[str, list[Tensor]] = {v: [] for v in variants}
+    ce: dict[str, list[Tensor]] = {v: [] for v in ("clean", *variants)}
     token_ids: list[Tensor] = []  # the input token at each KL position (BOS excluded), for the per-token analysis
-    moments, counts = _Moments(), None
+    moments, tuned_moments, typical, counts = Moments(), Moments(), Moments(), None
+    norm_cut = math.inf
     l0_sum = l1_sum = 0.0
     done = 0
     batch = list(itertools.islice(contexts, cfg.batch_size))  # read before the bar, so a bad corpus fails cleanly
@@ -204,6 +211,7 @@ def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: b
         if mean is None:
             mean = flat_x.mean(0)
             cov_factor = C.error_covariance_factor(flat_err) if flat_err.shape[0] >= 2 else None
+            norm_cut = MASSIVE_NORM_FACTOR * flat_x.norm(dim=-1).median().item()
         replacements: dict[str, Callable[[], Tensor]] = {
             "sae": lambda: x_hat,
             "zero_ablation": lambda: C.zero_ablation(x),
@@ -214,18 +222,26 @@ def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: b
             "covariance_matched": lambda: (C.covariance_matched_error(x, x_hat, cov_factor, gen_cov)
                                            if cov_factor is not None else x),
         }
+        if tuned is not None:
+            x_tuned = decode_scaled(sae, f, tuned.scale, tuned.per)
+            tuned_moments.add(flat_x, x_tuned.reshape(flat_x.shape))
+            replacements["sae_scale_tuned"] = lambda: x_tuned
+            replacements["epsilon_random_scale_tuned"] = lambda: C.epsilon_random(x, x_tuned, gen_eps_tuned)
         clean = model.run_suffix(prefix, act)
         token_ids.append(tokens[:, 1:].flatten().to(torch.int32).cpu())
         clean_lp = clean_log_probs(clean)  # shared by every variant's KL
         clean_ce = -clean_lp.logp[:, :-1].gather(-1, tokens[:, 1:, None].long()).squeeze(-1)  # no 2nd softmax
         ce["clean"].append(clean_ce[:, 1:].flatten().double().cpu())
-        for name in VARIANTS:
+        for name in variants:
             spliced = torch.cat([act[:, :1], replacements[name]().to(act.dtype)], dim=1)  # BOS kept clean
             logits = model.run_suffix(prefix, spliced)
             kl_tok, ce_tok = kl_and_ce_per_token(clean_lp, logits, tokens)
             kl[name].append(kl_tok[:, 1:].flatten().double().cpu())
             ce[name].append(ce_tok[:, 1:].flatten().double().cpu())
         moments.add(flat_x, x_hat.reshape(flat_x.shape))
+        is_typical = flat_x.norm(dim=-1) <= norm_cut
+        if is_typical.any():
+            typical.add(flat_x[is_typical], x_hat.reshape(flat_x.shape)[is_typical])
         fired = firing_counts(f)
         counts = fired if counts is None else counts.merge(fired)
         l0_sum += (f != 0).sum().item()
@@ -237,7 +253,12 @@ def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: b
     if done < n_contexts:
         tqdm.write(f"note: the corpus ran out after {done} of {n_contexts} contexts")
 
-    metrics = _summarise(kl, ce, moments, counts, f, l0_sum, l1_sum)
+    metrics = summarise(kl, ce, moments, counts, f, l0_sum, l1_sum)
+    if tuned is not None:
+        metrics["scale_tuning"] = scale_tuning_summary(tuned, kl, tuned_moments, held_out=cfg.split == "test")
+    metrics["reconstruction_typical"] = {**(typical.metrics() if typical.n else {}), "norm_cut": norm_cut,
+                                         "n_massive": moments.n - typical.n,
+                                         "massive_fraction": 1 - typical.n / moments.n}
     per_token_kl = {k: torch.cat(kl[k]).float().numpy() for k in PER_TOKEN_VARIANTS}  # 1-D float32, n_tokens
     metrics["per_token"] = per_token_analysis(per_token_kl, torch.cat(token_ids).numpy())
     result = {"config": asdict(cfg), "sae_config": sae.cfg.to_dict(), "n_contexts": done,
@@ -261,66 +282,3 @@ def _write_figures(folder: str, per_token_kl: dict[str, Any], per_token: dict[st
         "kl_gap_vs_frequency": kl_gap_vs_frequency(per_token["bins"], join(folder, "kl_gap_vs_frequency.png"),
                                                    corr=per_token["corr_gap_log10_freq"]),
     }
-
-
-def _summarise(kl: dict[str, list[Tensor]], ce: dict[str, list[Tensor]], moments: _Moments,
-               counts: FiringCounts | None, last_f: Tensor, l0_sum: float, l1_sum: float) -> dict[str, Any]:
-    kl_t = {k: torch.cat(v) for k, v in kl.items()}
-    ce_t = {k: torch.cat(v) for k, v in ce.items()}
-    kl_stats = {k: mean_and_sem(v)._asdict() for k, v in kl_t.items()}
-    ce_stats = {k: mean_and_sem(v)._asdict() if v.numel() else {"mean": math.nan, "sem": math.nan}
-                for k, v in ce_t.items()}
-    try:
-        ratio = ratio_with_sem(kl_t["sae"], kl_t["epsilon_random"])
-        kl_ratio, kl_ratio_sem = ratio.mean, ratio.sem
-    except InterplabError:  # ε-random KL is 0 (e.g. a perfect SAE): the ratio is undefined
-        kl_ratio = kl_ratio_sem = math.nan
-    ce_m = {k: v["mean"] for k, v in ce_stats.items()}
-    kl_sae, kl_zero = kl_stats["sae"]["mean"], kl_stats["zero_ablation"]["mean"]
-    sparsity = sparsity_metrics(last_f, counts)
-    sparsity["l0"], sparsity["l1"] = l0_sum / moments.n, l1_sum / moments.n
-    return {
-        "reconstruction": moments.metrics(),
-        "sparsity": sparsity,
-        "model_performance": {
-            "ce_loss_without_sae": ce_m["clean"],
-            "ce_loss_with_sae": ce_m["sae"],
-            "ce_loss_with_ablation": ce_m["zero_ablation"],
-            "ce_loss_with_mean_ablation": ce_m["mean_ablation"],
-            "ce_loss_score": ce_loss_recovered(ce_m["clean"], ce_m["sae"], ce_m["zero_ablation"]),
-            "ce_loss_score_mean_ablation": ce_loss_recovered(ce_m["clean"], ce_m["sae"], ce_m["mean_ablation"]),
-        },
-        "model_behavior": {
-            "kl_div_with_sae": kl_sae,
-            "kl_div_with_sae_sem": kl_stats["sae"]["sem"],
-            "kl_div_with_ablation": kl_zero,
-            "kl_div_score": (kl_zero - kl_sae) / kl_zero if abs(kl_zero) > 1e-12 else math.nan,
-            "kl_ratio": kl_ratio,
-            "kl_ratio_sem": kl_ratio_sem,
-        },
-        "kl": kl_stats,
-        "ce_loss": ce_stats,
-    }
-
-
-def format_summary(result: dict[str, Any]) -> str:
-    """A short table: per variant mean KL ± SEM and CE, then the headline scores."""
-    m = result["metrics"]
-
-    def num(v: Any, fmt: str = ".4g") -> str:
-        return "nan" if v is None else format(v, fmt)
-
-    lines = [f"{result['config']['sae']} at {result['config']['hook']}: {result['n_tokens']:,} tokens (BOS excluded)",
-             f"{'variant':<30}{'KL(clean||variant)':>24}{'CE loss':>12}"]
-    lines.append(f"{'clean':<30}{'0':>24}{num(m['ce_loss']['clean']['mean']):>12}")
-    for name in VARIANTS:
-        k = m["kl"][name]
-        lines.append(f"{name:<30}{num(k['mean']) + ' ± ' + num(k['sem'], '.2g'):>24}"
-                     f"{num(m['ce_loss'][name]['mean']):>12}")
-    b, p, r, s = m["model_behavior"], m["model_performance"], m["reconstruction"], m["sparsity"]
-    lines.append(f"kl_ratio (sae / epsilon_random) {num(b['kl_ratio'])} ± {num(b['kl_ratio_sem'], '.2g')}   "
-                 f"ce_loss_score {num(p['ce_loss_score'])} (mean-ablation {num(p['ce_loss_score_mean_ablation'])})")
-    lines.append(f"explained_variance {num(r['explained_variance'])}  cossim {num(r['cossim'])}  "
-                 f"l2_ratio {num(r['l2_ratio'])}  l0 {num(s['l0'], '.1f')}  dead {num(s['dead_fraction'], '.1%')}  "
-                 f"dense {num(s['dense_fraction'], '.1%')}")
-    return "\n".join(lines)

@@ -25,7 +25,7 @@ _COLORS = {"sae": "tab:red", "epsilon_random": "tab:blue", "sae_norm_patch": "ta
 _LABELS = {"sae": "SAE", "epsilon_random": "ε-random", "sae_norm_patch": "SAE-norm patch"}
 
 
-def _figure(width: float, height: float, ncols: int = 1):
+def new_figure(width: float, height: float, ncols: int = 1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -35,7 +35,7 @@ def _figure(width: float, height: float, ncols: int = 1):
     return fig, axes
 
 
-def _save(fig: Any, path: str) -> str:
+def save_figure(fig: Any, path: str) -> str:
     from interplab.fileio import write_url_atomic
 
     buf = io.BytesIO()
@@ -51,7 +51,7 @@ def _num(v: Any) -> float:
 def kl_histograms(kl_by_variant: Mapping[str, Any], path: str, bins: int = 60) -> str:
     """Overlaid log-x histograms of per-token KL(clean ‖ variant), one per variant (SAE, ε-random, SAE-norm patch...),
     with each variant's mean as a dashed line. Values below KL_FLOOR are drawn at KL_FLOOR."""
-    fig, ax = _figure(7, 4.5)
+    fig, ax = new_figure(7, 4.5)
     arrays = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in kl_by_variant.items()}
     arrays = {k: v[np.isfinite(v)] for k, v in arrays.items() if v.size}
     top = max((float(v.max()) for v in arrays.values() if v.size), default=0.0)
@@ -75,13 +75,13 @@ def kl_histograms(kl_by_variant: Mapping[str, Any], path: str, bins: int = 60) -
     ax.set_xlabel("KL(clean ‖ spliced) per token [nats]")
     ax.set_ylabel("tokens")
     ax.set_title("Per-token KL of the SAE splice and its controls")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def kl_gap_vs_frequency(bins: Sequence[Mapping[str, Any]], path: str, corr: float | None = None) -> str:
     """Mean KL gap (SAE − ε-random) ± SEM per log10-frequency bin (the rows of `metrics.per_token.bins`); empty bins
     are skipped, a bin with one token is drawn without an error bar. Token counts are written above the points."""
-    fig, ax = _figure(7, 4.5)
+    fig, ax = new_figure(7, 4.5)
     rows = [b for b in bins if b.get("n_tokens") and b.get("mean_gap") is not None
             and math.isfinite(_num(b["mean_gap"]))]
     if not rows:
@@ -103,7 +103,7 @@ def kl_gap_vs_frequency(bins: Sequence[Mapping[str, Any]], path: str, corr: floa
     if corr is not None and math.isfinite(corr):
         title += f"  (Pearson r = {corr:.3f})"
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto(points: Sequence[Mapping[str, Any]], path: str) -> str:
@@ -112,7 +112,7 @@ def pareto(points: Sequence[Mapping[str, Any]], path: str) -> str:
     Each point: {"label", "l0", "fvu", "ce_loss_score"} (a missing/None value leaves the point out of that panel)."""
     if not points:
         raise InterplabError("pareto needs at least one point")
-    fig, (a1, a2) = _figure(11, 4.5, ncols=2)
+    fig, (a1, a2) = new_figure(11, 4.5, ncols=2)
     for ax, key, ylabel in ((a1, "fvu", "FVU (fraction of variance unexplained)"),
                             (a2, "ce_loss_score", "CE loss recovered")):
         pts = [(_num(p.get("l0")), _num(p.get(key)), str(p.get("label", i))) for i, p in enumerate(points)]
@@ -132,7 +132,7 @@ def pareto(points: Sequence[Mapping[str, Any]], path: str) -> str:
         ax.grid(alpha=0.3)
     a1.set_title("Sparsity vs reconstruction")
     a2.set_title("Sparsity vs downstream loss")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def point_from_metrics(result: Mapping[str, Any], label: str | None = None) -> dict[str, Any]:

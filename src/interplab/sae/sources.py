@@ -32,7 +32,7 @@ _FILL_SEED_STRIDE = 1_000_003  # seed of fill i: seed * stride + i, so that fill
 class StoreSource:
     """Batches of one hook of an activation store."""
 
-    def __init__(self, url: str, hook: str | None, batch_size: int, seed: int) -> None:
+    def __init__(self, url: str, hook: str | None, batch_size: int, seed: int, skip_positions: int = 0) -> None:
         self.store = ActivationStore(url)
         if hook is None:
             if len(self.store.hooks) > 1:
@@ -41,10 +41,12 @@ class StoreSource:
         self.d_in = self.store.d(hook)  # also rejects an unknown hook, listing the store's hooks
         self.hook = hook
         self.model_spec = str(self.store.manifest["config"].get("model", ""))
-        self.batch_size, self.seed = batch_size, seed
-        self.batches_per_pass = self.store.n_tokens // batch_size
+        self.batch_size, self.seed, self.skip_positions = batch_size, seed, skip_positions
+        n_rows = self.store.n_contexts * (self.store.ctx_len - skip_positions)
+        self.batches_per_pass = n_rows // batch_size
         if self.batches_per_pass < 1:
-            raise InterplabError(f"{url} holds {self.store.n_tokens} tokens, fewer than one batch "
+            skipped = " once position 0 of each context (BOS) is left out" if skip_positions else ""
+            raise InterplabError(f"{url} holds {n_rows} tokens{skipped}, fewer than one batch "
                                  f"(--batch-size {batch_size})")
         self.tokens_per_pass = self.batches_per_pass * batch_size
         self.describe = f"{url} at {hook}"
@@ -53,7 +55,7 @@ class StoreSource:
         """Float32 batches [batch_size, d_in] from batch index `start` on, endlessly (pass after pass)."""
         for n_pass in itertools.count(start // self.batches_per_pass):
             it = self.store.iter_batches(self.hook, self.batch_size, seed=self.seed + n_pass, drop_last=True,
-                                         dtype=torch.float32, check_finite=True)
+                                         dtype=torch.float32, check_finite=True, skip_positions=self.skip_positions)
             if n_pass == start // self.batches_per_pass:
                 it = itertools.islice(it, start % self.batches_per_pass, None)
             yield from it
@@ -63,7 +65,8 @@ class StreamSource:
     """Batches of one hook of a model run on a corpus, through a shuffle buffer."""
 
     def __init__(self, model_spec: str, hook: str, corpus: str, *, split: str, ctx_len: int, model_batch_size: int,
-                 shuffle_buffer: int, batch_size: int, seed: int, device: str | None) -> None:
+                 shuffle_buffer: int, batch_size: int, seed: int, device: str | None,
+                 test_fraction: float = 0.05, skip_positions: int = 0) -> None:
         from interplab.data import iter_contexts
         from interplab.models import load_model
 
@@ -77,10 +80,13 @@ class StreamSource:
         if self.model.tokenizer is None:
             raise InterplabError(f"{model_spec} has no tokenizer, so it cannot read a text corpus")
         self.d_in, self.hook, self.model_spec = d_in, hook, model_spec
-        self.corpus, self.split, self.ctx_len = corpus, split, ctx_len
+        self.corpus, self.split, self.ctx_len, self.test_fraction = corpus, split, ctx_len, test_fraction
         self.model_batch_size, self.batch_size, self.seed = model_batch_size, batch_size, seed
         self.contexts_per_fill = math.ceil(shuffle_buffer / ctx_len)
-        self.batches_per_fill = self.contexts_per_fill * ctx_len // batch_size
+        if not 0 <= skip_positions < ctx_len:
+            raise InterplabError(f"cannot skip {skip_positions} positions of contexts of {ctx_len} tokens")
+        self.skip_positions = skip_positions
+        self.batches_per_fill = self.contexts_per_fill * (ctx_len - skip_positions) // batch_size
         self.describe = f"{model_spec} at {hook} on {corpus}"
         self._iter_contexts = iter_contexts
         # Read the corpus now, so that a bad corpus fails before anything is written.
@@ -89,7 +95,7 @@ class StreamSource:
 
     def _pass(self, n_pass: int) -> Iterator[Tensor]:
         return self._iter_contexts(self.corpus, self.model.tokenizer, self.ctx_len, split=self.split,
-                                   seed=self.seed + n_pass)
+                                   seed=self.seed + n_pass, test_fraction=self.test_fraction)
 
     def _contexts(self) -> Iterator[Tensor]:
         """Contexts of pass 0, then pass 1 (documents reshuffled), and so on."""
@@ -110,8 +116,9 @@ class StreamSource:
             skip = 0
 
     def _activations(self, tokens: Tensor) -> Float[Tensor, "rows d_in"]:
+        """The hook's activations of `tokens` [contexts, ctx_len], the skipped positions left out, as rows."""
         parts = []
         for i in range(0, len(tokens), self.model_batch_size):
             cache = self.model.run_with_cache(tokens[i:i + self.model_batch_size], [self.hook]).cache
-            parts.append(cache[self.hook].flatten(0, 1).float())
+            parts.append(cache[self.hook][:, self.skip_positions:].flatten(0, 1).float())
         return torch.cat(parts)

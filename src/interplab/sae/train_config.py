@@ -51,12 +51,19 @@ class TrainConfig:
     """Stream mode: text corpus ('python-docs', a .txt/.jsonl/.parquet file or folder, hf:NAME, ...)."""
     split: str = "train"
     """Stream mode: corpus split (train, test or all)."""
+    test_fraction: float = 0.05
+    """Share of documents held out as the test split (decided by a hash of each text; same value to harvest, train
+    and evaluate, so the splits stay disjoint)."""
     ctx_len: int = 128
     """Stream mode: tokens per context (BOS included)."""
     model_batch_size: int = 16
     """Stream mode: contexts per forward pass of the model."""
     shuffle_buffer: int = 65_536
     """Stream mode: activations (token rows) shuffled together; a whole number of batches is drawn from each fill."""
+    exclude_bos: bool = True
+    """Leave out position 0 of every context (BOS), as the evaluation does: it is an attention sink whose norm can
+    dwarf the rest (SmolLM2 layer 15: ~25,000 vs ~174, 99% of the squared norm), so it would set the normalisation
+    and the loss."""
     arch: str = "topk"
     """Architecture: relu (L1), topk, batchtopk, jumprelu (L0) or matryoshka (nested BatchTopK)."""
     expansion: list[int] = field(default_factory=lambda: [16])

@@ -101,11 +101,12 @@ def _import_wandb() -> Any:
 def open_source(cfg: TrainConfig) -> StoreSource | StreamSource:
     """The batch source `cfg` names (store mode or stream mode)."""
     if cfg.store is not None:
-        return StoreSource(cfg.store, cfg.hook, cfg.batch_size, cfg.seed)
+        return StoreSource(cfg.store, cfg.hook, cfg.batch_size, cfg.seed, skip_positions=int(cfg.exclude_bos))
     assert cfg.model is not None and cfg.hook is not None  # validate() checked
     return StreamSource(cfg.model, cfg.hook, cfg.corpus, split=cfg.split, ctx_len=cfg.ctx_len,
                         model_batch_size=cfg.model_batch_size, shuffle_buffer=cfg.shuffle_buffer,
-                        batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
+                        batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
+                        test_fraction=cfg.test_fraction, skip_positions=int(cfg.exclude_bos))
 
 
 class Trainer:
