@@ -30,22 +30,6 @@ LATER = "blocks.2.hook_resid_post"
 D = 32  # width of the tiny GPT-2
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    words = "the quick brown fox jumps over a lazy dog python sparse features residual stream layers".split()
-    g = torch.Generator().manual_seed(0)
-    lines = [json.dumps({"text": " ".join(words[i] for i in torch.randint(len(words), (60,), generator=g).tolist())})
-             for _ in range(20)]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_gpt2_dir):
-    return load_model(str(tiny_gpt2_dir), device="cpu")
-
-
 def tiny_sae(model, d_in=D, hook=HOOK):
     sae = make_sae(SAEConfig(arch="topk", d_in=d_in, d_sae=4 * d_in, k=4, hook_name=hook, model="tiny"))
     sample = model.run_with_cache(torch.randint(1, 200, (2, 16)), [HOOK]).cache[HOOK].reshape(-1, D)

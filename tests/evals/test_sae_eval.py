@@ -11,27 +11,10 @@ import torch
 from interplab.cli import main
 from interplab.errors import InterplabError
 from interplab.evals.sae_eval import VARIANTS, EvalConfig, evaluate
-from interplab.models import load_model
 from interplab.sae import SAEConfig, load_sae, make_sae
 
 HOOK = "blocks.1.hook_resid_post"
 D = 32  # width of the tiny GPT-2
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    words = "the quick brown fox jumps over a lazy dog python sparse features residual stream layers".split()
-    g = torch.Generator().manual_seed(0)
-    lines = [json.dumps({"text": " ".join(words[i] for i in torch.randint(len(words), (60,), generator=g).tolist())})
-             for _ in range(40)]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_gpt2_dir):
-    return load_model(str(tiny_gpt2_dir), device="cpu")
 
 
 def perfect_sae(tiny_gpt2_dir, folder):

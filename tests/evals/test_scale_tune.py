@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from interplab.errors import InterplabError
 from interplab.evals.sae_eval import TUNED_VARIANTS, EvalConfig, evaluate, format_summary
 from interplab.evals.scale_tune import decode_scaled, tune_decoder_scale
-from interplab.models import load_model
 from interplab.sae import SAEConfig, make_sae
 
 HOOK = "blocks.1.hook_resid_post"
 D = 32  # width of the tiny GPT-2
 SHRINK = 0.5
-
-
-@pytest.fixture(scope="module")
-def model(tiny_gpt2_dir):
-    return load_model(str(tiny_gpt2_dir), device="cpu")
 
 
 def shrunk_sae(model_spec: str = "tiny"):
@@ -80,16 +72,10 @@ def test_bad_arguments(model):
         tune_decoder_scale(model, shrunk_sae(), HOOK, [], progress=False)
 
 
-def test_evaluate_reports_gap_closed(model, tmp_path):
-    path = tmp_path / "docs.jsonl"
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
-    g = torch.Generator().manual_seed(0)
-    path.write_text("".join(json.dumps({"text": " ".join(words[i] for i in torch.randint(len(words), (50,),
-                                                                                        generator=g).tolist())}) + "\n"
-                            for _ in range(40)))
+def test_evaluate_reports_gap_closed(model, corpus, tmp_path):
     sae_dir = tmp_path / "sae"
     shrunk_sae(str(model.info.spec)).save(str(sae_dir))
-    cfg = EvalConfig(sae=str(sae_dir), corpus=str(path), split="test", test_fraction=0.5, tokens=160, ctx_len=16,
+    cfg = EvalConfig(sae=str(sae_dir), corpus=corpus, split="test", test_fraction=0.5, tokens=160, ctx_len=16,
                      batch_size=4, device="cpu", scale_tune="latent", scale_tune_tokens=160, scale_tune_epochs=25,
                      scale_tune_lr=0.05)
     result = evaluate(cfg, model=model, progress=False)
