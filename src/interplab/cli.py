@@ -20,6 +20,8 @@ from interplab.errors import InterplabError
 from interplab.evals.perturb import PerturbConfig
 from interplab.evals.sae_eval import EvalConfig
 from interplab.sae.train_config import TrainConfig
+from interplab.synthetic.bench import SynthBenchConfig
+from interplab.synthetic.tms_run import TMSRunConfig
 
 
 @dataclass
@@ -56,6 +58,23 @@ def run_pareto(cfg: ParetoConfig) -> None:
     if not cfg.metrics:
         raise InterplabError("--metrics needs at least one metrics.json from `interplab sae eval --out`")
     print(f"wrote {pareto_from_metrics(cfg.metrics, cfg.out)}")
+
+
+def run_synth_bench(cfg: SynthBenchConfig) -> None:
+    from interplab.report.figures import synth_scores
+    from interplab.synthetic.bench import format_table, run_bench
+
+    result = run_bench(cfg)
+    print(format_table(result))
+    figure = synth_scores(result["rows"], f"{cfg.out.rstrip('/')}/mmcs_vs_l0.png")
+    print(f"table: {cfg.out.rstrip('/')}/bench.md, rows: {cfg.out.rstrip('/')}/bench.json, figure: {figure}")
+
+
+def run_synth_tms(cfg: TMSRunConfig) -> None:
+    from interplab.synthetic.tms_run import format_summary, run_tms
+
+    print(format_summary(run_tms(cfg)))
+    print(f"numbers: {cfg.out.rstrip('/')}/tms.json")
 
 
 def run_harvest(cfg: HarvestConfig) -> None:
@@ -135,6 +154,10 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "inspect": (InspectConfig, run_inspect, "describe an activation store and verify its checksums"),
     "sae train": (TrainConfig, run_sae_train, "train sparse autoencoders (a sweep in one pass) on a store or a model"),
     "sae eval": (EvalConfig, run_sae_eval, "evaluate an SAE spliced into its model, beside its controls"),
+    "synth bench": (SynthBenchConfig, run_synth_bench, "train every SAE architecture on planted-feature generators "
+                    "and score each against the truth, beside random and PCA controls"),
+    "synth tms": (TMSRunConfig, run_synth_tms, "toy models of superposition: the n=5, m=2 pictures and the "
+                  "n=200, m=20 dimensionality sweep"),
     "report pareto": (ParetoConfig, run_pareto, "L0 vs FVU and L0 vs CE-loss-recovered of several evaluated SAEs"),
     "perturb": (PerturbConfig, run_perturb,
                 "activation plateaus: KL and later-layer change along paths from real activations toward targets"),
@@ -143,6 +166,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
 GROUPS: dict[str, str] = {
     "sae": "sparse autoencoders: train dictionaries on activations, evaluate them with controls",
     "report": "figures and reports from saved results",
+    "synth": "the ground-truth lab: generators with planted features, and methods scored against them",
 }
 """Help of each command group (the first word of a nested COMMANDS key)."""
 

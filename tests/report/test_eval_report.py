@@ -18,6 +18,7 @@ def fake_result(sae: str, l0: float, kl_sae: float, kl_eps: float, tuned: bool =
         "model_performance": {"ce_loss_score": 0.93},
         "sparsity": {"l0": l0},
         "reconstruction": {"fvu": 0.125},
+        "reconstruction_typical": {"fvu": 0.25},
     }
     if tuned:
         m["scale_tuning"] = {"per": "latent", "n_tokens_tuned": 8192, "held_out": True, "kl_div_with_sae": kl_sae,
@@ -37,8 +38,8 @@ def test_report_tables_and_links(tmp_path):
                              figures={"pareto": str(tmp_path / "figures" / "pareto.png")})
     text = (tmp_path / "report.md").read_text()
     assert path == str(tmp_path / "report.md")
-    assert "| topk-k32 | 4,064 | 32.0 | 0.125 | 0.93 | 0.3 ± 0.01 | 0.15 ± 0.002 | 2 ± 0.05 | 25.0% |" in text
-    assert "| topk-k16 | 4,064 | 16.0 | 0.125 | 0.93 | – ± 0.01 |" in text   # a missing value is a dash, not 'None'
+    assert "| topk-k32 | 4,064 | 32.0 | 0.125 | 0.25 | 0.93 | 0.3 ± 0.01 | 0.15 ± 0.002 | 2 ± 0.05 | 25.0% |" in text
+    assert "| topk-k16 | 4,064 | 16.0 | 0.125 | 0.25 | 0.93 | – ± 0.01 |" in text  # missing: a dash
     assert "| sae | 0.3 ± 0.01 | 2.75 |" in text and "| clean | 0 | 2.5 |" in text
     assert "closing 25.0% of the gap" in text and "held out from" in text
     assert "| isotropic | real | 0.4 | 0.45 ± 0.02 | 12.5% |" in text and "median ‖x‖ at the hook (12.5)" in text

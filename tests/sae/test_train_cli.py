@@ -70,7 +70,7 @@ def test_train_a_sweep_from_the_command_line(store, tmp_path, capsys):
     ({"arch": "mystery"}, "unknown --arch 'mystery'; valid: relu, topk, batchtopk, jumprelu, matryoshka"),
     ({"k": "2,3", "arch": "relu"}, "--k lists 2 values but relu does not use it; relu sweeps --expansion, --l1"),
     ({"store": "no/such/store"}, "no/such/store holds no activation store"),
-    ({"model": "gpt2"}, "give --store .* or --model with --hook \\(stream mode\\), not both"),
+    ({"model": "gpt2"}, "give one of --store DIR .*; got --store, --model"),
     ({"batch-size": "1024"}, "holds 480 tokens once position 0 of each context \\(BOS\\) is left out, fewer than one "
                              "batch \\(--batch-size 1024\\)"),
     ({"b-dec-init": "median"}, "--b-dec-init 'median' is not one of geometric_median, mean, zeros"),

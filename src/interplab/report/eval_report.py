@@ -38,13 +38,13 @@ def sae_table(evals: Sequence[Mapping[str, Any]]) -> list[str]:
     for r in evals:
         m = r["metrics"]
         b, p, s, rec = m["model_behavior"], m["model_performance"], m["sparsity"], m["reconstruction"]
-        tuned = m.get("scale_tuning", {})
-        rows.append([_label(r), f"{r['n_tokens']:,}", _num(s["l0"], ".1f"), _num(rec["fvu"]),
+        tuned, typical = m.get("scale_tuning", {}), m.get("reconstruction_typical", {})
+        rows.append([_label(r), f"{r['n_tokens']:,}", _num(s["l0"], ".1f"), _num(rec["fvu"]), _num(typical.get("fvu")),
                      _num(p["ce_loss_score"]), _pm(b["kl_div_with_sae"], b["kl_div_with_sae_sem"]),
                      _pm(m["kl"]["epsilon_random"]["mean"], m["kl"]["epsilon_random"]["sem"]),
                      _pm(b["kl_ratio"], b["kl_ratio_sem"]), _num(tuned.get("gap_closed"), ".1%")])
-    return _table(["SAE", "tokens", "L0", "FVU", "CE loss recovered", "KL(SAE)", "KL(ε-random)", "kl_ratio",
-                   "gap closed by decoder scales"], rows)
+    return _table(["SAE", "tokens", "L0", "FVU", "FVU without massive tokens", "CE loss recovered", "KL(SAE)",
+                   "KL(ε-random)", "kl_ratio", "gap closed by decoder scales"], rows)
 
 
 def variant_table(result: Mapping[str, Any]) -> list[str]:

@@ -47,6 +47,9 @@ class TrainConfig:
     """Hook point to train on (default with --store: the store's only hook; required with --model)."""
     model: str | None = None
     """Stream mode: model spec to run directly on --corpus (no store is written)."""
+    synthetic: str | None = None
+    """Synthetic mode: a generator with planted features, e.g. sparse, sparse:mean_active=10,correlated=true or
+    animals (see interplab.synthetic.specs); its stream is endless, so --tokens is required."""
     corpus: str = "python-docs"
     """Stream mode: text corpus ('python-docs', a .txt/.jsonl/.parquet file or folder, hf:NAME, ...)."""
     split: str = "train"
@@ -123,15 +126,19 @@ class TrainConfig:
     # ---- checks ---------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check what can be checked before opening the data; `sweep(d_in)` checks the rest."""
-        if (self.store is None) == (self.model is None):
-            raise InterplabError("give --store (a harvested store) or --model with --hook (stream mode), not both"
-                                 if self.store else "give --store DIR, or --model and --hook to stream activations")
+        sources = [name for name in ("store", "model", "synthetic") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            got = f"; got --{', --'.join(sources)}" if sources else ""
+            raise InterplabError("give one of --store DIR (a harvested store), --model with --hook (stream mode) or "
+                                 f"--synthetic SPEC (planted features){got}")
         if self.model is not None and not self.hook:
             raise InterplabError("stream mode (--model) needs --hook, e.g. blocks.6.hook_resid_post")
         if self.tokens is not None and self.tokens < 1:
             raise InterplabError(f"--tokens must be a positive number of tokens, got {self.tokens}")
         if self.model is not None and self.tokens is None:
             raise InterplabError("stream mode (--model) needs --tokens: a corpus has no fixed length")
+        if self.synthetic is not None and self.tokens is None:
+            raise InterplabError("synthetic mode (--synthetic) needs --tokens: a generator's stream is endless")
         if self.arch not in ARCHS:
             raise InterplabError(f"unknown --arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         positive = ("batch_size", "log_every", "dead_tokens", "ctx_len", "model_batch_size", "shuffle_buffer")

@@ -98,8 +98,13 @@ def _import_wandb() -> Any:
     return wandb
 
 
-def open_source(cfg: TrainConfig) -> StoreSource | StreamSource:
-    """The batch source `cfg` names (store mode or stream mode)."""
+def open_source(cfg: TrainConfig) -> Any:
+    """The batch source `cfg` names (store, stream or synthetic mode)."""
+    if cfg.synthetic is not None:
+        from interplab.synthetic.sparse import SyntheticSource
+        from interplab.synthetic.specs import make_generator
+
+        return SyntheticSource(make_generator(cfg.synthetic), cfg.batch_size, name=f"synthetic:{cfg.synthetic}")
     if cfg.store is not None:
         return StoreSource(cfg.store, cfg.hook, cfg.batch_size, cfg.seed, skip_positions=int(cfg.exclude_bos))
     assert cfg.model is not None and cfg.hook is not None  # validate() checked
