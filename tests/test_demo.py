@@ -16,8 +16,9 @@ from interplab.sae import load_sae
 def test_demo_on_a_tiny_model_runs_the_pipeline_and_resumes(tiny_gpt2_dir, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["demo", "--model", str(tiny_gpt2_dir), "--hook", "blocks.1.hook_resid_post", "--tokens", "2048",
-            "--ctx-len", "32", "--k", "8,4", "--eval-tokens", "256", "--scale-tune-tokens", "64",
-            "--perturb-contexts", "4", "--out", str(run), "--device", "cpu"]
+            "--ctx-len", "32", "--k", "8,4", "--eval-tokens", "256", "--other-eval-tokens", "128",
+            "--scale-tune-tokens", "64", "--perturb-contexts", "4", "--perturb-steps", "5", "--out", str(run),
+            "--device", "cpu"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "blocks.1.hook_resid_post: 2,048 tokens" in out and "participation ratio" in out
@@ -57,8 +58,9 @@ def test_summary_statistics_match_a_direct_computation(tiny_gpt2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_demo_on_smollm2(tmp_path, capsys):
-    assert main(["demo", "--tokens", "4096", "--k", "32,64", "--eval-tokens", "512", "--scale-tune-tokens", "256",
-                 "--perturb-contexts", "4", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--tokens", "4096", "--k", "32,64", "--eval-tokens", "512", "--other-eval-tokens", "256",
+                 "--scale-tune-tokens", "256", "--perturb-contexts", "4", "--perturb-steps", "5",
+                 "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "blocks.6.hook_resid_post: 4,096 tokens" in out and "kl_ratio (sae / epsilon_random)" in out
     assert (tmp_path / "demo" / "report.md").exists()

@@ -38,11 +38,15 @@ class DemoConfig:
     sae_batch_size: int = 1024
     """Activations per SAE training step."""
     eval_tokens: int = 4096
-    """Held-out (test split) tokens each SAE is evaluated on."""
-    scale_tune_tokens: int = 8192
-    """Train-split tokens the main SAE's decoder scales are fine-tuned on (0: skip the fine-tuning)."""
-    perturb_contexts: int = 32
+    """Held-out (test split) tokens the main (first) SAE is evaluated on."""
+    other_eval_tokens: int = 2048
+    """Held-out tokens each other SAE of the sweep is evaluated on (for the Pareto plot)."""
+    scale_tune_tokens: int = 4096
+    """Train-split tokens the main SAE's decoder scales are fine-tuned on, in 2 epochs (0: skip the fine-tuning)."""
+    perturb_contexts: int = 16
     """(activation, target) pairs per target kind in the perturbation sweep (0: skip the sweep)."""
+    perturb_steps: int = 11
+    """Step lengths per perturbation path (0 to the median activation norm)."""
     out: str = "interplab-demo"
     """Run directory: activations/, saes/, eval/, figures/ and report.md go there (an interrupted demo resumes)."""
     device: str | None = None
@@ -118,12 +122,13 @@ def _evaluate(cfg: DemoConfig, sae: str, out: str, model: Any, *, main: bool) ->
         print(f"{out} exists: evaluation of {sae} already done")
         return previous
     tune = "latent" if main and cfg.scale_tune_tokens > 0 else "none"
-    print(f"evaluating {sae} on {cfg.eval_tokens:,} held-out tokens with its controls"
+    tokens = cfg.eval_tokens if main else cfg.other_eval_tokens
+    print(f"evaluating {sae} on {tokens:,} held-out tokens with its controls"
           + (" and decoder-scale fine-tuning" if tune != "none" else ""))
-    return evaluate(EvalConfig(sae=sae, model=cfg.model, corpus=cfg.corpus, tokens=cfg.eval_tokens,
-                               ctx_len=cfg.ctx_len, device=cfg.device, out=out,
-                               figures=f"{cfg.out.rstrip('/')}/figures" if main else None, scale_tune=tune,
-                               scale_tune_tokens=max(cfg.scale_tune_tokens, cfg.ctx_len)), model=model)
+    return evaluate(EvalConfig(sae=sae, model=cfg.model, corpus=cfg.corpus, tokens=tokens, ctx_len=cfg.ctx_len,
+                               device=cfg.device, out=out, figures=f"{cfg.out.rstrip('/')}/figures" if main else None,
+                               scale_tune=tune, scale_tune_tokens=max(cfg.scale_tune_tokens, cfg.ctx_len),
+                               scale_tune_epochs=2), model=model)
 
 
 def _perturb(cfg: DemoConfig, sae: Any, model: Any) -> dict[str, Any]:
@@ -137,5 +142,6 @@ def _perturb(cfg: DemoConfig, sae: Any, model: Any) -> dict[str, Any]:
         return previous
     print(f"perturbation sweep at {cfg.hook}: {cfg.perturb_contexts} pairs per target kind")
     return perturbation_sweep(PerturbConfig(model=cfg.model, hook=cfg.hook, corpus=cfg.corpus,
-                                            n_contexts=cfg.perturb_contexts, device=cfg.device, out=out,
+                                            n_contexts=cfg.perturb_contexts, n_steps=cfg.perturb_steps,
+                                            device=cfg.device, out=out,
                                             figures=f"{root}/figures"), model=model, sae=sae)
