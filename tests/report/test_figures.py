@@ -65,3 +65,13 @@ def test_pareto_missing_values(tmp_path):
     assert_png(pareto(pts, str(tmp_path / "p.png")))
     with pytest.raises(InterplabError):
         pareto([], str(tmp_path / "e.png"))
+
+
+def test_point_from_metrics_reads_the_typical_fvu(tmp_path):
+    from interplab.report.figures import point_from_metrics
+
+    metrics = {"sparsity": {"l0": 16.0}, "reconstruction": {"fvu": 0.05}, "model_performance": {"ce_loss_score": 0.9},
+               "reconstruction_typical": {"fvu": 0.25}}
+    point = point_from_metrics({"config": {"sae": "runs/topk-k16-x16/"}, "metrics": metrics})
+    assert point == {"label": "topk-k16-x16", "l0": 16.0, "fvu": 0.05, "ce_loss_score": 0.9, "fvu_typical": 0.25}
+    assert_png(pareto([point, {**point, "label": "older", "fvu_typical": None}], str(tmp_path / "p.png")))

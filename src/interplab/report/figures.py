@@ -109,22 +109,32 @@ def kl_gap_vs_frequency(bins: Sequence[Mapping[str, Any]], path: str, corr: floa
 def pareto(points: Sequence[Mapping[str, Any]], path: str) -> str:
     """Two panels, one labelled point per SAE: L0 vs FVU, and L0 vs CE-loss-recovered.
 
-    Each point: {"label", "l0", "fvu", "ce_loss_score"} (a missing/None value leaves the point out of that panel)."""
+    Each point: {"label", "l0", "fvu", "ce_loss_score"} and optionally "fvu_typical" (FVU without massive-norm
+    tokens, drawn hollow beside the all-token FVU: a handful of such tokens can decide the all-token figure). A
+    missing/None value leaves the point out of that panel."""
     if not points:
         raise InterplabError("pareto needs at least one point")
     fig, (a1, a2) = new_figure(11, 4.5, ncols=2)
     for ax, key, ylabel in ((a1, "fvu", "FVU (fraction of variance unexplained)"),
                             (a2, "ce_loss_score", "CE loss recovered")):
-        pts = [(_num(p.get("l0")), _num(p.get(key)), str(p.get("label", i))) for i, p in enumerate(points)]
-        pts = sorted((p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])), key=lambda p: p[0])
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:blue")
-            for x, y, label in pts:
+        pts = sorted(((_num(p.get("l0")), _num(p.get(key)), _num(p.get("fvu_typical")), str(p.get("label", i)))
+                      for i, p in enumerate(points)), key=lambda p: p[0])
+        shown = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+        if shown:
+            ax.plot([p[0] for p in shown], [p[1] for p in shown], "o", color="tab:blue",
+                    label="all tokens" if key == "fvu" else None)
+            for x, y, _, label in shown:
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if pts and min(p[0] for p in pts) > 0:
+        typical = [p for p in pts if key == "fvu" and math.isfinite(p[0]) and math.isfinite(p[2])]
+        if typical:
+            ax.plot([p[0] for p in typical], [p[2] for p in typical], "o", mfc="none", color="tab:orange",
+                    label="without massive-norm tokens")
+            ax.legend(fontsize=8)
+        if shown and min(p[0] for p in shown) > 0:
             from matplotlib.ticker import NullFormatter, ScalarFormatter
 
             ax.set_xscale("log")
+            ax.set_xticks(sorted({p[0] for p in shown}))  # a sweep rarely spans a decade: tick the SAEs' own L0s
             ax.xaxis.set_major_formatter(ScalarFormatter())  # 16, 64 rather than 1.6×10¹
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("L0 (active latents per token)")
@@ -142,7 +152,8 @@ def point_from_metrics(result: Mapping[str, Any], label: str | None = None) -> d
         sae = (result.get("config") or {}).get("sae") or ""
         return {"label": label or posixpath.basename(str(sae).rstrip("/")) or "sae",
                 "l0": m["sparsity"]["l0"], "fvu": m["reconstruction"]["fvu"],
-                "ce_loss_score": m["model_performance"]["ce_loss_score"]}
+                "ce_loss_score": m["model_performance"]["ce_loss_score"],
+                "fvu_typical": (m.get("reconstruction_typical") or {}).get("fvu")}
     except (KeyError, TypeError) as e:
         raise InterplabError(f"not an `interplab sae eval` metrics file (missing {e})") from e
 
