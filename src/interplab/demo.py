@@ -55,13 +55,10 @@ class DemoConfig:
 
 def _done(path: str) -> dict[str, Any] | None:
     """A step's JSON result if a previous run finished it (results are written atomically, so present = complete)."""
-    from interplab.fileio import open_url
+    from interplab.fileio import read_url
 
-    fs, fpath = open_url(path)
-    if not fs.exists(fpath):
-        return None
-    with fs.open(fpath, "rb") as f:
-        return json.loads(f.read())
+    data = read_url(path)
+    return None if data is None else json.loads(data)
 
 
 def run_demo(cfg: DemoConfig) -> None:

@@ -77,6 +77,15 @@ def atomic_write(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         raise
 
 
+def read_url(url: str) -> bytes | None:
+    """The bytes of a local path or fsspec URL, or None if it does not exist."""
+    fs, path = open_url(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
 def write_url_atomic(url: str, data: bytes) -> None:
     """`atomic_write` for a URL or local path, creating its parent folder if needed."""
     fs, path = open_url(url)

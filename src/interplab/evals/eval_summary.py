@@ -46,10 +46,9 @@ class Moments:
                 "relative_reconstruction_bias": m["out2"] / m["dot"] if abs(m["dot"]) > 1e-12 else math.nan}
 
 
-def summarise(kl: dict[str, list[Tensor]], ce: dict[str, list[Tensor]], moments: Moments,
-               counts: FiringCounts | None, last_f: Tensor, l0_sum: float, l1_sum: float) -> dict[str, Any]:
-    kl_t = {k: torch.cat(v) for k, v in kl.items()}
-    ce_t = {k: torch.cat(v) for k, v in ce.items()}
+def summarise(kl_t: dict[str, Tensor], ce_t: dict[str, Tensor], moments: Moments,
+              counts: FiringCounts | None, last_f: Tensor, l0_sum: float, l1_sum: float) -> dict[str, Any]:
+    """The metrics dict from per-token KL and CE of every variant (1-D tensors over the evaluated tokens)."""
     kl_stats = {k: mean_and_sem(v)._asdict() for k, v in kl_t.items()}
     ce_stats = {k: mean_and_sem(v)._asdict() if v.numel() else {"mean": math.nan, "sem": math.nan}
                 for k, v in ce_t.items()}
@@ -86,14 +85,13 @@ def summarise(kl: dict[str, list[Tensor]], ce: dict[str, list[Tensor]], moments:
     }
 
 
-def scale_tuning_summary(tuned: ScaleTuneResult, kl: dict[str, list[Tensor]], tuned_moments: Moments, *,
+def scale_tuning_summary(tuned: ScaleTuneResult, kl_t: dict[str, Tensor], tuned_moments: Moments, *,
                           held_out: bool) -> dict[str, Any]:
     """What the learned decoder scales change on the evaluation tokens.
 
     gap_closed = (KL_sae − KL_tuned) / (KL_sae − KL_ε-random): 1 means scale alone explains the SAE's excess KL over
     an error of the same size; kl_ratio_tuned compares the tuned SAE with ε-random at ITS error norm.
     """
-    kl_t = {k: torch.cat(v) for k, v in kl.items()}
     means = {k: v.mean().item() for k, v in kl_t.items()}
     gap = means["sae"] - means["epsilon_random"]
     try:

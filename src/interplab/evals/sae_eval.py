@@ -253,13 +253,14 @@ def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: b
     if done < n_contexts:
         tqdm.write(f"note: the corpus ran out after {done} of {n_contexts} contexts")
 
-    metrics = summarise(kl, ce, moments, counts, f, l0_sum, l1_sum)
+    kl_t = {k: torch.cat(v) for k, v in kl.items()}                                # per variant: [n_tokens]
+    metrics = summarise(kl_t, {k: torch.cat(v) for k, v in ce.items()}, moments, counts, f, l0_sum, l1_sum)
     if tuned is not None:
-        metrics["scale_tuning"] = scale_tuning_summary(tuned, kl, tuned_moments, held_out=cfg.split == "test")
+        metrics["scale_tuning"] = scale_tuning_summary(tuned, kl_t, tuned_moments, held_out=cfg.split == "test")
     metrics["reconstruction_typical"] = {**(typical.metrics() if typical.n else {}), "norm_cut": norm_cut,
                                          "n_massive": moments.n - typical.n,
                                          "massive_fraction": 1 - typical.n / moments.n}
-    per_token_kl = {k: torch.cat(kl[k]).float().numpy() for k in PER_TOKEN_VARIANTS}  # 1-D float32, n_tokens
+    per_token_kl = {k: kl_t[k].float().numpy() for k in PER_TOKEN_VARIANTS}  # 1-D float32, n_tokens
     metrics["per_token"] = per_token_analysis(per_token_kl, torch.cat(token_ids).numpy())
     result = {"config": asdict(cfg), "sae_config": sae.cfg.to_dict(), "n_contexts": done,
               "n_tokens": moments.n, "n_tokens_total": done * cfg.ctx_len, "bos_excluded": True, "metrics": metrics}

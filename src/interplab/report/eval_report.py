@@ -8,6 +8,7 @@ import posixpath
 from typing import Any, Mapping, Sequence
 
 from interplab.errors import InterplabError
+from interplab.report.figures import sae_label
 
 
 def _num(v: Any, fmt: str = ".4g") -> str:
@@ -28,10 +29,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows), ""]
 
 
-def _label(result: Mapping[str, Any]) -> str:
-    return posixpath.basename(str(result["config"]["sae"]).rstrip("/")) or "sae"
-
-
 def sae_table(evals: Sequence[Mapping[str, Any]]) -> list[str]:
     """One row per evaluated SAE: sparsity, reconstruction, downstream loss, and the KL against ε-random."""
     rows = []
@@ -39,7 +36,8 @@ def sae_table(evals: Sequence[Mapping[str, Any]]) -> list[str]:
         m = r["metrics"]
         b, p, s, rec = m["model_behavior"], m["model_performance"], m["sparsity"], m["reconstruction"]
         tuned, typical = m.get("scale_tuning", {}), m.get("reconstruction_typical", {})
-        rows.append([_label(r), f"{r['n_tokens']:,}", _num(s["l0"], ".1f"), _num(rec["fvu"]), _num(typical.get("fvu")),
+        rows.append([sae_label(r), f"{r['n_tokens']:,}", _num(s["l0"], ".1f"), _num(rec["fvu"]),
+                     _num(typical.get("fvu")),
                      _num(p["ce_loss_score"]), _pm(b["kl_div_with_sae"], b["kl_div_with_sae_sem"]),
                      _pm(m["kl"]["epsilon_random"]["mean"], m["kl"]["epsilon_random"]["sem"]),
                      _pm(b["kl_ratio"], b["kl_ratio_sem"]), _num(tuned.get("gap_closed"), ".1%")])
@@ -89,7 +87,7 @@ def write_eval_report(path: str, evals: Sequence[Mapping[str, Any]], *, figures:
              f"Model `{main['config']['model']}`, hook `{main['config']['hook']}`, corpus `{main['config']['corpus']}`"
              f" ({main['config']['split']} split). Every KL is the mean over tokens (BOS excluded) ± its standard "
              "error; `kl_ratio` = KL(SAE) / KL(ε-random), where ε-random is an error of the SAE's norm in a random "
-             "direction.", "", "## SAEs", "", *sae_table(evals), f"## Variants of {_label(main)}", "",
+             "direction.", "", "## SAEs", "", *sae_table(evals), f"## Variants of {sae_label(main)}", "",
              *variant_table(main)]
     if "scale_tuning" in main["metrics"]:
         t = main["metrics"]["scale_tuning"]

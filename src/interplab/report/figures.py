@@ -145,12 +145,17 @@ def pareto(points: Sequence[Mapping[str, Any]], path: str) -> str:
     return save_figure(fig, path)
 
 
+def sae_label(result: Mapping[str, Any]) -> str:
+    """An evaluation result's SAE, by its folder's name."""
+    sae = (result.get("config") or {}).get("sae") or ""
+    return posixpath.basename(str(sae).rstrip("/")) or "sae"
+
+
 def point_from_metrics(result: Mapping[str, Any], label: str | None = None) -> dict[str, Any]:
     """The Pareto point of one `interplab sae eval` result dict (label: the SAE folder's name by default)."""
     try:
         m = result["metrics"]
-        sae = (result.get("config") or {}).get("sae") or ""
-        return {"label": label or posixpath.basename(str(sae).rstrip("/")) or "sae",
+        return {"label": label or sae_label(result),
                 "l0": m["sparsity"]["l0"], "fvu": m["reconstruction"]["fvu"],
                 "ce_loss_score": m["model_performance"]["ce_loss_score"],
                 "fvu_typical": (m.get("reconstruction_typical") or {}).get("fvu")}
@@ -160,16 +165,17 @@ def point_from_metrics(result: Mapping[str, Any], label: str | None = None) -> d
 
 def pareto_from_metrics(paths: Sequence[str], out_png: str) -> str:
     """Read several metrics.json files written by `interplab sae eval --out` and draw their Pareto plot."""
-    from interplab.fileio import open_url
+    from interplab.fileio import read_url
 
     points = []
     for p in paths:
-        fs, fpath = open_url(p)
-        with fs.open(fpath, "rb") as f:
-            try:
-                points.append(point_from_metrics(json.loads(f.read())))
-            except InterplabError as e:
-                raise InterplabError(f"{p}: {e}") from e
+        data = read_url(p)
+        if data is None:
+            raise InterplabError(f"{p} does not exist")
+        try:
+            points.append(point_from_metrics(json.loads(data)))
+        except InterplabError as e:
+            raise InterplabError(f"{p}: {e}") from e
     return pareto(points, out_png)
 
 
