@@ -29,6 +29,8 @@ from interplab.sae.train_config import TrainConfig
 from interplab.synthetic.bench import SynthBenchConfig, SynthScoreConfig
 from interplab.synthetic.planted import PlantedConfig
 from interplab.synthetic.tms_run import TMSRunConfig
+from interplab.weights.outliers import OutliersConfig
+from interplab.weights.svd_run import SVDConfig
 
 
 @dataclass
@@ -221,6 +223,14 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
                 "the refusal direction (Arditi et al. 2024): candidates by difference of means, selection under "
                 "ablation and addition, refusal rates before and after, random-direction control, CE change, "
                 "orthogonalised weights, report"),
+    "weights svd": (SVDConfig,
+                    summarised("weights.svd_run", "run_svd", "numbers: {OUT}/svd.json, figures: {OUT}/figures/"),
+                    "a weight matrix's top singular directions (head OV/QK, MLP in/out, embedding, unembedding) "
+                    "read through the vocabulary, with interpretability proxies beside random directions"),
+    "weights outliers": (OutliersConfig,
+                         summarised("weights.outliers", "run_outliers", "numbers: {OUT}/outliers.json"),
+                         "residual-stream outlier dimensions: massive activations and rogue dims per layer, the "
+                         "tokens that carry them, beside the same statistics in a random rotation of the basis"),
     "perturb": (PerturbConfig, run_perturb,
                 "activation plateaus: KL and later-layer change along paths from real activations toward targets"),
 }
@@ -230,6 +240,8 @@ GROUPS: dict[str, str] = {
                "affine maps from their residual streams onto the Bayesian belief states",
     "sae": "sparse autoencoders: train dictionaries on activations, evaluate them with controls",
     "report": "figures and reports from saved results",
+    "weights": "reading weights: factored QK/OV circuits and SVD directions through the vocabulary, residual-stream "
+               "outlier dimensions",
     "synth": "the ground-truth lab: generators with planted features, and methods scored against them",
 }
 """Help of each command group (the first word of a nested COMMANDS key)."""
