@@ -29,6 +29,7 @@ from interplab.sae.train_config import TrainConfig
 from interplab.synthetic.bench import SynthBenchConfig, SynthScoreConfig
 from interplab.synthetic.planted import PlantedConfig
 from interplab.synthetic.tms_run import TMSRunConfig
+from interplab.weights.lens_run import LensConfig
 from interplab.weights.outliers import OutliersConfig
 from interplab.weights.svd_run import SVDConfig
 
@@ -231,6 +232,10 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
                          summarised("weights.outliers", "run_outliers", "numbers: {OUT}/outliers.json"),
                          "residual-stream outlier dimensions: massive activations and rogue dims per layer, the "
                          "tokens that carry them, beside the same statistics in a random rotation of the basis"),
+    "lens": (LensConfig,
+             summarised("weights.lens_run", "run_lens", "numbers: {OUT}/lens.json, figures: {OUT}/figures/"),
+             "logit lens and tuned lens: every layer's residual stream decoded to the vocabulary, KL to the final "
+             "distribution per layer beside a context-free control, top predictions for a prompt"),
     "perturb": (PerturbConfig, run_perturb,
                 "activation plateaus: KL and later-layer change along paths from real activations toward targets"),
 }
