@@ -62,8 +62,8 @@ def main() -> None:
     from interplab.weights.lens_run import LensConfig, run_lens
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-tokens", type=int, default=6144)
-    parser.add_argument("--eval-tokens", type=int, default=1016)
+    parser.add_argument("--train-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=2032)
     parser.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     args = parser.parse_args()
     start = time.perf_counter()

@@ -29,6 +29,8 @@ from interplab.sae.train_config import TrainConfig
 from interplab.synthetic.bench import SynthBenchConfig, SynthScoreConfig
 from interplab.synthetic.planted import PlantedConfig
 from interplab.synthetic.tms_run import TMSRunConfig
+from interplab.synthetic.toy_inspect import InspectToyConfig
+from interplab.synthetic.toy_train import ToyTrainConfig
 from interplab.weights.lens_run import LensConfig
 from interplab.weights.outliers import OutliersConfig
 from interplab.weights.svd_run import SVDConfig
@@ -204,6 +206,17 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
                     "random and PCA controls"),
     "synth tms": (TMSRunConfig, summarised("synthetic.tms_run", "run_tms", "numbers: {OUT}/tms.json"),
                   "toy models of superposition: the n=5, m=2 pictures and the n=200, m=20 dimensionality sweep"),
+    "toy train": (ToyTrainConfig,
+                  summarised("synthetic.toy_train", "run_toy_train",
+                             "numbers: {OUT}/train.json, log: {OUT}/log.jsonl; "
+                             "next: interplab toy inspect --run {OUT}"),
+                  "train a toy transformer on a task with the exact answer (ov-coherent, skip-trigram, "
+                  "modular-addition, or a Python generator), with phased evaluation logged by step"),
+    "toy inspect": (InspectToyConfig,
+                    summarised("synthetic.toy_inspect", "run_toy_inspect",
+                               "numbers: {OUT}/inspect.json, report: {OUT}/report.md, figures: {OUT}/figures/"),
+                    "circuit read-outs of a trained toy: attention from the read-off, EQKE and EVOU per head, "
+                    "accuracy per pair with each head ablated, the Fourier view of modular addition"),
     "report pareto": (ParetoConfig, run_pareto, "L0 vs FVU and L0 vs CE-loss-recovered of several evaluated SAEs"),
     "beliefs msp": (MSPConfig, summarised("beliefs.describe", "describe_process", "numbers: {OUT}/msp.json"),
                     "describe a process exactly: stationary distribution, entropy rate, myopic entropies, "
@@ -247,6 +260,8 @@ GROUPS: dict[str, str] = {
     "report": "figures and reports from saved results",
     "weights": "reading weights: factored QK/OV circuits and SVD directions through the vocabulary, residual-stream "
                "outlier dimensions",
+    "toy": "the toy transformers lab: attention-head tasks and grokking with phased evaluation, and the circuit "
+           "read-outs of the trained models",
     "synth": "the ground-truth lab: generators with planted features, and methods scored against them",
 }
 """Help of each command group (the first word of a nested COMMANDS key)."""
@@ -256,6 +271,7 @@ INTERRUPTED: dict[str, str] = {
     "demo": "completed shards are kept",
     "sae train": "the last checkpoint is kept",
     "beliefs train": "the last checkpoint is kept",
+    "toy train": "the last checkpoint is kept",
 }
 
 

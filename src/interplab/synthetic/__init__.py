@@ -14,6 +14,9 @@
   and `synth score`.
 - planted.py: `PlantedTransformer`, a small transformer whose embedding is a generator's samples, so that harvest,
   SAE training from the store and `sae eval` run where the truth is known (`synth model`).
+- tasks.py: toy-transformer tasks with the exact answer (ov-coherent pairs, skip-trigrams, modular addition, a
+  Python generator); phases.py: an evaluation schedule of named phases with start conditions and gates;
+  toy_train.py: `interplab toy train`; toy_inspect.py, toy_fourier.py: `interplab toy inspect`, the circuit read-outs.
 """
 
 from interplab.synthetic.animals import (
@@ -24,6 +27,7 @@ from interplab.synthetic.animals import (
     NoCommonDictionary,
     no_common_dictionary,
 )
+from interplab.synthetic.phases import Phase, Schedule, parse_condition
 from interplab.synthetic.planted import ByteTokenizer, PlantedConfig, PlantedTransformer
 from interplab.synthetic.score import (
     Matching,
@@ -47,10 +51,27 @@ from interplab.synthetic.sparse import (
     SyntheticSource,
     feature_probabilities,
 )
+from interplab.synthetic.tasks import (
+    ModularAdditionTask,
+    OVCoherentTask,
+    SkipTrigramTask,
+    Task,
+    TaskBatch,
+    make_task,
+)
 from interplab.synthetic.tms import TMSConfig, TMSResult, train_tms
 from interplab.synthetic.tms_geometry import dimensions_per_feature, feature_dimensionality, fraction_clusters
 
 __all__ = [
+    "ModularAdditionTask",
+    "OVCoherentTask",
+    "Phase",
+    "Schedule",
+    "SkipTrigramTask",
+    "Task",
+    "TaskBatch",
+    "make_task",
+    "parse_condition",
     "ONTOLOGIES",
     "Animals",
     "AnimalsBatch",

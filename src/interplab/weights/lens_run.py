@@ -32,7 +32,7 @@ class LensConfig:
     """logit: the logit lens only; tuned: train (or load) a tuned lens and report both."""
     corpus: str = "python-docs"
     """Corpus of the training tokens (train split) and the held-out tokens (test split)."""
-    train_tokens: int = 8192
+    train_tokens: int = 16384
     """Tokens the tuned lens is trained on (position 0 of each context, BOS, is not counted or used)."""
     eval_tokens: int = 2048
     """Held-out tokens both lenses are scored on."""
