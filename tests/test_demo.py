@@ -17,8 +17,8 @@ def test_demo_on_a_tiny_model_runs_the_pipeline_and_resumes(tiny_gpt2_dir, tmp_p
     run = tmp_path / "run"
     args = ["demo", "--model", str(tiny_gpt2_dir), "--hook", "blocks.1.hook_resid_post", "--tokens", "2048",
             "--ctx-len", "32", "--k", "8,4", "--eval-tokens", "256", "--other-eval-tokens", "128",
-            "--scale-tune-tokens", "64", "--perturb-contexts", "4", "--perturb-steps", "5", "--out", str(run),
-            "--device", "cpu"]
+            "--scale-tune-tokens", "64", "--perturb-contexts", "4", "--perturb-steps", "5",
+            "--dashboard-tokens", "512", "--out", str(run), "--device", "cpu"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "blocks.1.hook_resid_post: 2,048 tokens" in out and "participation ratio" in out
@@ -35,10 +35,17 @@ def test_demo_on_a_tiny_model_runs_the_pipeline_and_resumes(tiny_gpt2_dir, tmp_p
     report = (run / "report.md").read_text()
     assert "| topk-k8-x16 |" in report and "| topk-k4-x16 |" in report and "## Activation plateaus" in report
     assert "![pareto](figures/pareto.png)" in report
+    # the demo ends with the main SAE's dashboard: its data describe that SAE, and the path to open is printed
+    from interplab.dashboard.store import load_meta
+
+    meta = load_meta(str(run / "dashboard"))
+    assert (meta["d_sae"], meta["hook"], meta["n_tokens"]) == (512, "blocks.1.hook_resid_post", 512)
+    assert f"open {(run / 'dashboard' / 'index.html').as_uri()}" in out
 
     assert main(args) == 0  # a second run finds every step done: it only summarises and rewrites the report
     out = capsys.readouterr().out
     assert "harvested at" not in out and "evaluating" not in out and "already done" in out
+    assert "building the feature dashboard" not in out and "dashboard written" in out
 
 
 def test_summary_statistics_match_a_direct_computation(tiny_gpt2_dir, tmp_path):

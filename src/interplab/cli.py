@@ -19,6 +19,10 @@ from interplab.beliefs.describe import MSPConfig
 from interplab.beliefs.regress import BeliefRegressConfig
 from interplab.beliefs.train import BeliefTrainConfig
 from interplab.config import add_dataclass_args, dataclass_from_args
+from interplab.dashboard.data import DashboardConfig
+from interplab.dashboard.neuronpedia import NeuronpediaConfig
+from interplab.dashboard.run_reports import RunReportConfig
+from interplab.dashboard.serve import ServeConfig
 from interplab.demo import DemoConfig, run_demo
 from interplab.errors import InterplabError
 from interplab.evals.perturb import PerturbConfig
@@ -113,6 +117,18 @@ def summarised(module: str, run: str, outputs: str) -> Callable[[Any], None]:
     return command
 
 
+def run_dashboard_build(cfg: DashboardConfig) -> None:
+    from interplab.dashboard.site import build_site, format_build
+
+    print(format_build(build_site(cfg)))
+
+
+def run_dashboard_serve(cfg: ServeConfig) -> None:
+    from interplab.dashboard.serve import serve
+
+    serve(cfg)
+
+
 def run_beliefs_regress(cfg: BeliefRegressConfig) -> None:
     from interplab.beliefs.regress import format_summary, run_regress
 
@@ -195,6 +211,19 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
              "perturbation sweep, figures and report"),
     "harvest": (HarvestConfig, run_harvest, "harvest activations at hook points into an on-disk store"),
     "hooks": (HooksConfig, run_hooks, "list a model's hook points"),
+    "report runs": (RunReportConfig,
+                    summarised("dashboard.run_reports", "write_run_reports", "each run's page: RUN/report.html"),
+                    "report.html (config, metrics, figures) in every run folder under --root, and one index page "
+                    "linking them"),
+    "dashboard build": (DashboardConfig, run_dashboard_build,
+                        "one pass over a corpus: per-latent frequency, histograms, top and quantile examples, logit "
+                        "effects, correlated latents and neurons; written as a static site (open index.html)"),
+    "dashboard serve": (ServeConfig, run_dashboard_serve,
+                        "serve a dashboard folder on 127.0.0.1 (only files inside it; --host to expose it)"),
+    "dashboard neuronpedia": (NeuronpediaConfig,
+                              summarised("dashboard.neuronpedia", "export_neuronpedia", "files: {OUT}/"),
+                              "export a dashboard site's data to Neuronpedia's import layout (or SAEDashboard's "
+                              "batches)"),
     "inspect": (InspectConfig, run_inspect, "describe an activation store and verify its checksums"),
     "sae train": (TrainConfig, run_sae_train, "train sparse autoencoders (a sweep in one pass) on a store or a model"),
     "sae eval": (EvalConfig, run_sae_eval, "evaluate an SAE spliced into its model, beside its controls"),
@@ -258,6 +287,8 @@ GROUPS: dict[str, str] = {
                "affine maps from their residual streams onto the Bayesian belief states",
     "sae": "sparse autoencoders: train dictionaries on activations, evaluate them with controls",
     "report": "figures and reports from saved results",
+    "dashboard": "feature dashboards: a static site per SAE (no server needed), served locally, exported to "
+                 "Neuronpedia",
     "weights": "reading weights: factored QK/OV circuits and SVD directions through the vocabulary, residual-stream "
                "outlier dimensions",
     "toy": "the toy transformers lab: attention-head tasks and grokking with phased evaluation, and the circuit "

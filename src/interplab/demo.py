@@ -1,7 +1,8 @@
 """`interplab demo`: the whole pipeline on the defaults, every step resumable.
 
     harvest (train split) → activation summary → TopK SAE sweep → evaluation of each SAE on held-out tokens with its
-    controls (the first SAE also with decoder-scale fine-tuning) → perturbation sweep → figures → report.md
+    controls (the first SAE also with decoder-scale fine-tuning) → perturbation sweep → figures → report.md →
+    the main SAE's feature dashboard (a static site: open dashboard/index.html)
 
 The model is loaded once and shared by every step.
 """
@@ -47,6 +48,8 @@ class DemoConfig:
     """(activation, target) pairs per target kind in the perturbation sweep (0: skip the sweep)."""
     perturb_steps: int = 11
     """Step lengths per perturbation path (0 to the median activation norm)."""
+    dashboard_tokens: int = 32_768
+    """Train-split tokens the main SAE's feature dashboard is built from (0: skip the dashboard)."""
     out: str = "interplab-demo"
     """Run directory: activations/, saes/, eval/, figures/ and report.md go there (an interrupted demo resumes)."""
     device: str | None = None
@@ -109,6 +112,23 @@ def run_demo(cfg: DemoConfig) -> None:
     report = write_eval_report(f"{root}/report.md", evals, figures=figures, perturb=perturb,
                                title="interplab demo", preamble=[f"`interplab demo` on {cfg.model} ({cfg.corpus})."])
     print(f"report: {report}")
+    if cfg.dashboard_tokens > 0:
+        print(_dashboard(cfg, f"{root}/saes/{names[0]}", model))
+
+
+def _dashboard(cfg: DemoConfig, sae: str, model: Any) -> str:
+    """Build the main SAE's dashboard (skipped when a previous run finished it: its meta.js is written last)."""
+    from interplab.dashboard.data import DashboardConfig
+    from interplab.dashboard.site import build_site, format_build, site_index
+    from interplab.fileio import read_url
+
+    out = f"{cfg.out.rstrip('/')}/dashboard"
+    if read_url(f"{out}/data/meta.js") is not None and read_url(f"{out}/index.html") is not None:
+        return format_build({"index": site_index(out)})
+    print(f"building the feature dashboard of {sae} on {cfg.dashboard_tokens:,} tokens -> {out}")
+    return format_build(build_site(DashboardConfig(sae=sae, model=cfg.model, hook=cfg.hook, corpus=cfg.corpus,
+                                                   tokens=cfg.dashboard_tokens, ctx_len=cfg.ctx_len, out=out,
+                                                   device=cfg.device), model=model))
 
 
 def _evaluate(cfg: DemoConfig, sae: str, out: str, model: Any, *, main: bool) -> dict[str, Any]:
