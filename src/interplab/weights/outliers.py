@@ -58,6 +58,7 @@ import torch
 from jaxtyping import Float, Int
 
 from interplab.errors import InterplabError, check_int
+from interplab.models.tokens import token_text
 from interplab.weights.outlier_stats import HIST_BINS, BasisStats, collect_stats, random_rotation
 
 
@@ -169,10 +170,6 @@ def run_outliers(cfg: OutliersConfig, *, model: Any = None, contexts: Int[torch.
 
 
 # ---- from statistics to the report -----------------------------------------------------------------------------
-def token_text(tokenizer: Any, token: int) -> str:
-    return f"#{token}" if tokenizer is None else tokenizer.decode([token])
-
-
 def is_delimiter(tokenizer: Any, token: int) -> bool:
     """Whitespace- or punctuation-only text, or a special token (BOS, EOS, ...)."""
     if tokenizer is None:

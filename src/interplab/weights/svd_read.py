@@ -30,6 +30,7 @@ from jaxtyping import Float
 
 from interplab.errors import InterplabError
 from interplab.models.hooked import HookedModel
+from interplab.models.tokens import token_text
 from interplab.weights.circuits import ov_circuit, qk_circuit
 from interplab.weights.extract import attention_weights, embedding, mlp_weights, unembedding
 
@@ -115,11 +116,8 @@ def vocabulary(model: HookedModel) -> Vocabulary:
     W_U = unembedding(model)[0].float()
     n_vocab = W_U.shape[1]
     tokenizer = model.tokenizer
-    if tokenizer is None:
-        texts, kinds = [f"#{i}" for i in range(n_vocab)], None
-    else:
-        texts = tokenizer.batch_decode([[i] for i in range(n_vocab)])
-        kinds = [token_kind(t) for t in texts]
+    texts = [token_text(tokenizer, i) for i in range(n_vocab)]
+    kinds = None if tokenizer is None else [token_kind(t) for t in texts]
     unit = W_U.T / W_U.norm(dim=0)[:, None].clamp_min(1e-12)
     return Vocabulary(W_U, unit, texts, kinds)
 
