@@ -78,6 +78,31 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_hf_model("llama", tmp_path_factory.mktemp("llama-single"))
+
+
+@pytest.fixture(scope="session")
 def wide_gpt2_dir(tmp_path_factory) -> Path:
     """A GPT-2 wide enough that a harvest lasts a few seconds, so that it can be interrupted mid-way."""
     return build_tiny_hf_model("gpt2-wide", tmp_path_factory.mktemp("gpt2-wide"))
+
+
+def _run_torchrun(args: list[str], *, nproc: int = 2, timeout: float = 180, check: bool = True):
+    """Run `torchrun --standalone --nproc_per_node nproc ARGS` (a free port each time, one thread per rank)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
+    return done
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """Run a command under torchrun on this machine: torchrun(["-m", "interplab", "harvest", ...], nproc=2)."""
+    return _run_torchrun

@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from interplab.activations.harvest import HarvestConfig
 from interplab.beliefs.describe import MSPConfig
@@ -38,6 +38,9 @@ from interplab.synthetic.toy_train import ToyTrainConfig
 from interplab.weights.lens_run import LensConfig
 from interplab.weights.outliers import OutliersConfig
 from interplab.weights.svd_run import SVDConfig
+
+if TYPE_CHECKING:
+    from interplab.sae.trainer import TrainResult
 
 
 @dataclass
@@ -139,8 +142,11 @@ def run_beliefs_regress(cfg: BeliefRegressConfig) -> None:
 
 def run_harvest(cfg: HarvestConfig) -> None:
     from interplab.activations.harvest import harvest
+    from interplab.distributed import ranks
 
     result = harvest(cfg)
+    if not ranks().is_main:  # torchrun: every rank holds the same result
+        return
     if result.already_complete:
         print(f"{cfg.out} already holds this complete harvest ({result.n_tokens:,} tokens); nothing to do")
     else:
@@ -173,9 +179,20 @@ def run_inspect(cfg: InspectConfig) -> None:
 
 
 def run_sae_train(cfg: TrainConfig) -> None:
+    from interplab.distributed import ranks
+    from interplab.sae.per_hook import hook_run_config, train_hooks
     from interplab.sae.trainer import train
 
+    if cfg.hooks:
+        for hook, result in train_hooks(cfg).items():
+            _print_train_result(hook_run_config(cfg, hook), result)
+        return
     result = train(cfg)
+    if ranks().is_main:  # data-parallel: every rank holds the same result
+        _print_train_result(cfg, result)
+
+
+def _print_train_result(cfg: TrainConfig, result: TrainResult) -> None:
     if result.already_complete:
         print(f"{cfg.out} already holds this complete run ({len(result.names)} SAEs); nothing to do")
         return
@@ -327,13 +344,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(dataclass_from_args(config_cls, args))
     except InterplabError as exc:
-        print(f"interplab {command}: error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"interplab {command}: error: {exc}\n")  # one write: torchrun ranks share one stderr
         return 2
     except KeyboardInterrupt:
         kept = INTERRUPTED.get(command, "nothing is lost")
         print(f"\ninterplab {command}: interrupted; {kept}, rerun with --resume to continue", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _is_dist_error(exc):
+            raise
+        # Another rank of a torchrun job died (killed, out of memory, a bug): this one cannot go on alone.
+        from interplab.distributed import ranks
+
+        kept, r = INTERRUPTED.get(command, "nothing is lost"), ranks()
+        reason = (str(exc).strip().splitlines() or ["no message"])[0][:200]
+        print(f"interplab {command} (rank {r.rank} of {r.world_size}): error: another rank of this torchrun job "
+              f"stopped ({type(exc).__name__}: {reason}); {kept}, rerun the same torchrun command with --resume "
+              "to continue", file=sys.stderr)
+        return 1
+    finally:
+        from interplab.distributed import shutdown
+
+        shutdown()
     return 0
+
+
+def _is_dist_error(exc: BaseException) -> bool:
+    """Whether `exc` is a torch.distributed failure (a peer rank gone, a collective timed out). Gloo reports a
+    dead peer as a plain RuntimeError naming its transport, hence the markers."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    markers = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "timed out")
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in markers)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ A store is a directory or any fsspec URL (a local path, `memory://...`, or `s3:/
     shard-00000.safetensors    one tensor per hook [contexts, ctx_len, d] + "tokens" int32 [contexts, ctx_len]
     shard-00001.safetensors    ...
 
+A torchrun harvest (`interplab.activations.ranked`) leaves each rank's shards in its own folder, and its manifest
+lists them in global order as `rank-00001/shard-00000.safetensors` and so on; readers need not know the difference.
+
 Row r of a shard's flattened [contexts * ctx_len, d] view is the activation at token `tokens.flatten()[r]`, so any
 row can be traced back to its text. Only files listed in the manifest are ever opened, and each is checked against
 its sha256 on every load: a half-written or stray file can never leak into an analysis.
@@ -33,6 +36,13 @@ MANIFEST_NAME = "manifest.json"
 TOKENS_KEY = "tokens"
 SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors")
 TMP_RE = re.compile(r"(manifest\.json|shard-\d{5,}\.safetensors)\.tmp-.+")  # our own half-written files
+RANK_DIR_RE = re.compile(r"rank-\d{5}")
+RANKED_SHARD_RE = re.compile(r"rank-\d{5}/shard-\d{5}\.safetensors")  # a shard of a torchrun harvest
+
+
+def rank_dir(rank: int) -> str:
+    """Folder of a torchrun harvest's rank `rank`: a store of its own, inside the merged store's folder."""
+    return f"rank-{rank:05d}"
 
 
 def shard_name(i: int) -> str:
@@ -104,16 +114,24 @@ def _manifest_problem(m: Any) -> str | None:
             return f"shape of {hook!r} is {shape}, expected [ctx_len={m['ctx_len']}, d]"
     for i, s in enumerate(m["shards"]):
         if not (
-            isinstance(s, dict) and sorted(s) == sorted(ShardInfo._fields) and s["file"] == shard_name(i)
+            isinstance(s, dict) and sorted(s) == sorted(ShardInfo._fields) and _shard_file_ok(s["file"], i)
             and isinstance(s["n_contexts"], int) and s["n_contexts"] > 0
             and isinstance(s["sha256"], str) and isinstance(s["bytes"], int)
         ):
-            return f"shard entry {i} is not {{file: {shard_name(i)!r}, n_contexts > 0, sha256, bytes}}"
+            return (f"shard entry {i} is not {{file: {shard_name(i)!r} (or rank-NNNNN/shard-NNNNN.safetensors), "
+                    "n_contexts > 0, sha256, bytes}")
+    if len({s["file"] for s in m["shards"]}) != len(m["shards"]):
+        return "a shard file is listed twice"
     if sum(s["n_contexts"] for s in m["shards"]) != m["n_contexts"]:
         return "n_contexts is not the sum of the shards' n_contexts"
     if m["n_tokens"] != m["n_contexts"] * m["ctx_len"]:
         return "n_tokens is not n_contexts * ctx_len"
     return None
+
+
+def _shard_file_ok(file: Any, i: int) -> bool:
+    """Entry i names shard i of a single-process store, or a rank's shard of a torchrun harvest."""
+    return isinstance(file, str) and (file == shard_name(i) or RANKED_SHARD_RE.fullmatch(file) is not None)
 
 
 class ActivationStore:

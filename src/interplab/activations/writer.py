@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from fsspec import AbstractFileSystem
 from jaxtyping import Float, Int
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
@@ -78,6 +79,11 @@ class StoreWriter:
             self._create()
         else:
             self._reopen(existing, resume)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The manifest fields that define this store (IDENTITY_FIELDS), JSON-normalised; a copy."""
+        return json.loads(json.dumps(self._identity))
 
     @property
     def n_contexts(self) -> int:
@@ -182,19 +188,7 @@ class StoreWriter:
         self._n_buffered -= n
 
     def _write_manifest(self, shards: list[ShardInfo], complete: bool) -> None:
-        n_contexts = sum(s.n_contexts for s in shards)
-        manifest = {
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            **self._identity,
-            "n_contexts": n_contexts,
-            "n_tokens": n_contexts * self._identity["ctx_len"],
-            "complete": complete,
-            "shards": [s._asdict() for s in shards],
-            "created": self._created,
-        }
-        data = (json.dumps(manifest, indent=2) + "\n").encode()
-        atomic_write(self._fs, join(self._root, MANIFEST_NAME), data)
+        write_manifest(self._fs, self._root, self._identity, shards, complete=complete, created=self._created)
 
     # ---- checks and context manager ------------------------------------------------------------------------
 
@@ -237,6 +231,26 @@ class StoreWriter:
 
 
 _MISSING = object()
+
+
+def write_manifest(
+    fs: AbstractFileSystem, root: str, identity: dict[str, Any], shards: list[ShardInfo], *, complete: bool,
+    created: str,
+) -> None:
+    """Write (atomically) the manifest of the store at `root` listing `shards` under the given identity fields."""
+    n_contexts = sum(s.n_contexts for s in shards)
+    manifest = {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        **{key: identity[key] for key in IDENTITY_FIELDS},
+        "n_contexts": n_contexts,
+        "n_tokens": n_contexts * identity["ctx_len"],
+        "complete": complete,
+        "shards": [s._asdict() for s in shards],
+        "created": created,
+    }
+    data = (json.dumps(manifest, indent=2) + "\n").encode()
+    atomic_write(fs, join(root, MANIFEST_NAME), data)
 
 
 def _identity(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from interplab.activations.store import RANK_DIR_RE
 from interplab.dashboard.html import esc, fmt, href, kv_table, markdown_to_html, page
 from interplab.errors import InterplabError
 from interplab.fileio import write_url_atomic
@@ -161,6 +162,8 @@ def find_runs(root: Path) -> list[Run]:
     for dirpath, dirnames, filenames in os.walk(root):
         folder = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in PRUNED_DIRS)
+        if "manifest.json" in filenames:  # a torchrun harvest's per-rank stores are part of the merged store
+            dirnames[:] = [d for d in dirnames if not RANK_DIR_RE.fullmatch(d)]
         files = set(filenames)
         results = {f: _read_json(folder / f) for f in sorted(files)
                    if f.endswith(".json") and f not in IGNORED_JSON and f not in CONFIG_FILES}

@@ -3,6 +3,7 @@
 from interplab.models.hooked import CacheResult, HookedModel, ModelInfo
 from interplab.models.hooks import HookFn
 from interplab.models.load import MODEL_SPEC_HELP, SMOLLM2, load_model
+from interplab.models.nnsight_names import nnsight_path
 from interplab.models.toy import ToyConfig, ToyTransformer
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "ToyConfig",
     "ToyTransformer",
     "load_model",
+    "nnsight_path",
 ]

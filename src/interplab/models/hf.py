@@ -8,6 +8,11 @@ those parts, so with no hooks attached the logits are exactly HF's. Two points h
 - `attn.hook_pattern` needs the attention probabilities, which fused kernels never materialise: while such a hook
   is attached the model switches to interplab's eager attention function (registered with transformers'
   AttentionInterface), which calls the hook between the softmax and the value mix.
+
+A model spread by accelerate (load_model(..., device_map=...)) keeps its hooks where they are: accelerate moves
+each module's inputs to that module's device inside the module's forward, so an activation stays on the device of
+the module that computed it (a block's resid_pre on the previous block's device), and token ids go to the
+embedding's execution device (`device`).
 """
 
 from __future__ import annotations
@@ -103,7 +108,11 @@ class HFHookedModel(HookedModel):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where token ids go: the embedding's device (its execution device when accelerate placed the model,
+        since an offloaded embedding's weights sit on `meta` between calls)."""
+        embed = self.model.get_submodule(self.arch.embed)
+        placed = _execution_device(getattr(embed, "_hf_hook", None))
+        return placed if placed is not None else embed.weight.device
 
     def _final_norm(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         return self.model.get_submodule(self.arch.final_norm)(resid)
@@ -149,9 +158,12 @@ class HFHookedModel(HookedModel):
             resid_pre[:] = [act]
 
         def on_attn_out(attn_out: torch.Tensor) -> torch.Tensor | None:
-            resid_mid = resid_pre[0] + attn_out  # the same addition the block performs
+            # Under a device_map the block's pre-hook sees its input before accelerate moves it to the block's
+            # device, so resid_pre may still sit on the previous block's device.
+            pre = resid_pre[0].to(attn_out.device)
+            resid_mid = pre + attn_out  # the same addition the block performs
             new_mid = fn(resid_mid)
-            return None if new_mid is None or new_mid is resid_mid else new_mid - resid_pre[0]
+            return None if new_mid is None or new_mid is resid_mid else new_mid - pre
 
         # The resid_pre reader is attached last among pre-hooks, so it sees any resid_pre edits.
         return [
@@ -173,6 +185,15 @@ class HFHookedModel(HookedModel):
                 self.model.config._attn_implementation = self._default_attn_impl
 
         return CallbackHandle(remove)
+
+
+def _execution_device(hook: Any) -> torch.device | None:
+    """The device an accelerate hook runs its module on (None without one); SequentialHook wraps several."""
+    for inner in [hook, *getattr(hook, "hooks", ())]:
+        device = getattr(inner, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None
 
 
 def _eager_attention_with_pattern_hook(

@@ -5,6 +5,9 @@ A spec is one of:
 - a `.gguf` file (Llama-family or GPT-2 architectures), loaded dequantized through transformers;
 - a local folder with `config.json`: an HF causal LM, or an interplab toy-transformer checkpoint;
 - an HF hub id such as `EleutherAI/pythia-70m` (needs the network, or the model in the local HF cache).
+
+A model that does not fit on one device is loaded with `device_map` (instead of `device`): transformers places its
+modules through accelerate, across GPUs, CPU memory and disk (see docs/big-models.md).
 """
 
 from __future__ import annotations
@@ -37,34 +40,129 @@ MODEL_SPEC_HELP = (
 # GGUF `general.architecture` values transformers can dequantize and interplab can hook.
 GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# device_map strategies accelerate understands; any other string must name one device ("cpu", "cuda:1").
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(spec: str, *, device: str | None = None, dtype: str = "float32") -> HookedModel:
-    """Load the model named by `spec` (see the module docstring) on `device` (default: CUDA if present)."""
+def load_model(
+    spec: str,
+    *,
+    device: str | None = None,
+    dtype: str = "float32",
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
+) -> HookedModel:
+    """Load the model named by `spec` (see the module docstring).
+
+    Either on one `device` (default: CUDA if present), or, for HF folders, hub ids and GGUF files, spread by
+    `device_map` ("auto", "balanced", "balanced_low_0", "sequential", one device name, or a dict from module name
+    to device / "cpu" / "disk"), optionally capped per device by `max_memory` (e.g. `{0: "20GiB", "cpu": "60GiB"}`)
+    with "disk" modules kept in `offload_folder`. A dispatched model is never moved afterwards; each hook's
+    activation stays on the device of the module that computed it.
+    """
     if dtype not in DTYPES:
         raise InterplabError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
+    placement = _placement(device, device_map, max_memory, offload_folder)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown the messages that matter
     device = device or default_device()
     path = Path(spec).expanduser()
     if spec.lower() == SMOLLM2:
-        model, tokenizer = _load_gguf(smollm2_gguf_path(), DTYPES[dtype])
+        model, tokenizer = _load_gguf(smollm2_gguf_path(), DTYPES[dtype], placement)
     elif path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = _load_gguf(path, DTYPES[dtype])
+        model, tokenizer = _load_gguf(path, DTYPES[dtype], placement)
     elif path.is_dir():
-        return _load_folder(path, spec, device, dtype)
+        return _load_folder(path, spec, device, dtype, placement)
     elif path.suffix == ".gguf" or os.sep in spec or spec.startswith("."):
         raise InterplabError(f"model path '{spec}' does not exist; a model spec is {MODEL_SPEC_HELP}")
     elif _HUB_ID.match(spec):
-        model, tokenizer = _load_hub(spec, DTYPES[dtype])
+        model, tokenizer = _load_hub(spec, DTYPES[dtype], placement)
     else:
         raise InterplabError(f"unknown model spec '{spec}'; a model spec is {MODEL_SPEC_HELP}")
-    return HFHookedModel(model.to(device), tokenizer, spec)
+    return _hooked(model, tokenizer, spec, device, placement)
+
+
+def _placement(
+    device: str | None,
+    device_map: str | dict[str, Any] | None,
+    max_memory: dict[int | str, int | str] | None,
+    offload_folder: str | None,
+) -> dict[str, Any]:
+    """The from_pretrained keywords that place the model ({} for a plain load on one device), checked."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise InterplabError("max_memory and offload_folder only apply with device_map (e.g. device_map='auto')")
+        return {}
+    if device is not None:
+        raise InterplabError(
+            f"give device or device_map, not both (got device={device!r}, device_map={device_map!r}): device puts "
+            "the whole model on one device, device_map lets accelerate spread it over several"
+        )
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            _check_target(device_map, f"device_map {device_map!r}")
+    elif isinstance(device_map, dict) and device_map:
+        for module, target in device_map.items():
+            if not isinstance(module, str):
+                raise InterplabError(f"device_map keys are module names such as 'model.layers.3', got {module!r}")
+            _check_target(target, f"device_map[{module!r}] = {target!r}")
+    else:
+        raise InterplabError(f"device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device name, or a "
+                             f"non-empty dict from module name to device; got {device_map!r}")
+    placement: dict[str, Any] = {"device_map": device_map}
+    if max_memory is not None:
+        placement["max_memory"] = dict(max_memory)  # accelerate rewrites the sizes in place; keep the caller's
+    if offload_folder is not None:
+        placement["offload_folder"] = str(offload_folder)
+    return placement
+
+
+def _check_target(target: object, what: str) -> None:
+    """Raise unless `target` is somewhere accelerate can put a module: "disk", or a device this machine has."""
+    if target == "disk":
+        return
+    if isinstance(target, bool) or not isinstance(target, (int, str, torch.device)):
+        raise InterplabError(f"{what}: expected a GPU index, a device name ('cpu', 'cuda:1', ...) or 'disk'")
+    try:
+        device = torch.device(f"cuda:{target}" if isinstance(target, int) else target)
+    except (RuntimeError, ValueError):
+        raise InterplabError(f"{what} is neither a device name ('cpu', 'cuda:0', ...), 'disk', nor one of "
+                             f"{', '.join(DEVICE_MAP_STRATEGIES)}") from None
+    n_gpus = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= n_gpus:
+        raise InterplabError(f"{what}: no such CUDA device (this machine has {n_gpus})")
+
+
+def _check_device_map_modules(source: str, device_map: dict[str, Any]) -> None:
+    """Raise if `device_map` names a module the model lacks (transformers would silently put it on the CPU).
+
+    The check builds the model on the meta device, which costs no memory and no weights read.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = {name for name, _ in skeleton.named_modules()}
+    unknown = [key for key in device_map if key not in names]
+    if unknown:
+        arch = ARCHS.get(config.model_type)
+        paths = ("", arch.embed, f"{arch.blocks}.0", arch.final_norm, "lm_head") if arch else ("", "lm_head")
+        examples = ", ".join(repr(n) for n in paths)
+        raise InterplabError(f"device_map names modules {config.model_type} models do not have: {unknown[:5]}; "
+                             f"keys are module paths such as {examples}")
+
+
+def _hooked(model: Any, tokenizer: Any, spec: str, device: str, placement: dict[str, Any]) -> HookedModel:
+    # accelerate's hooks move each module's inputs to where its weights are; .to() would undo the placement.
+    return HFHookedModel(model if placement else model.to(device), tokenizer, spec)
 
 
 def smollm2_gguf_path() -> Path:
@@ -90,8 +188,12 @@ def gguf_architecture(path: Path) -> str:
         raise InterplabError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Dequantize a GGUF model through transformers, caching the result as an HF folder (a GGUF load is slow)."""
+def _load_gguf(path: Path, dtype: torch.dtype, placement: dict[str, Any]) -> tuple[Any, Any]:
+    """Dequantize a GGUF model through transformers, caching the result as an HF folder (a GGUF load is slow).
+
+    The dequantization holds the whole float32 model in CPU memory once; later loads read the cached folder, with
+    `placement` (a device_map) if given.
+    """
     if not path.is_file():
         raise InterplabError(f"GGUF file {path} does not exist")
     arch = gguf_architecture(path)
@@ -107,7 +209,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         _save_folder_atomic(cached, model, tokenizer)
-    return _load_hf_folder(cached, dtype)
+    return _load_hf_folder(cached, dtype, placement)
 
 
 def _gguf_cache_dir(path: Path) -> Path:
@@ -130,30 +232,33 @@ def _save_folder_atomic(folder: Path, model: Any, tokenizer: Any) -> None:
     tmp.rename(folder)
 
 
-def _load_folder(path: Path, spec: str, device: str, dtype: str) -> HookedModel:
+def _load_folder(path: Path, spec: str, device: str, dtype: str, placement: dict[str, Any]) -> HookedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         ggufs = sorted(path.glob("*.gguf"))
         hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
         raise InterplabError(f"folder {path} has no config.json{hint}; a model spec is {MODEL_SPEC_HELP}")
     marker = json.loads(config_file.read_text()).get("interplab_model")
+    if placement and marker in (TOY_MARKER, PLANTED_MARKER):
+        raise InterplabError(f"device_map applies to Hugging Face models; {path} is an interplab toy model, "
+                             "which fits on one device: pass device instead")
     if marker == TOY_MARKER:
         return ToyTransformer.load(path, device).to(DTYPES[dtype])
     if marker == PLANTED_MARKER:
         from interplab.synthetic.planted import PlantedTransformer
 
         return PlantedTransformer.load(path, device).to(DTYPES[dtype])
-    model, tokenizer = _load_hf_folder(path, DTYPES[dtype])
-    return HFHookedModel(model.to(device), tokenizer, spec)
+    model, tokenizer = _load_hf_folder(path, DTYPES[dtype], placement)
+    return _hooked(model, tokenizer, spec, device, placement)
 
 
-def _load_hf_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _load_hf_folder(path: Path, dtype: torch.dtype, placement: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoTokenizer
 
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in ARCHS:
         raise InterplabError(f"model type '{model_type}' in {path} is not supported; supported: {sorted(ARCHS)}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = _from_pretrained(str(path), dtype, placement)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):  # a folder may hold weights only; token ids still work
@@ -161,11 +266,27 @@ def _load_hf_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _load_hub(spec: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _from_pretrained(source: str, dtype: torch.dtype, placement: dict[str, Any]) -> Any:
+    """AutoModelForCausalLM.from_pretrained, with accelerate's dispatch when `placement` holds a device_map."""
+    from transformers import AutoModelForCausalLM
+
+    if not placement:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if isinstance(placement["device_map"], dict):
+        _check_device_map_modules(source, placement["device_map"])
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
+    except (ValueError, KeyError) as exc:  # transformers' and accelerate's checks of the map raise these
+        raise InterplabError(
+            f"could not place {source} with device_map={placement['device_map']!r}: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def _load_hub(spec: str, dtype: torch.dtype, placement: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
 
     try:
-        return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype), AutoTokenizer.from_pretrained(spec)
+        return _from_pretrained(spec, dtype, placement), AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as exc:
         raise InterplabError(
             f"could not load '{spec}' from the Hugging Face hub (offline, or no such model?): "

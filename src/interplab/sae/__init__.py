@@ -10,6 +10,8 @@
     train(TrainConfig(store="acts", arch="topk", k=[16, 32], expansion=[16], out="saes"))
 
 Every architecture shares `SparseAutoencoder` (base.py); top-k style training uses the sparse kernels of kernels.py.
+Under torchrun the trainer is data-parallel (data_parallel.py), or latent-sharded with --shard-latents
+(sharded.py, parallel_ops.py); `train_hooks` trains one run per hook, the hooks spread over the ranks (per_hook.py).
 """
 
 from interplab.sae.base import SparseAutoencoder, TrainOutput, load_sae, make_sae
@@ -17,7 +19,9 @@ from interplab.sae.batchtopk import BatchTopKSAE
 from interplab.sae.config import ARCHS, SAEConfig
 from interplab.sae.jumprelu import JumpReLUSAE
 from interplab.sae.matryoshka import MatryoshkaSAE
+from interplab.sae.per_hook import train_hooks
 from interplab.sae.relu import ReLUSAE
+from interplab.sae.sharded import ShardedTopKSAE
 from interplab.sae.topk import TopKSAE
 from interplab.sae.train_config import TrainConfig
 from interplab.sae.trainer import TrainResult, train
@@ -29,6 +33,7 @@ __all__ = [
     "MatryoshkaSAE",
     "ReLUSAE",
     "SAEConfig",
+    "ShardedTopKSAE",
     "SparseAutoencoder",
     "TopKSAE",
     "TrainConfig",
@@ -37,4 +42,5 @@ __all__ = [
     "load_sae",
     "make_sae",
     "train",
+    "train_hooks",
 ]

@@ -67,6 +67,9 @@ class SparseAutoencoder(nn.Module):
         if self.arch and cfg.arch != self.arch:
             raise InterplabError(f"{type(self).__name__} implements arch {self.arch!r}, the config says {cfg.arch!r}")
         self.cfg = cfg
+        self.batch_ranks = 1
+        """Data-parallel training: the ranks whose local batches make up one training batch. Batch-level choices
+        (BatchTopK's selection and threshold) are then taken over all of them; the trainer sets it."""
         d_in, d_sae = cfg.d_in, cfg.d_sae
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))

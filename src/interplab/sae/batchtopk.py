@@ -54,17 +54,22 @@ class BatchTopKSAE(TopKSAE):
 
     def _select(self, x_in: Float[Tensor, "batch d_in"], dead_mask: Tensor | None) -> Selection:
         return encode_select(x_in, self.W_enc, self.b_enc, self.cfg.k, batch_level=True, dead_mask=dead_mask,
-                             aux_k=self.cfg.aux_k)
+                             aux_k=self.cfg.aux_k, batch_ranks=self.batch_ranks)
 
     @torch.no_grad()
     def update_threshold(self, f: Float[Tensor, " nnz"]) -> None:
         """θ ← θ + λ_t (min kept positive activation − θ), λ_t = max(1/t, THRESHOLD_MIN_RATE)."""
         positive = f[f > 0]
-        if positive.numel() == 0:
+        smallest = positive.min() if positive.numel() else f.new_tensor(float("inf"))
+        if self.batch_ranks > 1:  # the smallest kept activation of the whole data-parallel batch
+            from interplab.distributed import all_reduce_min_
+
+            all_reduce_min_(smallest)
+        if not bool(torch.isfinite(smallest)):
             return
         self.threshold_updates += 1
         rate = max(1.0 / float(self.threshold_updates), THRESHOLD_MIN_RATE)
-        self.threshold += rate * (positive.min().to(self.threshold.dtype) - self.threshold)
+        self.threshold += rate * (smallest.to(self.threshold.dtype) - self.threshold)
 
     def _observe(self, f: Float[Tensor, " nnz"]) -> None:
         if torch.is_grad_enabled():  # a training step, not a validation pass under no_grad

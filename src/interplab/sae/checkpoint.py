@@ -148,7 +148,12 @@ def save_sae_folder(out: str, name: str, sae: Any, *, metadata: dict[str, Any], 
         if isinstance(fs, LocalFileSystem):
             os.replace(tmp, target)
         else:
-            fs.mv(tmp, target, recursive=True)
+            # Object stores have no folder to rename, and fsspec's recursive mv also copies the folder's own key,
+            # which S3 does not have (NoSuchKey): move the files one by one.
+            for src in fs.find(tmp):
+                fs.mv(src, join(target, posixpath.relpath(src, tmp)))
+            if fs.exists(tmp):
+                fs.rm(tmp, recursive=True)
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)

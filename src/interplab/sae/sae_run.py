@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 
+from interplab.distributed import all_reduce_sum_
 from interplab.sae.base import SparseAutoencoder, TrainOutput, make_sae
 from interplab.sae.config import SAEConfig
+from interplab.sae.data_parallel import reduce_gradients
 
 ADAM_BETAS = (0.9, 0.999)
 RESAMPLE_ENC_FRACTION = 0.2
@@ -24,13 +26,20 @@ _WINDOW = ("se", "tv", "l0", "loss")  # sums over the current logging window, ea
 class SAERun:
     """One SAE being trained: the SAE, its optimiser, its dead-latent counters and its metrics."""
 
-    def __init__(self, name: str, cfg: SAEConfig, device: torch.device | str, lr: float, seed: int) -> None:
+    def __init__(self, name: str, cfg: SAEConfig, device: torch.device | str, lr: float, seed: int,
+                 world_size: int = 1, sae: nn.Module | None = None) -> None:
         self.name, self.cfg = name, cfg
-        self.sae: SparseAutoencoder = make_sae(cfg).to(device)
+        self.world_size = world_size
+        """Data-parallel ranks sharing each batch (1: one process); see data_parallel.py."""
+        self.sae: SparseAutoencoder = (sae if sae is not None else make_sae(cfg)).to(device)
+        """The SAE, or this rank's slice of a latent-sharded one (sharded.py)."""
+        self.sae.batch_ranks = world_size
+        self.latent_shards: int = getattr(self.sae, "world_size", 1)
+        """Ranks the SAE's latents are split over (1: this rank holds them all)."""
         # fused: one kernel for the whole update, several times faster than the default on CPU as well as CUDA
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=ADAM_BETAS, fused=True)
-        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
-        """Tokens seen since each latent last fired."""
+        self.since_fired = torch.zeros(self.sae.W_dec.shape[0], dtype=torch.long, device=device)
+        """Tokens seen since each latent (of this rank's, when latent-sharded) last fired."""
         self.resample_gen = torch.Generator().manual_seed(seed)
         """Draws the inputs that resampled latents point to (CPU; its own, so sweeps stay independent)."""
         self.window = torch.zeros(len(_WINDOW), dtype=torch.float64, device=device)
@@ -48,26 +57,34 @@ class SAERun:
     def train_step(
         self, x: Float[Tensor, "batch d_in"], total_var: Tensor, lr: float, sparsity: float, dead_window: int
     ) -> TrainOutput | None:
-        """One optimiser step on `x`; returns the output, or None (and leaves the SAE untouched) if the loss is
-        not finite."""
+        """One optimiser step on `x` (this rank's rows of the batch when data-parallel; `total_var` is the whole
+        batch's); returns the output, or None (and leaves the SAE untouched) if the loss is not finite."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         coefficient = None if self.coefficient is None else self.coefficient * sparsity
         out = self.sae.training_forward(x, sparsity_coefficient=coefficient, dead_mask=self.dead_mask(dead_window))
-        if not bool(torch.isfinite(out.loss)):
-            return None
         out.loss.backward()
+        with torch.no_grad():
+            n = len(x)
+            se = (out.recon.detach() - x).pow(2).sum()
+            # Sums over rows, and fire counts: summed over ranks they describe the whole batch.
+            stats = torch.cat([torch.stack([out.loss.detach() * n, out.l0.detach() * n, se]), out.fired.float()])
+        if self.world_size > 1:
+            stats = reduce_gradients(self.sae.parameters(), stats, self.world_size)
+        loss_sum, l0_sum, se = stats[:3]
+        if not bool(torch.isfinite(loss_sum)):  # the same decision on every rank: loss_sum was reduced
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.sae.before_optimizer_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.sae.after_optimizer_step()
         with torch.no_grad():
-            n = len(x)
-            self.since_fired += n
-            self.since_fired[out.fired] = 0
-            se = (out.recon.detach() - x).pow(2).sum()
-            self.window += torch.stack([se, total_var, out.l0.detach() * n, out.loss.detach() * n]).double()
-            self.window_tokens += n
+            n_batch = n * self.world_size
+            self.since_fired += n_batch
+            self.since_fired[stats[3:] > 0] = 0
+            self.window += torch.stack([se, total_var.to(se), l0_sum, loss_sum]).double()
+            self.window_tokens += n_batch
         return out
 
     # ---- metrics --------------------------------------------------------------------------------------------
@@ -86,6 +103,9 @@ class SAERun:
     def log(self, step: int, tokens: int, lr: float, scale: float, dead_window: int) -> dict[str, float]:
         """Close the logging window: record its metrics in the history and start a new window."""
         entry = {"step": step, "tokens": tokens, "lr": lr, **self.window_metrics(scale, dead_window)}
+        if self.latent_shards > 1:  # every rank counts its own latents: a collective, so only here, on every rank
+            dead = all_reduce_sum_(self.dead_mask(dead_window).sum().double())
+            entry["dead_fraction"] = float(dead) / self.cfg.d_sae
         self.history.append(entry)
         self.window.zero_()
         self.window_tokens = 0

@@ -54,6 +54,7 @@ def encode_select(
     k: int,
     *,
     batch_level: bool = False,
+    batch_ranks: int = 1,
     dead_mask: Tensor | None = None,
     aux_k: int = 0,
     chunk: int = ENCODE_CHUNK,
@@ -61,7 +62,8 @@ def encode_select(
     """The dense encoder pass pre = x_in W_enc + b_enc, block by block, keeping only what training needs.
 
     Per token: the top k (TopK), or the top min(d_sae, 4k) candidates for the batch-level selection (BatchTopK);
-    and the top min(aux_k, n_dead) among dead latents (AuxK).
+    and the top min(aux_k, n_dead) among dead latents (AuxK). `batch_ranks` > 1: `x_in` is this rank's part of a
+    data-parallel batch split evenly over that many ranks, and the batch-level selection is over the whole batch.
     """
     batch, d_sae = x_in.shape[0], W_enc.shape[1]
     width = min(d_sae, 4 * k) if batch_level else k
@@ -90,7 +92,8 @@ def encode_select(
             torch.topk(pre.index_select(1, dead), k_aux, dim=-1, sorted=False,
                        out=(aux_vals[start:end], aux_idx[start:end]))
     if batch_level:
-        codes, values = _batch_level(vals, idx, k, d_sae, lambda rows: torch.addmm(b_enc, x_in[rows], W_enc))
+        codes, values = _batch_level(vals, idx, k, d_sae, lambda rows: torch.addmm(b_enc, x_in[rows], W_enc),
+                                     batch_ranks=batch_ranks)
     else:
         codes, values = SparseCodes.fixed_k(idx, d_sae), vals.reshape(-1)
     if dense_aux:
@@ -101,15 +104,21 @@ def encode_select(
 
 
 def _batch_level(cand_vals: Float[Tensor, "batch c"], cand_idx: Int[Tensor, "batch c"], k: int, d_sae: int,
-                 pre_rows: Callable[[Tensor], Tensor]) -> tuple[SparseCodes, Float[Tensor, " nnz"]]:
+                 pre_rows: Callable[[Tensor], Tensor], batch_ranks: int = 1,
+                 ) -> tuple[SparseCodes, Float[Tensor, " nnz"]]:
     """The k·batch largest positive pre-activations of the batch, from each token's top candidates.
 
     A token whose candidates were all chosen might own more of the batch's top entries: its candidate list is
     widened (pre-activations recomputed for those tokens only by `pre_rows`) and the selection repeated. Every
     other token had a candidate left out, so nothing below its candidates can be chosen: the result is exact.
+
+    Data-parallel (`batch_ranks` = R > 1, the batch split evenly over R ranks): n = k·batch·R entries are chosen
+    over all ranks. The global top n lies within the union of each rank's local top n, so each rank selects its
+    local top n as above, the ranks exchange those values (R·n floats), and each keeps its entries at or above
+    the n-th largest of them. Ties at that threshold (measure zero for real-valued activations) keep all tied.
     """
     batch, c = cand_vals.shape
-    n = k * batch
+    n = k * batch * batch_ranks
     cand_v, cand_c = cand_vals.reshape(-1), cand_idx.reshape(-1)
     cand_r = torch.arange(batch, device=cand_v.device).repeat_interleave(c)
     width = torch.full((batch,), c, device=cand_v.device)
@@ -126,11 +135,22 @@ def _batch_level(cand_vals: Float[Tensor, "batch c"], cand_idx: Int[Tensor, "bat
         cand_c = torch.cat([cand_c[keep], i.reshape(-1)])
         cand_r = torch.cat([cand_r[keep], saturated.repeat_interleave(wider)])
         width[saturated] = wider
-    positive = top_v > 0
-    top_v, top_p = top_v[positive], top_p[positive]
+    keep = top_v > 0
+    if batch_ranks > 1:
+        keep &= top_v >= _threshold_over_ranks(top_v, n)
+    top_v, top_p = top_v[keep], top_p[keep]
     codes, order = SparseCodes.from_rows_cols(cand_r.index_select(0, top_p), cand_c.index_select(0, top_p),
                                               batch, d_sae)
     return codes, top_v.index_select(0, order)
+
+
+def _threshold_over_ranks(local_top: Float[Tensor, " m"], n: int) -> Tensor:
+    """The n-th largest value among every rank's `local_top` (each rank's top m <= n values)."""
+    from interplab.distributed import all_gather_cat
+
+    padded = local_top.new_full((n,), float("-inf"))
+    padded[: local_top.numel()] = local_top
+    return all_gather_cat(padded).topk(n, sorted=False).values.min()
 
 
 @torch.no_grad()

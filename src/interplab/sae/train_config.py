@@ -45,6 +45,10 @@ class TrainConfig:
     """Activation store (folder or fsspec URL) written by `interplab harvest`; or give --model/--hook/--corpus."""
     hook: str | None = None
     """Hook point to train on (default with --store: the store's only hook; required with --model)."""
+    hooks: list[str] = field(default_factory=list)
+    """Instead of --hook: train one run (the whole sweep) per hook, each in OUT/<hook>/. Under torchrun the hooks
+    are spread over the ranks (rank r trains hooks r, r+N, ... of N ranks), each rank on its own with no
+    communication between ranks; otherwise they train one after another."""
     model: str | None = None
     """Stream mode: model spec to run directly on --corpus (no store is written)."""
     synthetic: str | None = None
@@ -117,7 +121,11 @@ class TrainConfig:
     seed: int = 0
     """Seed of the initialisation, the data shuffle and the resampling."""
     device: str | None = None
-    """Device to train on (default: cuda if available, else cpu)."""
+    """Device to train on (default: cuda if available, else cpu; under torchrun each rank's own GPU)."""
+    shard_latents: bool = False
+    """Under torchrun: split each SAE's latents over the ranks instead of the batch (rank r of N holds d_sae/N of
+    them, every rank reads the whole batch, the TopK is chosen over all ranks), for dictionaries too large for one
+    device. topk only; equal to the unsharded SAE up to float rounding. Without torchrun it changes nothing."""
     resume: bool = False
     """Continue an interrupted run in --out from its last checkpoint (ends bit-identical to an uninterrupted run)."""
     wandb_project: str | None = None
@@ -131,7 +139,16 @@ class TrainConfig:
             got = f"; got --{', --'.join(sources)}" if sources else ""
             raise InterplabError("give one of --store DIR (a harvested store), --model with --hook (stream mode) or "
                                  f"--synthetic SPEC (planted features){got}")
-        if self.model is not None and not self.hook:
+        if self.shard_latents and (self.arch != "topk" or self.resample_every or self.hooks):
+            raise InterplabError("--shard-latents trains topk SAEs (got --arch {}) without --resample-every and "
+                                 "without --hooks".format(self.arch))
+        if self.hooks:
+            if self.hook is not None or self.synthetic is not None:
+                raise InterplabError("--hooks trains one run per hook of a store or a model: give it without "
+                                     "--hook and without --synthetic")
+            if len(set(self.hooks)) != len(self.hooks):
+                raise InterplabError(f"--hooks lists a hook twice: {self.hooks}")
+        elif self.model is not None and not self.hook:
             raise InterplabError("stream mode (--model) needs --hook, e.g. blocks.6.hook_resid_post")
         if self.tokens is not None and self.tokens < 1:
             raise InterplabError(f"--tokens must be a positive number of tokens, got {self.tokens}")

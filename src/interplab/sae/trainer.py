@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from interplab import distributed as D
 from interplab.activations.store import NonFiniteShardError
 from interplab.errors import InterplabError
 from interplab.fileio import join
@@ -55,7 +56,7 @@ class TrainResult(NamedTuple):
     """The SAEs of the sweep, in order; each is saved in OUT/<name>."""
     saes: dict[str, SparseAutoencoder]
     """The trained SAEs as they were during training: they read activations x `scale` (the saved ones read raw
-    activations). Empty if the run was already complete."""
+    activations); with --shard-latents under torchrun, this rank's slices. Empty if the run was already complete."""
     scale: float
     """Normalisation factor the activations were multiplied by (1.0 without --normalize)."""
     metrics: dict[str, dict[str, Any]]
@@ -70,12 +71,26 @@ class TrainResult(NamedTuple):
     """OUT held this complete run before the call: nothing was done."""
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, callback: Callable[["Trainer"], None] | None = None
-          ) -> TrainResult:
-    """Train the sweep `cfg` describes; `callback(trainer)` runs after each step (tests use it to stop a run)."""
+def train(cfg: TrainConfig, *, progress: bool = True, callback: Callable[["Trainer"], None] | None = None,
+          data_parallel: bool = True) -> TrainResult:
+    """Train the sweep `cfg` describes; `callback(trainer)` runs after each step (tests use it to stop a run).
+
+    Under torchrun the run is data-parallel over the ranks (unless `data_parallel=False`, which trains on this
+    rank alone): each rank trains on its share of every batch, the gradients are averaged (data_parallel.py), and
+    rank 0 writes the checkpoints and the results. The checkpoint does not depend on the number of ranks, so a run
+    may resume on a different number of them.
+    """
     cfg.validate()
-    wandb = _import_wandb() if cfg.wandb_project else None
+    if cfg.hooks:
+        raise InterplabError("this config trains one run per hook (--hooks): call interplab.sae.per_hook.train_hooks")
+    ranks = D.ranks() if data_parallel else D.Ranks(0, 1, 0)
+    if ranks.distributed:
+        _check_data_parallel(cfg, ranks)
+        D.init(D.rank_device(cfg.device))
+    wandb = _import_wandb() if cfg.wandb_project and ranks.is_main else None
     folder = inspect_run_folder(cfg.out, cfg.identity())
+    if ranks.distributed:
+        D.barrier()  # every rank has read --out before rank 0 writes to it
     if folder.status == "complete":
         s = folder.summary or {}
         return TrainResult(cfg.out, list(s.get("saes", {})), {}, float(s.get("input_scale", 1.0)),
@@ -85,8 +100,19 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: Callable[["Train
         at = f"checkpoint at step {folder.checkpoint['step']}" if folder.checkpoint else "no checkpoint yet"
         raise InterplabError(f"{cfg.out} holds a partial run ({at}); pass --resume to continue it, "
                              "or delete it to start over")
-    trainer = Trainer(cfg, folder.checkpoint, progress=progress, callback=callback)
+    trainer = Trainer(cfg, folder.checkpoint, progress=progress, callback=callback, ranks=ranks)
     return trainer.run(wandb)
+
+
+def _check_data_parallel(cfg: TrainConfig, ranks: D.Ranks) -> None:
+    """What data-parallel training needs of the config, checked before joining the process group."""
+    if cfg.batch_size % ranks.world_size:
+        raise InterplabError(f"--batch-size {cfg.batch_size} does not split evenly over {ranks.world_size} ranks; "
+                             f"use a multiple of {ranks.world_size} (it is the whole batch, summed over ranks)")
+    if cfg.model is not None:
+        raise InterplabError("stream mode (--model) under torchrun would run the model on every rank for the same "
+                             "batches: harvest a store first (torchrun ... -m interplab harvest), then train with "
+                             "--store; or train one hook per rank with --hooks")
 
 
 def _import_wandb() -> Any:
@@ -118,11 +144,14 @@ class Trainer:
     """The training loop of one run. Everything is checked in __init__, before anything is written."""
 
     def __init__(self, cfg: TrainConfig, checkpoint: dict[str, Any] | None, *, progress: bool = True,
-                 callback: Callable[["Trainer"], None] | None = None) -> None:
-        from interplab.models.load import default_device
-
-        self.cfg, self.progress, self.callback = cfg, progress, callback
-        self.device = torch.device(cfg.device or default_device())
+                 callback: Callable[["Trainer"], None] | None = None, ranks: D.Ranks = D.Ranks(0, 1, 0)) -> None:
+        self.cfg, self.callback, self.ranks = cfg, callback, ranks
+        self.progress = progress and ranks.is_main
+        self.latent_shards = ranks.world_size if cfg.shard_latents else 1
+        """Ranks each SAE's latents are split over (--shard-latents under torchrun; 1 otherwise)."""
+        self.batch_ranks = 1 if cfg.shard_latents else ranks.world_size
+        """Ranks each batch is split over (data-parallel training; 1 otherwise)."""
+        self.device = torch.device(D.rank_device(cfg.device))
         self.source = open_source(cfg)
         self.d_in = self.source.d_in
         self.n_steps = cfg.n_steps(cfg.tokens or self.source.tokens_per_pass)
@@ -131,16 +160,29 @@ class Trainer:
         for point in points:
             point.cfg.hook_name, point.cfg.model = self.source.hook, self.source.model_spec
             point.cfg.validate()
-        self.runs = {p.name: SAERun(p.name, p.cfg, self.device, cfg.lr, cfg.seed) for p in points}
+        self.runs = {p.name: SAERun(p.name, p.cfg, self.device, cfg.lr, cfg.seed, self.batch_ranks,
+                                    sae=self._sharded(p.cfg)) for p in points}
         self.step, self.scale = 0, 1.0
         self.batch: torch.Tensor | None = None
         """The (normalised) batch of the latest step, for callbacks."""
         if checkpoint is not None:
             self._restore(checkpoint)
 
+    def _sharded(self, cfg: Any) -> Any:
+        """This rank's slice of a latent-sharded SAE, or None (SAERun then builds the whole SAE)."""
+        if self.latent_shards == 1:
+            return None
+        from interplab.sae.sharded import ShardedTopKSAE
+
+        return ShardedTopKSAE(cfg, self.ranks.rank, self.latent_shards)
+
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _restore(self, ckpt: dict[str, Any]) -> None:
         where = f"the checkpoint in {self.cfg.out}"
+        if ckpt.get("latent_shards", 1) != self.latent_shards:
+            raise InterplabError(f"{where} holds SAEs whose latents are split over {ckpt.get('latent_shards', 1)} "
+                                 f"rank(s), this run splits them over {self.latent_shards}: resume with the same "
+                                 "number of ranks (torchrun --nproc_per_node)")
         if ckpt["d_in"] != self.d_in:
             raise InterplabError(f"{self.source.describe} has width d={self.d_in}, but {where} was trained on "
                                  f"d_in={ckpt['d_in']}; point --out elsewhere or use the original data")
@@ -148,16 +190,25 @@ class Trainer:
             raise InterplabError(f"{where} holds SAEs {sorted(ckpt['runs'])}, this run trains {sorted(self.runs)}; "
                                  "delete it to start over")
         for name, run in self.runs.items():
-            run.load_state_dict(ckpt["runs"][name])
+            state = ckpt["runs"][name]
+            run.load_state_dict(state[self.ranks.rank] if self.latent_shards > 1 else state)
         self.step, self.scale = int(ckpt["step"]), float(ckpt["scale"])
         torch.set_rng_state(ckpt["torch_rng"])
 
     def _checkpoint(self) -> None:
-        save_checkpoint(self.cfg.out, {
-            "config": self.cfg.identity(), "d_in": self.d_in, "step": self.step, "scale": self.scale,
-            "torch_rng": torch.get_rng_state(), "runs": {name: run.state_dict() for name, run in self.runs.items()},
-        })
+        """Rank 0 writes the checkpoint: the state every rank shares, or (latent-sharded) every rank's slice."""
         self.last_checkpoint = self.step
+        runs: Any = {name: run.state_dict() for name, run in self.runs.items()}
+        if self.latent_shards > 1:
+            per_rank = D.gather_objects(runs)
+            runs = {name: [states[name] for states in per_rank] for name in self.runs} if per_rank else None
+        if self.ranks.is_main:
+            save_checkpoint(self.cfg.out, {
+                "config": self.cfg.identity(), "d_in": self.d_in, "step": self.step, "scale": self.scale,
+                "torch_rng": torch.get_rng_state(), "runs": runs, "latent_shards": self.latent_shards,
+            })
+        if self.ranks.distributed:
+            D.barrier()  # no rank runs ahead of a checkpoint (a rank stopped now resumes from this one)
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self, wandb: Any = None) -> TrainResult:
@@ -168,8 +219,9 @@ class Trainer:
         if self.step == 0:
             torch.manual_seed(cfg.seed)
             batches = self._initialize(batches)
-        remove_stale_tmp(cfg.out)
-        write_json(join(cfg.out, RUN_CONFIG), cfg.identity())  # from here on, --out holds this run
+        if self.ranks.is_main:
+            remove_stale_tmp(cfg.out)
+            write_json(join(cfg.out, RUN_CONFIG), cfg.identity())  # from here on, --out holds this run
         per_pass = getattr(self.source, "tokens_per_pass", None)
         if self.progress and per_pass and self.n_steps * B > per_pass and resumed_from == 0:
             tqdm.write(f"note: {self.source.describe} holds {per_pass:,} tokens of whole batches; training on "
@@ -209,6 +261,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         tokens_per_s = (self.step - resumed_from) * B / seconds if seconds > 0 else 0.0
         metrics = self._save(tokens_per_s)
+        if self.ranks.distributed:
+            D.barrier()  # on every rank, returning means the run folder is complete
         return TrainResult(cfg.out, list(self.runs), {n: r.sae for n, r in self.runs.items()}, self.scale, metrics,
                            self.n_steps, self.n_steps * B, tokens_per_s, resumed_from, False)
 
@@ -243,13 +297,16 @@ class Trainer:
         return f"training stopped, {kept}"
 
     def _train_step(self, x: torch.Tensor, step: int) -> None:
+        """One step of every SAE on the batch `x` (every rank reads the whole batch and trains on its share)."""
         x = x.to(self.device, torch.float32)
         if self.scale != 1.0:
             x = x * self.scale
         total_var = (x - x.mean(0)).pow(2).sum()
         lr, sparsity = self.cfg.lr_at(step, self.n_steps), self.cfg.sparsity_factor(step)
+        share = len(x) // self.batch_ranks
+        x_rank = x[self.ranks.rank * share:(self.ranks.rank + 1) * share] if self.batch_ranks > 1 else x
         for name, run in self.runs.items():
-            if run.train_step(x, total_var, lr, sparsity, self.dead_window) is None:
+            if run.train_step(x_rank, total_var, lr, sparsity, self.dead_window) is None:
                 raise InterplabError(f"step {step + 1}: the loss of {name} is not finite; {self._stopped()}; "
                                      "try a lower --lr")
         self.step, self.batch = step + 1, x
@@ -266,14 +323,26 @@ class Trainer:
                 f"dead={col('dead_fraction', '.1%')}")
 
     # ---- the end --------------------------------------------------------------------------------------------
+    def _final_metrics(self, tokens_per_s: float) -> dict[str, dict[str, Any]]:
+        return {name: {"name": name, "steps": self.n_steps, **run.history[-1], "tokens_per_s": tokens_per_s,
+                       "input_scale": self.scale, "dead_window_tokens": self.dead_window}
+                for name, run in self.runs.items()}
+
+    def _whole_sae(self, run: SAERun) -> SparseAutoencoder | None:
+        """A copy of the whole SAE on rank 0 (gathered from every rank when latent-sharded); None elsewhere."""
+        if self.latent_shards > 1:
+            return run.sae.gather_full()  # a collective: every rank calls it
+        return copy.deepcopy(run.sae) if self.ranks.is_main else None
+
     def _save(self, tokens_per_s: float) -> dict[str, dict[str, Any]]:
-        """Save every SAE (normalisation folded in) with its config and metrics; then mark the run complete."""
-        cfg, finals = self.cfg, {}
+        """Save every SAE (normalisation folded in) with its config and metrics; then mark the run complete.
+        Every rank calls it (a latent-sharded SAE is gathered to rank 0); only rank 0 writes."""
+        cfg, finals = self.cfg, self._final_metrics(tokens_per_s)
         for name, run in self.runs.items():
-            final = {"name": name, "steps": self.n_steps, **run.history[-1], "tokens_per_s": tokens_per_s,
-                     "input_scale": self.scale, "dead_window_tokens": self.dead_window}
-            finals[name] = final
-            sae = copy.deepcopy(run.sae)
+            final = finals[name]
+            sae = self._whole_sae(run)
+            if sae is None:
+                continue
             if self.scale != 1.0:
                 sae.fold_input_scale(self.scale)
             config = {"train_config": asdict(cfg), "sae_config": run.cfg.to_dict(), "input_scale": self.scale,
@@ -281,6 +350,8 @@ class Trainer:
             metadata = {"interplab_run": name, "input_scale_folded": self.scale, "trained_tokens": final["tokens"]}
             save_sae_folder(cfg.out, name, sae, metadata=metadata,
                             files={"train_config.json": config, "metrics.json": {**final, "history": run.history}})
+        if not self.ranks.is_main:
+            return finals
         write_json(join(cfg.out, SUMMARY), {"complete": True, "steps": self.n_steps,
                                             "tokens": self.n_steps * cfg.batch_size, "input_scale": self.scale,
                                             "tokens_per_s": tokens_per_s, "saes": finals})

@@ -1,0 +1,103 @@
+"""Communication for latent-sharded (tensor-parallel) dictionaries: two autograd ops and the global TopK.
+
+Every rank holds the same batch and a slice of the latents. Two ops carry values and gradients between the ranks
+(Megatron-LM's f and g, Shoeybi et al. 2019):
+
+    copy_to_ranks(x)     forward  y_r = x on every rank r            backward  ∂L/∂x = Σ_r ∂L/∂y_r   (all-reduce)
+    sum_over_ranks(p_r)  forward  y = Σ_r p_r, the same on all ranks  backward  ∂L/∂p_r = ∂L/∂y        (identity)
+
+Once a value is summed over ranks the rest of the computation, hence the loss L, is replicated: every rank holds
+∂L/∂y and calling backward on each rank's copy of L gives each rank the exact gradient of its own parameters (not
+W times it). A tensor that every rank reads into its own slice (the encoder input) needs the sum of the ranks'
+gradients, which `copy_to_ranks` supplies in its backward.
+
+Outside a process group (or in a group of one) every function here is a no-op, so the same code runs unsharded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from interplab.distributed import all_gather_cat, all_reduce_sum_
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    """A new tensor holding the sum of `t` over ranks."""
+    return all_reduce_sum_(t.contiguous().clone())
+
+
+class _CopyToRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        return _all_reduce_sum(g)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return _all_reduce_sum(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        return g
+
+
+def copy_to_ranks(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """Identity forward; backward all-reduces (sums) the gradient over ranks.
+
+    For an input x that every rank r feeds into its own branch y_r = x, ∂L/∂x = Σ_r ∂L/∂y_r; each rank computes
+    only its own term, and the all-reduce gives every rank the sum.
+    """
+    return _CopyToRanks.apply(x)
+
+
+def sum_over_ranks(partial: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """All-reduce (sum) forward; identity backward.
+
+    y = Σ_r p_r is replicated, so ∂L/∂p_r = ∂L/∂y, which every rank already holds: no communication backward.
+    """
+    return _SumOverRanks.apply(partial)
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum over ranks of a tensor outside autograd (counts, statistics); returns a new tensor."""
+    return _all_reduce_sum(t.detach())
+
+
+def all_gather_columns(t: Float[Tensor, "batch c"]) -> Float[Tensor, "batch world_c"]:
+    """Every rank's [batch, c] tensor side by side, in rank order: column block r comes from rank r."""
+    return all_gather_cat(t, dim=1)
+
+
+@torch.no_grad()
+def global_topk(pre: Float[Tensor, "batch m"], k: int, rank: int, world_size: int) -> Bool[Tensor, "batch m"]:
+    """Which of this rank's latents are among each token's k largest pre-activations over all ranks.
+
+    Each rank takes its local top c = min(k, m) (values and indices; the candidates sorted by latent index) and
+    all-gathers the values into [batch, W·c], rank-major. A stable descending sort of each row keeps the first k
+    positions: the global top k, whose smallest value is the token's threshold τ. A local candidate survives iff
+    its position is among them, so every token keeps exactly k latents: all those with pre > τ, and of those equal
+    to τ the ones of lower rank first, then of lower latent index (torch.topk decides, as in the unsharded TopK,
+    which entries equal to τ enter a rank's candidate list when more than c of them tie there).
+
+    `pre` may hold -inf (excluded latents); the caller must make sure every token has at least k finite entries
+    over all ranks. With world_size = 1 this is the plain per-token top k.
+    """
+    batch, m = pre.shape
+    c = min(k, m)
+    values, idx = pre.topk(c, dim=-1, sorted=False)                     # [batch c]
+    idx, order = idx.sort(dim=-1)                                        # candidates by latent index
+    values = values.gather(1, order)
+    gathered = all_gather_columns(values) if world_size > 1 else values  # [batch W·c]
+    first = gathered.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # [batch k]
+    chosen = torch.zeros_like(gathered, dtype=torch.bool).scatter_(1, first, True)
+    mine = chosen[:, rank * c:(rank + 1) * c]                            # [batch c]
+    return torch.zeros_like(pre, dtype=torch.bool).scatter_(1, idx, mine)
