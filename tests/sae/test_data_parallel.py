@@ -106,7 +106,7 @@ def _rank_pids(job: str) -> dict[int, int]:
 
 @pytest.mark.slow
 def test_killing_one_rank_fails_the_job_cleanly_and_resume_finishes_it(tmp_path, torchrun):
-    cfg = TrainConfig(synthetic="sparse", arch="topk", k=[8], expansion=[4], tokens=1200 * 256, batch_size=256,
+    cfg = TrainConfig(synthetic="sparse", arch="topk", k=[8], expansion=[4], tokens=600 * 256, batch_size=256,
                       lr=1e-3, log_every=100, checkpoint_every=40, out=str(tmp_path / "two"))
     job = uuid.uuid4().hex
     env = {**os.environ, "OMP_NUM_THREADS": "1", "INTERPLAB_TEST_JOB": job}
@@ -129,13 +129,15 @@ def test_killing_one_rank_fails_the_job_cleanly_and_resume_finishes_it(tmp_path,
     assert "Signals.SIGKILL" in stderr or "SIGKILL" in stderr, stderr[-3000:]
     assert not (tmp_path / "two" / "metrics.json").exists()  # not marked complete
     resumed_at = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["step"]
-    assert 0 < resumed_at < 1200
+    assert 0 < resumed_at < 600
 
     done = torchrun(["-m", "interplab", "sae", "train", *flags(cfg), "--resume"])
     assert f"resumed at step {resumed_at}" in done.stdout
-    cfg.out = str(tmp_path / "one")
-    train(cfg, progress=False)  # uninterrupted, one process
-    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-4)
+    cfg.out = str(tmp_path / "uninterrupted")
+    torchrun(["-m", "interplab", "sae", "train", *flags(cfg)])
+    # The same job, never interrupted: a checkpoint holds everything a step depends on, so bit for bit. (Against one
+    # process the runs agree only to float rounding, which TopK's choices amplify over many steps.)
+    assert_same_run(tmp_path / "uninterrupted", tmp_path / "two", atol=0.0)
 
 
 def two_hook_store(path: Path) -> tuple[str, str]:

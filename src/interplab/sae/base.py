@@ -114,11 +114,7 @@ class SparseAutoencoder(nn.Module):
     def _init_directions(self, seed: int) -> None:
         """W_dec rows: random unit vectors from a seeded generator; W_enc = W_dec.T; b_enc = 0."""
         g = torch.Generator().manual_seed(seed)
-        W = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=g, dtype=torch.float32)
-        W /= W.norm(dim=1, keepdim=True)
-        self.W_dec.copy_(W)
-        self.W_enc.copy_(W.T)
-        self.b_enc.zero_()
+        set_tied_directions_(self, torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=g, dtype=torch.float32))
 
     @torch.no_grad()
     def initialize(self, sample: Float[Tensor, "n d_in"], *, b_dec_init: str = "mean", seed: int = 0) -> None:
@@ -127,19 +123,7 @@ class SparseAutoencoder(nn.Module):
         b_dec = the sample's mean, or its geometric median (`b_dec_init="geometric_median"`, a few Weiszfeld
         iterations), or zero (`"zeros"`); W_dec rows random unit vectors (seeded); W_enc = W_dec.T; b_enc = 0.
         """
-        if sample.ndim != 2 or sample.shape[1] != self.cfg.d_in:
-            raise InterplabError(f"initialize needs a sample of shape [n, {self.cfg.d_in}], got {tuple(sample.shape)}")
-        self._init_directions(seed)
-        sample = sample.to(self.b_dec.device, torch.float32)
-        if b_dec_init == "mean":
-            center = sample.mean(0)
-        elif b_dec_init == "geometric_median":
-            center = geometric_median(sample)
-        elif b_dec_init == "zeros":
-            center = torch.zeros_like(self.b_dec)
-        else:
-            raise InterplabError(f"unknown b_dec_init {b_dec_init!r}; valid: mean, geometric_median, zeros")
-        self.b_dec.copy_(center)
+        initialize_from_sample(self, sample, b_dec_init=b_dec_init, seed=seed)
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -148,18 +132,14 @@ class SparseAutoencoder(nn.Module):
         With unit rows w_i, the update g_i ← g_i − (g_i·w_i) w_i moves w_i tangentially to the unit sphere, so that
         the renormalisation after the step changes it as little as possible (Bricken et al. 2023).
         """
-        if not self.decoder_constrained or self.W_dec.grad is None:
-            return
-        W, G = self.W_dec, self.W_dec.grad                                            # [d_sae d_in]
-        parallel = torch.linalg.vecdot(G, W, dim=1) / torch.linalg.vecdot(W, W, dim=1).clamp_min(1e-12)  # [d_sae]
-        G.addcmul_(W, parallel[:, None], value=-1.0)
+        if self.decoder_constrained and self.W_dec.grad is not None:
+            remove_parallel_component_(self.W_dec.grad, self.W_dec)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Decoder-constrained archs: renormalise every W_dec row to unit norm."""
-        if not self.decoder_constrained:
-            return
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if self.decoder_constrained:
+            normalize_rows_(self.W_dec)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
@@ -216,6 +196,47 @@ class SparseAutoencoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"arch={self.cfg.arch}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}"
+
+
+@torch.no_grad()
+def set_tied_directions_(sae: nn.Module, W: Float[Tensor, "d_sae d_in"]) -> None:
+    """W_dec = W with unit rows, W_enc = W_decᵀ, b_enc = 0 (W is normalised in place)."""
+    W /= W.norm(dim=1, keepdim=True)
+    sae.W_dec.copy_(W)
+    sae.W_enc.copy_(W.T)
+    sae.b_enc.zero_()
+
+
+@torch.no_grad()
+def initialize_from_sample(sae: nn.Module, sample: Float[Tensor, "n d_in"], *, b_dec_init: str, seed: int) -> None:
+    """`SparseAutoencoder.initialize` for any module with W_dec, b_dec and `_init_directions(seed)` (also the
+    latent-sharded SAE, whose `_init_directions` draws only its own rows)."""
+    d_in = sae.b_dec.shape[0]
+    if sample.ndim != 2 or sample.shape[1] != d_in:
+        raise InterplabError(f"initialize needs a sample of shape [n, {d_in}], got {tuple(sample.shape)}")
+    if b_dec_init not in ("mean", "geometric_median", "zeros"):
+        raise InterplabError(f"unknown b_dec_init {b_dec_init!r}; valid: mean, geometric_median, zeros")
+    sae._init_directions(seed)
+    sample = sample.to(sae.b_dec.device, torch.float32)
+    if b_dec_init == "mean":
+        sae.b_dec.copy_(sample.mean(0))
+    elif b_dec_init == "geometric_median":
+        sae.b_dec.copy_(geometric_median(sample))
+    else:
+        sae.b_dec.zero_()
+
+
+@torch.no_grad()
+def remove_parallel_component_(grad: Float[Tensor, "n d"], W: Float[Tensor, "n d"]) -> None:
+    """g_i ← g_i − (g_i·w_i) w_i / ‖w_i‖² for every row, in place (row-wise, so it applies to any slice of rows)."""
+    parallel = torch.linalg.vecdot(grad, W, dim=1) / torch.linalg.vecdot(W, W, dim=1).clamp_min(1e-12)  # [n]
+    grad.addcmul_(W, parallel[:, None], value=-1.0)
+
+
+@torch.no_grad()
+def normalize_rows_(W: Float[Tensor, "n d"]) -> None:
+    """Every row of W to unit norm, in place."""
+    W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @torch.no_grad()

@@ -31,7 +31,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from interplab.errors import InterplabError
-from interplab.sae.base import TrainOutput, geometric_median
+from interplab.sae.base import (
+    TrainOutput,
+    initialize_from_sample,
+    normalize_rows_,
+    remove_parallel_component_,
+    set_tied_directions_,
+)
 from interplab.sae.config import SAEConfig
 from interplab.sae.parallel_ops import all_reduce_sum, copy_to_ranks, global_topk, sum_over_ranks
 from interplab.sae.topk import TopKSAE
@@ -138,29 +144,14 @@ class ShardedTopKSAE(nn.Module):
             if stop > lo:
                 kept.append(block[max(lo - start, 0):min(hi, stop) - start])
             start = stop
-        W = torch.cat(kept)
-        W /= W.norm(dim=1, keepdim=True)
-        self.W_dec.copy_(W)
-        self.W_enc.copy_(W.T)
-        self.b_enc.zero_()
+        set_tied_directions_(self, torch.cat(kept))
 
     @torch.no_grad()
     def initialize(self, sample: Float[Tensor, "n d_in"], *, b_dec_init: str = "mean", seed: int = 0) -> None:
         """SparseAutoencoder.initialize of the full SAE, then sliced: this rank's seeded unit decoder rows,
         W_enc = W_dec.T, b_enc = 0, and b_dec the sample's mean / geometric median / zero (the same sample must be
         given on every rank, so that the replicated b_dec agrees). No communication."""
-        if sample.ndim != 2 or sample.shape[1] != self.cfg.d_in:
-            raise InterplabError(f"initialize needs a sample of shape [n, {self.cfg.d_in}], got {tuple(sample.shape)}")
-        if b_dec_init not in ("mean", "geometric_median", "zeros"):
-            raise InterplabError(f"unknown b_dec_init {b_dec_init!r}; valid: mean, geometric_median, zeros")
-        self._init_directions(seed)
-        sample = sample.to(self.b_dec.device, torch.float32)
-        if b_dec_init == "mean":
-            self.b_dec.copy_(sample.mean(0))
-        elif b_dec_init == "geometric_median":
-            self.b_dec.copy_(geometric_median(sample))
-        else:
-            self.b_dec.zero_()
+        initialize_from_sample(self, sample, b_dec_init=b_dec_init, seed=seed)
 
     # ---- the forward pass -------------------------------------------------------------------------------------
     def _check_group(self) -> None:
@@ -267,16 +258,13 @@ class ShardedTopKSAE(nn.Module):
     def before_optimizer_step(self) -> None:
         """SparseAutoencoder.before_optimizer_step on this rank's decoder rows: g_i ← g_i − (g_i·w_i) w_i/‖w_i‖²,
         which is row-wise, hence the same as on the whole decoder."""
-        if self.W_dec.grad is None:
-            return
-        W, G = self.W_dec, self.W_dec.grad                                                      # [m d_in]
-        parallel = torch.linalg.vecdot(G, W, dim=1) / torch.linalg.vecdot(W, W, dim=1).clamp_min(1e-12)  # [m]
-        G.addcmul_(W, parallel[:, None], value=-1.0)
+        if self.W_dec.grad is not None:
+            remove_parallel_component_(self.W_dec.grad, self.W_dec)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Renormalise this rank's decoder rows to unit norm (as SparseAutoencoder.after_optimizer_step)."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        normalize_rows_(self.W_dec)
 
     def extra_repr(self) -> str:
         return (f"d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, k={self.cfg.k}, rank={self.rank}, "
