@@ -351,6 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterplab {command}: interrupted; {kept}, rerun with --resume to continue", file=sys.stderr)
         return 130
     except Exception as exc:
+        if type(exc).__name__ in _CREDENTIAL_ERRORS:  # botocore's, raised on first access to s3:// (never imported)
+            sys.stderr.write(f"interplab {command}: error: {exc}; s3:// reads credentials from the environment: "
+                             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN for temporary ones), "
+                             "or AWS_PROFILE (a profile of ~/.aws/credentials); see docs/big-models.md\n")
+            return 2
         if not _is_dist_error(exc):
             raise
         # Another rank of a torchrun job died (killed, out of memory, a bug): this one cannot go on alone.
@@ -367,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         shutdown()
     return 0
+
+
+_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError")
 
 
 def _is_dist_error(exc: BaseException) -> bool:

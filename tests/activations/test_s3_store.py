@@ -16,6 +16,7 @@ import torch
 
 from interplab.activations import ActivationStore, StoreWriter
 from interplab.activations.store import CorruptShardError
+from interplab.cli import main
 from interplab.errors import InterplabError
 from interplab.sae.base import load_sae
 from interplab.sae.train_config import TrainConfig
@@ -163,7 +164,7 @@ def test_sae_training_on_s3_checkpoints_resumes_and_saves_there(bucket, tmp_path
     assert summary["complete"] and summary["saes"][name]["fvu"] == whole.metrics[name]["fvu"]
 
 
-def test_missing_credentials_fail_without_falling_back_to_anything_else(bucket, monkeypatch, tmp_path):
+def test_missing_credentials_fail_without_falling_back_to_anything_else(bucket, monkeypatch, tmp_path, capsys):
     """With the key variables unset (and no ~/.aws files), botocore finds no credentials: the environment is the
     only source the tests above used."""
     import s3fs
@@ -177,5 +178,10 @@ def test_missing_credentials_fail_without_falling_back_to_anything_else(bucket, 
     try:
         with pytest.raises(NoCredentialsError):
             ActivationStore(f"s3://{BUCKET}/round-trip")
+        s3fs.S3FileSystem.clear_instance_cache()
+        # The command line says what to set, in one line, instead of botocore's traceback.
+        assert main(["inspect", "--store", f"s3://{BUCKET}/round-trip"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Unable to locate credentials" in err and "AWS_ACCESS_KEY_ID" in err
     finally:
         s3fs.S3FileSystem.clear_instance_cache()

@@ -4,7 +4,10 @@
 
 IN.pt (written by the test): cfg, the initial full TopKSAE state (float64), lr, batches [steps, batch, d_in] and one
 full-width dead mask per step (or None). Rank 0 writes OUT.pt: the selection on the first batch, per-step outputs,
-the tie-rule probe and the gathered final SAE.
+the tie-rule probe, the gradient of an input that requires grad, and the gathered final SAE.
+
+AuxK runs on a dense block over a rank's dead latents when they are few, else on sparse pairs, each rank deciding
+alone; the driver forces the sparse pairs on rank 1 at steps 1, 4, 7, ... and on both ranks at steps 2, 5, 8, ...
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import Tensor
 
 from interplab import distributed as D
 from interplab.fileio import atomic_write, open_url
+from interplab.sae import selection
 from interplab.sae.config import SAEConfig
 from interplab.sae.parallel_ops import all_gather_columns, global_topk
 from interplab.sae.sae_run import ADAM_BETAS
@@ -58,7 +62,10 @@ def main() -> None:
     with torch.no_grad():
         res["selected"] = gather(sae._select(sae.pre_acts(batches[0])))
     steps: list[dict] = []
-    for x, dead in zip(batches, dead_masks):
+    dense_aux_ratio = selection.DENSE_AUX_RATIO
+    for i, (x, dead) in enumerate(zip(batches, dead_masks)):
+        sparse_aux = i % 3 == 2 or (i % 3 == 1 and r.rank == 1)
+        selection.DENSE_AUX_RATIO = 0 if sparse_aux else dense_aux_ratio
         out = sae.training_forward(x, dead_mask=None if dead is None else dead[sae.latents])
         out.loss.backward()
         sae.before_optimizer_step()
@@ -70,6 +77,11 @@ def main() -> None:
                       "fired": gather(out.fired[None]).bool()[0],
                       "loss_per_rank": gather(out.loss.reshape(1, 1))[0]})
     res["steps"] = steps
+    selection.DENSE_AUX_RATIO = dense_aux_ratio
+    x = batches[0].clone().requires_grad_()                       # AuxK on, the input's gradient summed over ranks
+    sae.training_forward(x, dead_mask=dead_masks[30][sae.latents]).loss.backward()
+    res["input_grad"] = x.grad
+    sae.zero_grad(set_to_none=True)
     res["b_dec_per_rank"] = gather(sae.b_dec[None])
     with torch.no_grad():
         res["forward"] = sae(batches[0])

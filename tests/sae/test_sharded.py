@@ -12,6 +12,7 @@ import torch
 
 from interplab.errors import InterplabError
 from interplab.sae import SAEConfig, TopKSAE, make_sae
+from interplab.sae.parallel_ops import choose_global_topk
 from interplab.sae.sae_run import ADAM_BETAS
 from interplab.sae.sharded import ShardedTopKSAE, communication_bytes
 
@@ -90,16 +91,81 @@ def test_initialize_equals_full_initialize_sliced(d_in, d_sae, world, monkeypatc
 
 def test_communication_bytes_by_hand():
     # batch 2, d_in 3, k 1, W 2, 4-byte numbers. A ring all-reduce of N numbers sends 2·(W−1)/W·N = N of them:
-    # 6 numbers = 24 bytes for x̂ (forward) and for ∂L/∂x_in (backward); the all-gather sends the 2 local top-1
-    # values (8 bytes); the two float64 counters send 16 bytes
-    assert communication_bytes(2, 3, 1, 2) == {"topk_gather": 8, "recon_all_reduce": 24, "input_grad_all_reduce": 24,
-                                               "aux_gather": 0, "aux_all_reduce": 0, "counts": 16, "total": 72}
+    # 6 numbers = 24 bytes for x̂ (forward), 3 numbers = 12 bytes for the encoder's ∂L/∂b_dec (backward); the
+    # all-gather sends the 2 local top-1 values (8 bytes); the float64 dead-latent counter 8 bytes
+    assert communication_bytes(2, 3, 1, 2) == {"topk_gather": 8, "recon_all_reduce": 24, "input_grad_all_reduce": 12,
+                                               "aux_gather": 0, "aux_all_reduce": 0, "counts": 8, "total": 52}
+    # an input that requires grad: its [2, 3] gradient (24 bytes) is all-reduced instead of b_dec's
+    assert communication_bytes(2, 3, 1, 2, input_grad=True)["input_grad_all_reduce"] == 24
     # with AuxK on 2 dead latents per token: 4 more gathered values, one more all-reduce of ê
     with_aux = communication_bytes(2, 3, 1, 2, aux_k=2)
-    assert (with_aux["aux_gather"], with_aux["aux_all_reduce"], with_aux["total"]) == (16, 24, 112)
+    assert (with_aux["aux_gather"], with_aux["aux_all_reduce"], with_aux["total"]) == (16, 24, 92)
     assert communication_bytes(4096, 2304, 64, 1)["total"] == 0
     # W = 4: the ring all-reduce sends 2·3/4 = 1.5 N
     assert communication_bytes(2, 4, 1, 4, dtype_bytes=2)["recon_all_reduce"] == 1.5 * 8 * 2
+
+
+def test_choose_global_topk_by_hand():
+    # one rank's candidates in latent order: k = 3 keeps 3.0, 2.0 and, of the four tied at 1.0, the first one;
+    # a -inf padding slot is never chosen; the returned values are the chosen ones
+    values = torch.tensor([[1.0, 3.0, 1.0, 2.0, 1.0, 1.0], [0.5, -torch.inf, 4.0, -1.0, 2.0, 0.0]])
+    mine, top = choose_global_topk(values, 3, 0, 1)
+    assert mine.tolist() == [[True, True, False, True, False, False], [True, False, True, False, True, False]]
+    assert sorted(top[0].tolist()) == [1.0, 2.0, 3.0] and sorted(top[1].tolist()) == [0.5, 2.0, 4.0]
+    # as many candidates as k: all chosen
+    assert choose_global_topk(values[:, :3], 3, 0, 1)[0].all()
+
+
+def backward_graph_shapes(loss: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(node, shape) of every gradient the backward pass of `loss` will compute: each autograd node's inputs."""
+    seen, shapes, stack = set(), [], [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        shapes += [(type(node).__name__, tuple(meta.shape)) for meta in node._input_metadata]
+        stack += [fn for fn, _ in node.next_functions]
+    return shapes
+
+
+@pytest.mark.parametrize("dead", [0, 20, 200])  # AuxK off, on a dense block of 20 dead latents, on sparse pairs
+def test_training_graph_has_no_dense_latent_tensor(dead):
+    # batch 64, m 256: a dense [batch, m] tensor has 16,384 numbers, more than any parameter (W_enc: 2,048), the
+    # k-sparse codes (256 pairs) or the AuxK pairs (64 · 16). No gradient that size may flow in training.
+    cfg = SAEConfig(arch="topk", d_in=8, d_sae=256, k=4, aux_k=16)
+    sae = ShardedTopKSAE.from_full(random_sae(cfg), 0, 1)
+    x = torch.randn(64, 8, dtype=torch.float64)
+    dead_mask = torch.zeros(256, dtype=torch.bool)
+    dead_mask[torch.randperm(256)[:dead]] = True
+    out = sae.training_forward(x, dead_mask=dead_mask)
+    if not hasattr(out.loss.grad_fn, "_input_metadata"):
+        pytest.skip("this torch has no Node._input_metadata")
+    assert (out.aux_loss.item() > 0) == (dead > 0)
+    shapes = backward_graph_shapes(out.loss)
+    big = [(name, shape) for name, shape in shapes if torch.Size(shape).numel() >= 64 * 256]
+    assert big == [], big
+    assert ("_SparseEncodeBackward", (64 * 4,)) in shapes          # the walk reached the sparse encoder
+    # the walk does see dense [batch, m] tensors where there are some: the inference path, with gradients
+    assert ("ReluBackward0", (64, 256)) in backward_graph_shapes(sae(x).sum())
+
+
+def test_input_gradient_matches_unsharded(monkeypatch):
+    import interplab.sae.selection as selection
+
+    # an input that requires grad gets its gradient through copy_to_ranks(x − b_dec); TopKSAE's sparse AuxK path
+    # gives x its AuxK gradient as well (its dense-block path does not), so compare with that one
+    monkeypatch.setattr(selection, "DENSE_AUX_RATIO", 0)
+    full = random_sae(SAEConfig(arch="topk", d_in=12, d_sae=48, k=4, aux_k=6))
+    sharded = ShardedTopKSAE.from_full(full, 0, 1)
+    x = torch.randn(40, 12, dtype=torch.float64)
+    dead = torch.rand(48) < 0.4
+    grads = []
+    for sae in (full, sharded):
+        x_req = x.clone().requires_grad_()
+        sae.training_forward(x_req, dead_mask=dead).loss.backward()
+        grads.append((x_req.grad, sae.b_dec.grad))
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 # ---- two ranks under torchrun --------------------------------------------------------------------------------------
@@ -154,8 +220,17 @@ def two_ranks(tmp_path_factory):
     reference = reference_training(full, batches, masks, lr)
     with torch.no_grad():
         encoded, reconstructed = full.encode(batches[0]), full(batches[0])
+    x = batches[0].clone().requires_grad_()
+    import interplab.sae.selection as selection
+
+    ratio, selection.DENSE_AUX_RATIO = selection.DENSE_AUX_RATIO, 0  # TopKSAE's AuxK path that gives x a gradient
+    try:
+        full.training_forward(x, dead_mask=masks[30]).loss.backward()
+    finally:
+        selection.DENSE_AUX_RATIO = ratio
+    full.zero_grad(set_to_none=True)
     return {"res": torch.load(tmp / "out.pt"), "ref": reference, "full": full, "initial": initial,
-            "selected": selected, "encode": encoded, "forward": reconstructed}
+            "selected": selected, "encode": encoded, "forward": reconstructed, "input_grad": x.grad}
 
 
 def test_two_ranks_select_the_unsharded_latents(two_ranks):
@@ -191,6 +266,13 @@ def test_two_ranks_training_matches_unsharded(two_ranks):
         assert (want - initial[name]).abs().max() > 1e-2, name     # training moved every parameter
         # float64 on both sides: only summation order differs (observed ~1e-16)
         torch.testing.assert_close(final[name], want, rtol=0, atol=1e-10 * want.abs().max().item(), msg=name)
+
+
+def test_two_ranks_input_gradient_matches_unsharded(two_ranks):
+    # x requires grad: its gradient is summed over ranks by copy_to_ranks(x − b_dec) (with AuxK active)
+    want = two_ranks["input_grad"]
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(two_ranks["res"]["input_grad"], want, rtol=0, atol=1e-8)
 
 
 def test_two_ranks_inference_matches_unsharded(two_ranks):

@@ -78,26 +78,43 @@ def all_gather_columns(t: Float[Tensor, "batch c"]) -> Float[Tensor, "batch worl
 
 
 @torch.no_grad()
+def choose_global_topk(values: Float[Tensor, "batch c"], k: int, rank: int, world_size: int,
+                       ) -> tuple[Bool[Tensor, "batch c"], Float[Tensor, "batch k"]]:
+    """Which of this rank's candidates are among each token's k largest over all ranks, and those k values.
+
+    `values` are this rank's c candidates per token, each row in increasing latent order (the same c on every
+    rank, W·c >= k; -inf marks a padding slot). They are all-gathered into [batch, W·c], rank-major; the token's
+    threshold τ is the k-th largest. Every candidate > τ is chosen, and of those equal to τ the first ones in
+    gathered order (lower rank, then lower latent index) until k are chosen: the first k positions of a stable
+    descending sort, without sorting. The k values (in no particular order) are the same on every rank.
+    """
+    c = values.shape[1]
+    gathered = all_gather_columns(values) if world_size > 1 else values  # [batch W·c]
+    if gathered.shape[1] == k:                                           # (one rank with c = k) all are chosen
+        return torch.ones_like(values, dtype=torch.bool), gathered
+    top = gathered.topk(k, dim=-1, sorted=False).values                  # [batch k]
+    tau = top.amin(dim=-1, keepdim=True)                                 # [batch 1]
+    above, tied = gathered > tau, gathered == tau
+    room = k - above.sum(dim=-1, keepdim=True)                           # how many of the tied still fit
+    chosen = above | (tied & (tied.cumsum(dim=-1) <= room))
+    return chosen[:, rank * c:(rank + 1) * c], top
+
+
+@torch.no_grad()
 def global_topk(pre: Float[Tensor, "batch m"], k: int, rank: int, world_size: int) -> Bool[Tensor, "batch m"]:
     """Which of this rank's latents are among each token's k largest pre-activations over all ranks.
 
     Each rank takes its local top c = min(k, m) (values and indices; the candidates sorted by latent index) and
-    all-gathers the values into [batch, W·c], rank-major. A stable descending sort of each row keeps the first k
-    positions: the global top k, whose smallest value is the token's threshold τ. A local candidate survives iff
-    its position is among them, so every token keeps exactly k latents: all those with pre > τ, and of those equal
-    to τ the ones of lower rank first, then of lower latent index (torch.topk decides, as in the unsharded TopK,
-    which entries equal to τ enter a rank's candidate list when more than c of them tie there).
+    `choose_global_topk` picks the global top k among every rank's candidates, so every token keeps exactly k
+    latents: all those with pre > τ (the token's k-th largest), and of those equal to τ the ones of lower rank
+    first, then of lower latent index (torch.topk decides, as in the unsharded TopK, which entries equal to τ
+    enter a rank's candidate list when more than c of them tie there).
 
     `pre` may hold -inf (excluded latents); the caller must make sure every token has at least k finite entries
     over all ranks. With world_size = 1 this is the plain per-token top k.
     """
-    batch, m = pre.shape
-    c = min(k, m)
+    c = min(k, pre.shape[1])
     values, idx = pre.topk(c, dim=-1, sorted=False)                     # [batch c]
     idx, order = idx.sort(dim=-1)                                        # candidates by latent index
-    values = values.gather(1, order)
-    gathered = all_gather_columns(values) if world_size > 1 else values  # [batch W·c]
-    first = gathered.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # [batch k]
-    chosen = torch.zeros_like(gathered, dtype=torch.bool).scatter_(1, first, True)
-    mine = chosen[:, rank * c:(rank + 1) * c]                            # [batch c]
+    mine, _ = choose_global_topk(values.gather(1, order), k, rank, world_size)
     return torch.zeros_like(pre, dtype=torch.bool).scatter_(1, idx, mine)

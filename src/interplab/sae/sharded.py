@@ -5,29 +5,30 @@ For dictionaries too large for one device. With W ranks and m = d_sae / W, rank 
     W_enc[:, r·m:(r+1)·m]  (column-parallel encoder)     b_enc[r·m:(r+1)·m]
     W_dec[r·m:(r+1)·m]     (row-parallel decoder)        b_dec  (replicated)
 
-Every rank sees the same full batch x. One training step (parallel_ops.py has the two autograd ops):
+Every rank sees the same full batch x. One training step (parallel_ops.py has the autograd ops and the selection):
 
-    x_in  = copy_to_ranks(x − b_dec)                       backward: all-reduce of ∂L/∂x_in   [batch d_in]
-    pre_r = x_in W_enc,r + b_enc,r                          local  [batch m]
-    f_r   = ReLU(pre_r) on the token's global top k         all-gather of local top-k values  [batch W·k]
-    x̂     = sum_over_ranks(f_r W_dec,r) + b_dec             all-reduce                         [batch d_in]
-    L     = mean_b ‖x_b − x̂_b‖² + α · AuxK                  the same on every rank
+    n_dead = Σ_r n_dead,r                                   all-reduce of one counter
+    pre_r  = (x − b_dec) W_enc,r + b_enc,r                  local, dense, no grad, in row blocks (selection.py)
+    S      = each token's top k over all ranks              all-gather of the local top-k values  [batch W·k]
+    f_r    = ReLU(pre_r) on this rank's pairs of S          sparse_encode: gradients on those pairs only
+    x̂      = Σ_r sparse_decode(f_r, W_dec,r) + b_dec        sum_over_ranks: all-reduce            [batch d_in]
+    L      = mean_b ‖x_b − x̂_b‖² + α · AuxK                 the same on every rank
+
+Past the dense no-grad pass, the decoder and both backward passes cost O(batch·k·d_in), as in TopKSAE. The
+encoder reads b_dec through copy_to_ranks, whose backward sums every rank's gradient: one all-reduce of the
+encoder's ∂L/∂b_dec [d_in] (of ∂L/∂(x − b_dec) [batch d_in] instead when x itself requires grad).
 
 AuxK is TopKSAE's: the top min(aux_k, n_dead) pre-activations among dead latents per token (no ReLU), selected over
-all ranks, ê = sum_over_ranks(z_aux,r W_dec,r) (no bias) and AuxK = mean_b ‖e_b − ê_b‖² with e = x − x̂ detached.
-Since L is replicated, the gradients of the replicated b_dec agree on all ranks and no gradient all-reduce is
-needed: each rank runs its own (e.g. fused Adam) optimiser on its own parameters, which is exactly the unsharded
-update, Adam being element-wise.
-
-The local products are dense ([batch, m] pre-activations with gradients, f_r dense with zeros): simple and exact.
-The sparse kernels of topk.py (kernels.sparse_encode / sparse_decode on the locally selected pairs) could replace
-them to cut the backward cost from O(batch·m·d_in) to O(batch·k·d_in).
+all ranks as S is, ê = sum_over_ranks(z_aux,r W_dec,r) (no bias) and AuxK = mean_b ‖e_b − ê_b‖² with e = x − x̂
+detached. Since L is replicated, the gradients of the replicated b_dec agree on all ranks and no gradient
+all-reduce is needed: each rank runs its own (e.g. fused Adam) optimiser on its own parameters, which is exactly the
+unsharded update, Adam being element-wise.
 """
 
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from interplab.errors import InterplabError
@@ -39,7 +40,15 @@ from interplab.sae.base import (
     set_tied_directions_,
 )
 from interplab.sae.config import SAEConfig
-from interplab.sae.parallel_ops import all_reduce_sum, copy_to_ranks, global_topk, sum_over_ranks
+from interplab.sae.kernels import SparseCodes, dense_subset_encode, sparse_decode, sparse_encode
+from interplab.sae.parallel_ops import (
+    all_reduce_sum,
+    choose_global_topk,
+    copy_to_ranks,
+    global_topk,
+    sum_over_ranks,
+)
+from interplab.sae.selection import DenseAux, Selection, encode_select
 from interplab.sae.topk import TopKSAE
 
 INIT_CHUNK_ELEMENTS = 1 << 22
@@ -205,17 +214,76 @@ class ShardedTopKSAE(nn.Module):
         return self.decode(self.encode(x))
 
     # ---- training -------------------------------------------------------------------------------------------
-    def _aux_loss(self, pre: Float[Tensor, "batch m"], e: Float[Tensor, "batch d_in"],
-                  dead_mask: Bool[Tensor, " m"] | None, n_dead: int) -> Float[Tensor, ""]:
-        """α · mean_b ‖e_b − ê_b‖²: ê from each token's top min(aux_k, n_dead) dead pre-activations over all ranks."""
+    def _n_dead(self, dead_mask: Bool[Tensor, " m"] | None, device: torch.device) -> int:
+        """Dead latents over all ranks (one all-reduce when W > 1, on every rank, whether or not it has any)."""
+        count = torch.tensor([0.0 if dead_mask is None else float(dead_mask.sum())], dtype=torch.float64)
+        return int(all_reduce_sum(count.to(device)) if self.world_size > 1 else count)
+
+    def _encoder_inputs(self, x: Float[Tensor, "batch d_in"],
+                        ) -> tuple[Float[Tensor, "batch d_in"], Float[Tensor, " d_in"] | None]:
+        """What the sparse encoder reads, as (x, b_dec) for kernels.sparse_encode, through exactly one copy_to_ranks
+        so that the backward pass issues one all-reduce on every rank: of the encoder's ∂L/∂b_dec [d_in] in
+        training, or of ∂L/∂(x − b_dec) [batch d_in] when x itself requires grad."""
+        if x.requires_grad:
+            return self._copy(x - self.b_dec if self.cfg.subtract_b_dec else x), None
+        return x, self._copy(self.b_dec) if self.cfg.subtract_b_dec else None
+
+    def _pairs(self, mine: Bool[Tensor, "batch c"], values: Float[Tensor, "batch c"], idx: Int[Tensor, "batch c"],
+               ) -> tuple[SparseCodes, Float[Tensor, " nnz"]]:
+        """The chosen candidates (`values` at latents `idx`, rows in increasing latent order, -inf padding never
+        chosen) as this rank's (token, latent) pairs grouped by token, and their pre-activations."""
+        batch, c = mine.shape
+        mine = mine & (values > -torch.inf)
+        flat = mine.reshape(-1).nonzero().squeeze(1)                      # row-major: grouped by token
+        counts = mine.sum(1)                                              # [batch]
+        codes = SparseCodes(flat.div(c, rounding_mode="floor"), idx.reshape(-1)[flat], counts.cumsum(0) - counts,
+                            batch, self.m)
+        return codes, values.reshape(-1)[flat]
+
+    def _aux_candidates(self, aux: tuple[SparseCodes, Tensor] | DenseAux | None, batch: int, width: int,
+                        device: torch.device, dtype: torch.dtype,
+                        ) -> tuple[Float[Tensor, "batch w"], Int[Tensor, "batch w"], Int[Tensor, "batch n"] | None]:
+        """This rank's AuxK candidates (encode_select's top dead pre-activations, at most `width` per token) as
+        values and latents [batch, width], each row in increasing latent order and padded with -inf; for a dense
+        block, also where the candidates sit in it [batch, n]."""
+        values = torch.full((batch, width), -torch.inf, device=device, dtype=dtype)
+        idx = torch.zeros(batch, width, dtype=torch.long, device=device)
+        pos = None
+        if isinstance(aux, DenseAux):                                     # each token's top n of the dead
+            n = min(width, aux.dead.numel())
+            if n == aux.dead.numel():                                     # all of them
+                pos = torch.arange(n, device=device).expand(batch, n)
+            else:                                                         # nonzero lists columns in order
+                pos = aux.mask.nonzero()[:, 1].view(batch, n)
+            values[:, :n] = aux.values.gather(1, pos)
+            idx[:, :n] = aux.dead[pos]                                    # dead is sorted: rows stay sorted
+        elif aux is not None:
+            n = aux[0].nnz // batch
+            idx[:, :n], order = aux[0].cols.view(batch, n).sort(dim=-1)
+            values[:, :n] = aux[1].view(batch, n).gather(1, order)
+        return values, idx, pos
+
+    def _aux_loss(self, x_enc: Float[Tensor, "batch d_in"], x_in: Float[Tensor, "batch d_in"],
+                  b_dec: Float[Tensor, " d_in"] | None, e: Float[Tensor, "batch d_in"], sel: Selection, n_dead: int,
+                  ) -> Float[Tensor, ""]:
+        """α · mean_b ‖e_b − ê_b‖²: ê from each token's top min(aux_k, n_dead) dead pre-activations over all ranks,
+        attached with the kernels TopKSAE uses (a dense block over this rank's dead latents when they are few)."""
         k_aux = min(self.cfg.aux_k, n_dead)
-        if k_aux == 0 or dead_mask is None:
-            return torch.zeros((), device=pre.device, dtype=pre.dtype)
-        masked = pre.detach().masked_fill(~dead_mask, -torch.inf)        # live latents never chosen
-        chosen = global_topk(masked, k_aux, self.rank, self.world_size)  # [batch m]
-        z = torch.where(chosen, pre, 0.0)                                # no ReLU: dead latents with pre < 0 learn
-        e_hat = self._sum(z @ self.W_dec)                                # [batch d_in], no bias
-        return self.cfg.aux_coefficient * (e_hat - e).pow(2).sum(-1).mean()
+        if k_aux == 0:  # the same decision on every rank: n_dead is global
+            return torch.zeros((), device=e.device, dtype=e.dtype)
+        values, idx, pos = self._aux_candidates(sel.aux, e.shape[0], min(k_aux, self.m), e.device, e.dtype)
+        mine, _ = choose_global_topk(values, k_aux, self.rank, self.world_size)
+        if isinstance(sel.aux, DenseAux) and pos is not None and not x_enc.requires_grad:  # (no x gradient there)
+            dead = sel.aux.dead
+            mask = torch.zeros_like(sel.aux.mask).scatter_(1, pos, mine[:, :pos.shape[1]])
+            chosen = torch.where(mask, sel.aux.values, 0.0)               # no ReLU: dead latents with pre < 0 learn
+            z = dense_subset_encode(x_in, self.W_enc, self.b_enc, dead, chosen, mask, b_dec=b_dec)  # [batch n_dead]
+            e_hat = z @ self.W_dec.index_select(0, dead)                  # [batch d_in], no bias
+        else:  # pairs (none at all on a rank without dead latents)
+            codes, pre = self._pairs(mine, values, idx)
+            z = sparse_encode(x_enc, self.W_enc, self.b_enc, codes, b_dec=b_dec, values=pre, x_in=x_in)  # [nnz]
+            e_hat = sparse_decode(z, self.W_dec, codes)                   # [batch d_in], no bias
+        return self.cfg.aux_coefficient * (self._sum(e_hat) - e).pow(2).sum(-1).mean()
 
     def training_forward(
         self,
@@ -228,7 +296,7 @@ class ShardedTopKSAE(nn.Module):
 
         `dead_mask` is this rank's slice (its own latents); `sparsity_coefficient` is ignored (k fixes the
         sparsity). recon, loss, mse, aux_loss and l0 are global and the same on every rank; `fired` is this rank's
-        slice [m]. Every rank must call this with the same x.
+        slice [m]. Every rank must call this with the same x (requiring grad on all ranks or on none).
         """
         if x.ndim != 2:
             raise InterplabError(f"training_forward needs a batch of shape [batch, {self.cfg.d_in}], got "
@@ -239,19 +307,28 @@ class ShardedTopKSAE(nn.Module):
                 raise InterplabError(f"dead_mask must be this rank's slice of shape [{self.m}], got "
                                      f"{tuple(dead_mask.shape)}")
             dead_mask = dead_mask.to(device=x.device, dtype=torch.bool)
-        pre = self.pre_acts(x)                                            # [batch m]
-        f = torch.where(self._select(pre), pre, 0.0).relu()              # [batch m]
-        recon = self.decode(f)                                            # [batch d_in]
+        n_dead = self._n_dead(dead_mask, x.device)
+        k_aux = min(self.cfg.aux_k, n_dead)
+        with torch.no_grad():
+            x_in = x - self.b_dec if self.cfg.subtract_b_dec else x        # [batch d_in]
+            c = min(self.cfg.k, self.m)
+            sel = encode_select(x_in, self.W_enc, self.b_enc, c, dead_mask=dead_mask if k_aux else None,
+                                aux_k=min(k_aux, self.m))                  # the only dense product
+            idx, order = sel.codes.cols.view(-1, c).sort(dim=-1)           # candidates by latent index
+            values = sel.values.view(-1, c).gather(1, order)
+        x_enc, b_dec = self._encoder_inputs(x)
+        mine, top = choose_global_topk(values, self.cfg.k, self.rank, self.world_size)
+        codes, pre = self._pairs(mine, values, idx)
+        f = sparse_encode(x_enc, self.W_enc, self.b_enc, codes, b_dec=b_dec, values=pre, x_in=x_in).relu()  # [nnz]
+        recon = self._sum(sparse_decode(f, self.W_dec, codes)) + self.b_dec  # [batch d_in]
         mse = (recon - x).pow(2).sum(-1).mean()
-        active = f.detach() > 0
-        n_dead_local = 0 if dead_mask is None else int(dead_mask.sum())
-        counts = torch.tensor([float(active.sum()), float(n_dead_local)], dtype=torch.float64)
-        n_active, n_dead = (all_reduce_sum(counts.to(x.device)) if self.world_size > 1 else counts).tolist()
-        aux = self._aux_loss(pre, (x - recon).detach(), dead_mask, int(n_dead))
+        aux = self._aux_loss(x_enc, x_in, b_dec, (x - recon).detach(), sel, n_dead)
+        fired = torch.zeros(self.m, dtype=torch.bool, device=x.device)
+        fired[codes.cols[f.detach() > 0]] = True
         zero = torch.zeros((), device=x.device, dtype=x.dtype)
-        l0 = torch.tensor(n_active / x.shape[0], device=x.device, dtype=x.dtype)
+        l0 = (top > 0).sum().to(x.dtype) / x.shape[0]  # every rank holds the global top k: no collective needed
         return TrainOutput(recon=recon, loss=mse + aux, mse=mse, sparsity_loss=zero, aux_loss=aux, l0=l0,
-                           fired=active.any(0))
+                           fired=fired)
 
     # ---- training housekeeping ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -272,7 +349,7 @@ class ShardedTopKSAE(nn.Module):
 
 
 def communication_bytes(batch: int, d_in: int, k: int, world_size: int, dtype_bytes: int = 4, *,
-                        aux_k: int = 0) -> dict[str, int]:
+                        aux_k: int = 0, input_grad: bool = False) -> dict[str, int]:
     """Bytes each rank sends in one ShardedTopKSAE training step (forward + backward), with ring collectives.
 
     A ring all-reduce of N numbers sends 2·(W−1)/W·N numbers per rank (reduce-scatter, then all-gather); a ring
@@ -280,14 +357,16 @@ def communication_bytes(batch: int, d_in: int, k: int, world_size: int, dtype_by
 
         topk_gather            (W−1) · batch · k · b             forward: each rank's local top-k values
         recon_all_reduce       2 (W−1)/W · batch · d_in · b      forward: sum_over_ranks of the partial x̂
-        input_grad_all_reduce  2 (W−1)/W · batch · d_in · b      backward: copy_to_ranks of ∂L/∂x_in
+        input_grad_all_reduce  2 (W−1)/W · d_in · b              backward: the encoder's part of ∂L/∂b_dec
+                               2 (W−1)/W · batch · d_in · b      instead, if x requires grad (input_grad=True)
         aux_gather             (W−1) · batch · aux_k · b         forward, AuxK only: local top dead pre-activations
         aux_all_reduce         2 (W−1)/W · batch · d_in · b      forward, AuxK only: sum_over_ranks of ê
-        counts                 2 (W−1)/W · 2 · 8                 two float64 counters (active latents, dead latents)
+        counts                 2 (W−1)/W · 8                     one float64 counter (dead latents)
 
-    so without AuxK  total ≈ (W−1) · batch · b · (4·d_in/W + k). `aux_k` is the number of dead latents AuxK
+    so without AuxK  total ≈ (W−1) · batch · b · (2·d_in/W + k). `aux_k` is the number of dead latents AuxK
     uses per token, min(cfg.aux_k, n_dead) (0: no latent dead, AuxK idle). k and aux_k are assumed <= d_sae/W
-    (a rank's candidate list is min(k, d_sae/W) wide). Data parallelism instead all-reduces the gradients,
+    (a rank's candidate list is min(k, d_sae/W) wide), and cfg.subtract_b_dec (the default; without it the
+    encoder has no b_dec gradient to send). Data parallelism instead all-reduces the gradients,
     2 (W−1)/W · n_params · b per rank and step, independent of the batch.
     """
     W = world_size
@@ -298,9 +377,9 @@ def communication_bytes(batch: int, d_in: int, k: int, world_size: int, dtype_by
     out: dict[str, int] = {}
     out["topk_gather"] = (W - 1) * batch * k * dtype_bytes
     out["recon_all_reduce"] = round(ring * batch * d_in * dtype_bytes)
-    out["input_grad_all_reduce"] = round(ring * batch * d_in * dtype_bytes)
+    out["input_grad_all_reduce"] = round(ring * (batch if input_grad else 1) * d_in * dtype_bytes)
     out["aux_gather"] = (W - 1) * batch * aux_k * dtype_bytes
     out["aux_all_reduce"] = round(ring * batch * d_in * dtype_bytes) if aux_k else 0
-    out["counts"] = round(ring * 2 * 8)
+    out["counts"] = round(ring * 8)
     out["total"] = sum(out.values())
     return out
