@@ -1,9 +1,15 @@
-"""Pieces the benchmark scripts share: a truncated HF forward (the bare reference) and fixed token batches."""
+"""Pieces the benchmark scripts share: a truncated HF forward (the bare reference), fixed token batches, and
+launching a script on N ranks that share this machine's two cores."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -25,3 +31,14 @@ def truncated(base_model: nn.Module, n_layers: int) -> Iterator[nn.Module]:
 def take_batches(contexts: Iterator[torch.Tensor], batch_size: int, n_batches: int) -> list[torch.Tensor]:
     """The next `n_batches` stacks of `batch_size` contexts."""
     return [torch.stack(list(itertools.islice(contexts, batch_size))) for _ in range(n_batches)]
+
+
+def run_ranks(script: list[str], world: int, result: Path, cores: int = 2) -> dict:
+    """Run `script` (a Python file and its arguments) as `world` torchrun ranks of cores // world threads each (one
+    plain process when world is 1), and return the JSON its rank 0 wrote to `result`."""
+    threads = str(cores // world)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+                if world > 1 else [sys.executable])
+    subprocess.run(launcher + script, env=env, check=True)
+    return json.loads(result.read_text())

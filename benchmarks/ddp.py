@@ -7,21 +7,21 @@ d_in 576, written once into a temporary folder), TopK k=32 with 16x expansion an
 benchmarks/sae_train.py. tokens/s is the trainer's own figure (training steps only; initialisation and saving
 excluded). The communication share is the time a rank spends in the gradient all-reduce (`reduce_gradients`,
 timed inside the real run; it includes waiting for the slower rank) over its training time. The bucket size gives
-the communication volume per step, from which BENCHMARKS.md projects 8-GPU scaling. Last line: one JSON object.
+the communication volume per step, from which BENCHMARKS.md projects 8-GPU scaling. A third run trains the same SAE
+latent-sharded (`--shard-latents`, 2 ranks x 1 thread, each holding half the latents and reading the whole batch):
+its tokens/s and ratio against the same 1-rank reference are reported beside. Last line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import run_ranks
 
 
 def write_store(path: Path, d_in: int, tokens: int) -> None:
@@ -58,7 +58,8 @@ def worker(args: argparse.Namespace) -> None:
     sae_run.reduce_gradients = timed_reduce
     cfg = TrainConfig(store=args.store, arch="topk", k=[args.k], expansion=[args.expansion],
                       tokens=args.steps * args.batch_size, batch_size=args.batch_size, log_every=args.steps,
-                      checkpoint_every=0, normalize=True, b_dec_init="mean", out=args.out)
+                      checkpoint_every=0, normalize=True, b_dec_init="mean", out=args.out,
+                      shard_latents=args.shard_latents)
     result = train(cfg, progress=False)
     r = ranks()
     train_seconds = result.tokens / result.tokens_per_s
@@ -67,23 +68,19 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.result).write_text(json.dumps({
             "world_size": r.world_size, "threads": torch.get_num_threads(), "tokens_per_s": result.tokens_per_s,
             "steps": result.steps, "train_seconds": train_seconds, "comm_seconds": comm["seconds"],
-            "comm_calls": comm["calls"], "bucket_bytes": bucket_bytes(sae, 3 + sae.cfg.d_sae),
+            "comm_calls": comm["calls"], "bucket_bytes": None if args.shard_latents else bucket_bytes(sae, 3 + sae.cfg.d_sae),
             "n_params": sum(p.numel() for p in sae.parameters()),
         }))
 
 
-def run(args: argparse.Namespace, store: Path, tmp: Path, world: int) -> dict:
+def run(args: argparse.Namespace, store: Path, tmp: Path, world: int, shard_latents: bool = False) -> dict:
     """Train once with `world` ranks of 2 // world threads each; return rank 0's figures."""
-    out, result = tmp / f"sae-{world}", tmp / f"result-{world}.json"
-    threads = str(2 // world)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    tag = f"{world}-sharded" if shard_latents else str(world)
+    out, result = tmp / f"sae-{tag}", tmp / f"result-{tag}.json"
     script = [str(Path(__file__).resolve()), "--worker", "--store", str(store), "--out", str(out),
               "--result", str(result), "--steps", str(args.steps), "--d-in", str(args.d_in),
               "--expansion", str(args.expansion), "--k", str(args.k), "--batch-size", str(args.batch_size)]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-                if world > 1 else [sys.executable])
-    subprocess.run(launcher + script, env=env, check=True)
-    return json.loads(result.read_text())
+    return run_ranks(script + (["--shard-latents"] if shard_latents else []), world, result)
 
 
 def main() -> None:
@@ -94,6 +91,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shard-latents", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -106,6 +104,7 @@ def main() -> None:
         store = tmp / "acts"
         write_store(store, args.d_in, tokens=16 * args.batch_size)
         one, two = run(args, store, tmp, 1), run(args, store, tmp, 2)
+        sharded = run(args, store, tmp, 2, shard_latents=True)
     step_bytes = two["bucket_bytes"]
     figures = {
         "bench": "ddp",
@@ -118,13 +117,16 @@ def main() -> None:
         "step_ms_one_rank": round(1e3 * one["train_seconds"] / one["steps"], 1),
         "bucket_mb_per_step": round(step_bytes / 1e6, 2),
         "n_params": two["n_params"],
+        "sharded_two_rank_tok_s": round(sharded["tokens_per_s"]),
+        "sharded_ratio": round(sharded["tokens_per_s"] / one["tokens_per_s"], 3),
         "config": {"d_in": args.d_in, "d_sae": args.d_in * args.expansion, "k": args.k,
                    "batch_size": args.batch_size, "steps": args.steps},
     }
     print(f"1 rank x 2 threads: {figures['one_rank_tok_s']:,} tok/s; 2 ranks x 1 thread: "
           f"{figures['two_rank_tok_s']:,} tok/s (ratio {figures['ratio']}); all-reduce {figures['comm_ms_per_step']} "
           f"ms of a {figures['step_ms_two_ranks']} ms step ({figures['comm_share']:.1%}), "
-          f"{figures['bucket_mb_per_step']} MB per rank per step")
+          f"{figures['bucket_mb_per_step']} MB per rank per step; latent-sharded 2 ranks: "
+          f"{figures['sharded_two_rank_tok_s']:,} tok/s (ratio {figures['sharded_ratio']})")
     print(json.dumps(figures))
 
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from common import run_ranks
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -36,15 +35,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, tmp: Path, world: int) -> dict:
+    """Harvest once with `world` ranks of 2 // world threads each; return rank 0's figures and the store."""
     out, result = tmp / f"acts-{world}", tmp / f"result-{world}.json"
-    threads = str(2 // world)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     script = [str(Path(__file__).resolve()), "--worker", "--out", str(out), "--result", str(result),
               "--tokens", str(args.tokens), "--hook", args.hook]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-                if world > 1 else [sys.executable])
-    subprocess.run(launcher + script, env=env, check=True)
-    return {**json.loads(result.read_text()), "out": str(out)}
+    return {**run_ranks(script, world, result), "out": str(out)}
 
 
 def same_rows(a: str, b: str, hook: str) -> bool:
