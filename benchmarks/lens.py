@@ -2,7 +2,7 @@
 
     python benchmarks/lens.py [--train-tokens N] [--eval-tokens N] [--out DIR]
 
-1. A tuned lens (every layer but the last; AdamW, bfloat16 readout, see interplab.weights.tuned_lens) is trained on
+1. A tuned lens (every layer but the last; AdamW, bfloat16 readout, see interplab.lens.tuned) is trained on
    python-docs train-split tokens, then both lenses are scored in float32 on test-split tokens. Reported: KL(final ‖
    lens) averaged over the middle third of the layers (layers n/3 … 2n/3 − 1), beside the context-free control (the
    KL of the held-out tokens' mean final distribution). The default budget keeps the whole script (model load
@@ -59,7 +59,7 @@ def middle_third(values: list[float]) -> float:
 
 def main() -> None:
     from interplab.models import load_model
-    from interplab.weights.lens_run import LensConfig, run_lens
+    from interplab.lens.run import LensConfig, run_lens
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-tokens", type=int, default=16384)

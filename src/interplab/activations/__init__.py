@@ -3,8 +3,11 @@
 `StoreWriter` writes a store shard by shard (atomic, resumable, deterministic); `ActivationStore` reads it back,
 verifying each shard's sha256, and streams shuffled token-level batches with bounded memory.
 """
-
-from interplab.activations.store import STORE_FORMAT, ActivationStore, CorruptShardError
-from interplab.activations.writer import StoreWriter
-
-__all__ = ["ActivationStore", "CorruptShardError", "STORE_FORMAT", "StoreWriter"]
+import lazy_loader
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "store": ["ActivationStore", "CorruptShardError", "STORE_FORMAT"],
+        "writer": ["StoreWriter"],
+    },
+)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from interplab import distributed as D
 from interplab.activations import ranked
 from interplab.activations.writer import StoreWriter
-from interplab.config import DTYPES
+from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
 from interplab.models import HookedModel, load_model
 

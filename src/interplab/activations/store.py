@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
-from interplab.config import DTYPES
+from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
 from interplab.fileio import join, open_url, sha256_hex
 

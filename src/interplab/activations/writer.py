@@ -36,7 +36,7 @@ from interplab.activations.store import (
     read_manifest,
     shard_name,
 )
-from interplab.config import DTYPES
+from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
 from interplab.fileio import atomic_write, join, list_files, open_url, sha256_hex
 

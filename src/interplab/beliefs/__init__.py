@@ -15,74 +15,14 @@ hidden state, and the mixed-state presentation those beliefs form.
 - msp.py: the belief tree and the mixed-state presentation, its spectrum, beliefs for given sequences, every
   sequence of a length with its probability, exact myopic entropies h(L) and the entropy rate with bounds.
 """
-
-from interplab.beliefs.describe import MSPConfig, describe_process
-from interplab.beliefs.msp import (
-    AllSequences,
-    EntropyRate,
-    MixedStatePresentation,
-    MSPTree,
-    all_sequences,
-    belief_states,
-    entropy_rate,
-    mixed_state_presentation,
-    msp_tree,
-    myopic_entropy,
-    spectrum,
+import lazy_loader
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "describe": ["MSPConfig", "describe_process"],
+        "msp": ["AllSequences", "EntropyRate", "MSPTree", "MixedStatePresentation", "all_sequences", "belief_states", "entropy_rate", "mixed_state_presentation", "msp_tree", "myopic_entropy", "spectrum"],
+        "process": ["PROCESSES", "Process", "ProcessSample", "even_process", "golden_mean", "load_process", "make_process", "mess3", "next_token_probabilities", "rrxor", "sample", "sample_with_states", "stationary_distribution", "token_distribution", "validate_transitions", "z1r"],
+        "regress": ["BeliefRegressConfig", "run_regress"],
+        "train": ["BeliefTrainConfig", "train_beliefs"],
+    },
 )
-from interplab.beliefs.process import (
-    PROCESSES,
-    Process,
-    ProcessSample,
-    even_process,
-    golden_mean,
-    load_process,
-    make_process,
-    mess3,
-    next_token_probabilities,
-    rrxor,
-    sample,
-    sample_with_states,
-    stationary_distribution,
-    token_distribution,
-    validate_transitions,
-    z1r,
-)
-from interplab.beliefs.regress import BeliefRegressConfig, run_regress
-from interplab.beliefs.train import BeliefTrainConfig, train_beliefs
-
-__all__ = [
-    "PROCESSES",
-    "AllSequences",
-    "BeliefRegressConfig",
-    "MSPConfig",
-    "BeliefTrainConfig",
-    "EntropyRate",
-    "MSPTree",
-    "MixedStatePresentation",
-    "Process",
-    "ProcessSample",
-    "all_sequences",
-    "belief_states",
-    "entropy_rate",
-    "even_process",
-    "golden_mean",
-    "load_process",
-    "make_process",
-    "mess3",
-    "mixed_state_presentation",
-    "msp_tree",
-    "myopic_entropy",
-    "next_token_probabilities",
-    "rrxor",
-    "run_regress",
-    "sample",
-    "sample_with_states",
-    "spectrum",
-    "stationary_distribution",
-    "token_distribution",
-    "train_beliefs",
-    "validate_transitions",
-    "z1r",
-    "describe_process",
-]

@@ -42,7 +42,7 @@ def describe_process(cfg: MSPConfig) -> dict[str, Any]:
     from interplab.beliefs.msp import entropy_rate, mixed_state_presentation, msp_tree, myopic_entropy, spectrum
     from interplab.beliefs.process import make_process, stationary_distribution, token_distribution
     from interplab.fileio import write_url_atomic
-    from interplab.report.belief_figures import simplex
+    from interplab.beliefs.figures import simplex
 
     for name in ("depth", "entropy_length", "eigenvalues"):
         if isinstance(getattr(cfg, name), bool) or getattr(cfg, name) < 1:

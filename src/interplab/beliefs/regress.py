@@ -339,7 +339,7 @@ def run_regress(cfg: BeliefRegressConfig, *, progress: bool = True) -> dict[str,
                           "mean_squared_error); points weigh 1 each" + (" × P(w)" if cfg.weighted else ""),
         "final_checkpoint": saved[-1][0], "headline": headline, "final": final, "curve": curve, "figures": {}}
     if cfg.figures:
-        from interplab.report.belief_figures import belief_figures
+        from interplab.beliefs.figures import belief_figures
 
         result["figures"] = belief_figures(result, points.beliefs, predicted, points.weight, cfg.run)
     result["wall_s"] = time.perf_counter() - start

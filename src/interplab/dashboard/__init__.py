@@ -1,4 +1,4 @@
-"""Feature dashboards and run reports in the browser.
+"""Feature dashboards in the browser.
 
 - data.py, stats.py, assemble.py: `DashboardConfig` and the one streaming pass over a corpus that computes every
   latent's statistics (frequency, histogram, top and quantile-bin examples, logit effects, correlated latents and
@@ -7,5 +7,4 @@
 - site.py, assets/: `interplab dashboard build`, the static pages (plain JS, corpus text always inserted as text).
 - serve.py: `interplab dashboard serve` (loopback by default, no path traversal).
 - neuronpedia.py: export to Neuronpedia's import layout or SAEDashboard's batches.
-- run_reports.py, html.py: `interplab report runs`, a report.html per run folder and an index.
 """

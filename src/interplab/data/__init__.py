@@ -7,9 +7,12 @@ A corpus spec is a string (see `CORPUS_SPEC_HELP`); documents come shuffled by a
 hash-based train/test split, then are packed into fixed-length contexts without padding.
 Importing this package does not import `datasets`, `pyarrow` or `transformers`; the readers that need them do.
 """
-
-from interplab.data.corpus import CORPUS_SPEC_HELP, iter_contexts, iter_documents
-from interplab.data.packing import pack_tokens
-from interplab.data.python_docs import python_docs_documents
-
-__all__ = ["CORPUS_SPEC_HELP", "iter_contexts", "iter_documents", "pack_tokens", "python_docs_documents"]
+import lazy_loader
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "corpus": ["CORPUS_SPEC_HELP", "iter_contexts", "iter_documents"],
+        "packing": ["pack_tokens"],
+        "python_docs": ["python_docs_documents"],
+    },
+)

@@ -7,51 +7,11 @@
     kl_eps = kl_per_token(clean_logits, logits_with(epsilon_random(x, x_hat, gen)))
     ratio_with_sem(kl_sae, kl_eps)                            # MeanSEM(mean=kl_ratio, sem=...)
 """
-
-from interplab.evals.controls import (
-    covariance_matched_error,
-    epsilon_random,
-    error_covariance_factor,
-    mean_ablation,
-    random_unit_vectors,
-    sae_norm_patch,
-    sae_output_at_original_norm,
-    zero_ablation,
+import lazy_loader
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "controls": ["covariance_matched_error", "epsilon_random", "error_covariance_factor", "mean_ablation", "random_unit_vectors", "sae_norm_patch", "sae_output_at_original_norm", "zero_ablation"],
+        "metrics": ["DENSE_THRESHOLD", "FiringCounts", "MeanSEM", "ce_loss_per_token", "ce_loss_recovered", "density_histogram", "firing_counts", "kl_per_token", "mean_and_sem", "ratio_with_sem", "reconstruction_metrics", "sparsity_metrics"],
+    },
 )
-from interplab.evals.metrics import (
-    DENSE_THRESHOLD,
-    FiringCounts,
-    MeanSEM,
-    ce_loss_per_token,
-    ce_loss_recovered,
-    density_histogram,
-    firing_counts,
-    kl_per_token,
-    mean_and_sem,
-    ratio_with_sem,
-    reconstruction_metrics,
-    sparsity_metrics,
-)
-
-__all__ = [
-    "DENSE_THRESHOLD",
-    "FiringCounts",
-    "MeanSEM",
-    "ce_loss_per_token",
-    "ce_loss_recovered",
-    "covariance_matched_error",
-    "density_histogram",
-    "epsilon_random",
-    "error_covariance_factor",
-    "firing_counts",
-    "kl_per_token",
-    "mean_ablation",
-    "mean_and_sem",
-    "random_unit_vectors",
-    "ratio_with_sem",
-    "reconstruction_metrics",
-    "sae_norm_patch",
-    "sae_output_at_original_norm",
-    "sparsity_metrics",
-    "zero_ablation",
-]

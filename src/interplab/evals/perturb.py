@@ -378,7 +378,7 @@ def perturbation_sweep(cfg: PerturbConfig, *, model: HookedModel | None = None, 
     }
     if cfg.figures:
         from interplab.fileio import join
-        from interplab.report.perturb_figures import perturbation_curves
+        from interplab.evals.perturb_figures import perturbation_curves
 
         result["figures"] = {"perturbation_curves": perturbation_curves(
             result, join(cfg.figures, "perturbation_curves.png"))}

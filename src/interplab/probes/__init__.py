@@ -11,58 +11,16 @@
 - refusal.py, refusal_select.py: the refusal direction (Arditi et al. 2024), `interplab refusal`.
 - probe_run.py: `interplab probe`.
 """
-
-from interplab.probes.data import (
-    LabelledActivations,
-    LabelledTexts,
-    cached_activations,
-    collect_activations,
-    label_texts,
-    load_labelled,
-    vocabulary_dataset,
+import lazy_loader
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "data": ["LabelledActivations", "LabelledTexts", "cached_activations", "collect_activations", "label_texts", "load_labelled", "vocabulary_dataset"],
+        "ksparse": ["KSparseResult", "KSparseRow", "ksparse_curve", "ksparse_probe", "planted_recall"],
+        "linear": ["Control", "DiffMeansResult", "LogisticResult", "diff_of_means", "logistic_probe", "projection_histogram", "roc_auc"],
+        "orthogonalize": ["orthogonalize_weights", "save_orthogonalized"],
+        "probe_run": ["ProbeConfig", "run_probe"],
+        "refusal": ["RefusalConfig", "run_refusal"],
+        "steer": ["ablation_hooks", "addition_hooks", "directional_component"],
+    },
 )
-from interplab.probes.ksparse import KSparseResult, KSparseRow, ksparse_curve, ksparse_probe, planted_recall
-from interplab.probes.linear import (
-    Control,
-    DiffMeansResult,
-    LogisticResult,
-    diff_of_means,
-    logistic_probe,
-    projection_histogram,
-    roc_auc,
-)
-from interplab.probes.orthogonalize import orthogonalize_weights, save_orthogonalized
-from interplab.probes.probe_run import ProbeConfig, run_probe
-from interplab.probes.refusal import RefusalConfig, run_refusal
-from interplab.probes.steer import ablation_hooks, addition_hooks, directional_component
-
-__all__ = [
-    "Control",
-    "DiffMeansResult",
-    "KSparseResult",
-    "KSparseRow",
-    "LabelledActivations",
-    "LabelledTexts",
-    "LogisticResult",
-    "ProbeConfig",
-    "RefusalConfig",
-    "ablation_hooks",
-    "addition_hooks",
-    "cached_activations",
-    "collect_activations",
-    "diff_of_means",
-    "directional_component",
-    "ksparse_curve",
-    "ksparse_probe",
-    "label_texts",
-    "load_labelled",
-    "logistic_probe",
-    "orthogonalize_weights",
-    "planted_recall",
-    "projection_histogram",
-    "roc_auc",
-    "run_probe",
-    "run_refusal",
-    "save_orthogonalized",
-    "vocabulary_dataset",
-]

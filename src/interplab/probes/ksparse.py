@@ -49,7 +49,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.errors import InterplabError, check_int
-from interplab.synthetic.sparse import derive_seed
+from interplab.synth.sparse import derive_seed
 
 METHODS = ("mean_diff", "f_stat", "mutual_info", "l1_path")
 """The ranking methods, in the order they are reported."""
@@ -350,7 +350,7 @@ def ksparse_curve(result: KSparseResult, path: str, metric: str = "f1") -> str:
     """Test `metric` against k (log₂ axis): per method the plain curve (solid) and the rotated control (dashed); the
     shuffled-label control as a grey band (min–max over methods and shuffles) with its mean; the dense probe and
     the coin-flip chance F1 as horizontal lines. Returns the path written."""
-    from interplab.report.figures import new_figure, save_figure
+    from interplab.plotting import new_figure, save_figure
 
     if metric not in METRICS:
         raise InterplabError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")

@@ -207,7 +207,7 @@ def diff_of_means(acts: Float[Tensor, "n d"], labels: Int[Tensor, " n"], *, test
 
 def projection_histogram(result: DiffMeansResult, path: str, bins: int = 40) -> str:
     """Overlaid histograms of the held-out projections of both classes on the direction, with the threshold."""
-    from interplab.report.figures import new_figure, save_figure
+    from interplab.plotting import new_figure, save_figure
 
     fig, ax = new_figure(7, 4.5)
     both = torch.cat([result.projections[0], result.projections[1]]).numpy()

@@ -300,7 +300,7 @@ def format_summary(result: dict[str, Any]) -> str:
 
 def write_figure(result: dict[str, Any], path: str) -> str:
     """Refusal score under ablation (harmful val) and addition (harmless val) per layer, at the chosen position."""
-    from interplab.report.figures import new_figure, save_figure
+    from interplab.plotting import new_figure, save_figure
 
     c = result["chosen"]
     rows = sorted((r for r in result["candidates"] if r["position"] == c["position"] and r["kl"] is not None),

@@ -1,8 +1,15 @@
-"""Figures and reports (matplotlib, Agg backend; PNG and Markdown files written atomically)."""
+"""Pages from saved results: the Markdown report of an SAE evaluation run, and `interplab report runs`, a
+report.html per run folder (config, metrics, figures) and an index linking them.
 
-from interplab.report.eval_report import write_eval_report
-from interplab.report.figures import kl_gap_vs_frequency, kl_histograms, pareto, pareto_from_metrics
-from interplab.report.perturb_figures import perturbation_curves
+This is a top room: it reads what every method wrote, and no method imports it.
+"""
 
-__all__ = ["kl_gap_vs_frequency", "kl_histograms", "pareto", "pareto_from_metrics", "perturbation_curves",
-           "write_eval_report"]
+import lazy_loader
+
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "eval_report": ["write_eval_report"],
+        "run_reports": ["RunReportConfig", "write_run_reports"],
+    },
+)

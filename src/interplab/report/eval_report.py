@@ -8,7 +8,7 @@ import posixpath
 from typing import Any, Mapping, Sequence
 
 from interplab.errors import InterplabError
-from interplab.report.figures import sae_label
+from interplab.evals.figures import sae_label
 
 
 def _num(v: Any, fmt: str = ".4g") -> str:

@@ -13,34 +13,20 @@ Every architecture shares `SparseAutoencoder` (base.py); top-k style training us
 Under torchrun the trainer is data-parallel (data_parallel.py), or latent-sharded with --shard-latents
 (sharded.py, parallel_ops.py); `train_hooks` trains one run per hook, the hooks spread over the ranks (per_hook.py).
 """
-
-from interplab.sae.base import SparseAutoencoder, TrainOutput, load_sae, make_sae
-from interplab.sae.batchtopk import BatchTopKSAE
-from interplab.sae.config import ARCHS, SAEConfig
-from interplab.sae.jumprelu import JumpReLUSAE
-from interplab.sae.matryoshka import MatryoshkaSAE
-from interplab.sae.per_hook import train_hooks
-from interplab.sae.relu import ReLUSAE
-from interplab.sae.sharded import ShardedTopKSAE
-from interplab.sae.topk import TopKSAE
-from interplab.sae.train_config import TrainConfig
-from interplab.sae.trainer import TrainResult, train
-
-__all__ = [
-    "ARCHS",
-    "BatchTopKSAE",
-    "JumpReLUSAE",
-    "MatryoshkaSAE",
-    "ReLUSAE",
-    "SAEConfig",
-    "ShardedTopKSAE",
-    "SparseAutoencoder",
-    "TopKSAE",
-    "TrainConfig",
-    "TrainOutput",
-    "TrainResult",
-    "load_sae",
-    "make_sae",
-    "train",
-    "train_hooks",
-]
+import lazy_loader
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "base": ["SparseAutoencoder", "TrainOutput", "load_sae", "make_sae"],
+        "batchtopk": ["BatchTopKSAE"],
+        "config": ["ARCHS", "SAEConfig"],
+        "jumprelu": ["JumpReLUSAE"],
+        "matryoshka": ["MatryoshkaSAE"],
+        "per_hook": ["train_hooks"],
+        "relu": ["ReLUSAE"],
+        "sharded": ["ShardedTopKSAE"],
+        "topk": ["TopKSAE"],
+        "train_config": ["TrainConfig"],
+        "trainer": ["TrainResult", "train"],
+    },
+)

@@ -53,7 +53,7 @@ class TrainConfig:
     """Stream mode: model spec to run directly on --corpus (no store is written)."""
     synthetic: str | None = None
     """Synthetic mode: a generator with planted features, e.g. sparse, sparse:mean_active=10,correlated=true or
-    animals (see interplab.synthetic.specs); its stream is endless, so --tokens is required."""
+    animals (see interplab.synth.specs); its stream is endless, so --tokens is required."""
     corpus: str = "python-docs"
     """Stream mode: text corpus ('python-docs', a .txt/.jsonl/.parquet file or folder, hf:NAME, ...)."""
     split: str = "train"

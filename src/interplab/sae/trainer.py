@@ -127,8 +127,8 @@ def _import_wandb() -> Any:
 def open_source(cfg: TrainConfig) -> Any:
     """The batch source `cfg` names (store, stream or synthetic mode)."""
     if cfg.synthetic is not None:
-        from interplab.synthetic.sparse import SyntheticSource
-        from interplab.synthetic.specs import make_generator
+        from interplab.synth.sparse import SyntheticSource
+        from interplab.synth.specs import make_generator
 
         return SyntheticSource(make_generator(cfg.synthetic), cfg.batch_size, name=f"synthetic:{cfg.synthetic}")
     if cfg.store is not None:

@@ -145,7 +145,7 @@ def run_outliers(cfg: OutliersConfig, *, model: Any = None, contexts: Int[torch.
 
     from interplab.fileio import write_url_atomic
     from interplab.models import load_model
-    from interplab.report.outlier_figures import magnitude_figure, massive_tokens_figure
+    from interplab.weights.outlier_figures import magnitude_figure, massive_tokens_figure
 
     cfg.validate()
     model = model or load_model(cfg.model, device=cfg.device)

@@ -59,7 +59,7 @@ def run_svd(cfg: SVDConfig, *, model: Any = None) -> dict[str, Any]:
     """Read every requested matrix, with the random-direction control; write OUT/svd.json and the figures."""
     from interplab.fileio import write_url_atomic
     from interplab.models import load_model
-    from interplab.report.weight_figures import proxy_bars, spectra
+    from interplab.weights.svd_figures import proxy_bars, spectra
     from interplab.weights.svd_read import check_matrix, proxy_summary, random_directions, read_directions, vocabulary
 
     cfg.validate()

@@ -1,0 +1,172 @@
+"""The run folder: one layout and one set of rules for every command that writes results.
+
+    OUT/config.json     {"kind": ..., "config": {...}}: everything needed to rerun, and the identity of the run
+    OUT/metrics.json    {"kind": ..., ...}: the results; written last, it marks the run complete
+    OUT/figures/*.png   the run's figures
+    OUT/.lock           held while a process writes the folder (local folders)
+
+Rules (`Run.open`): --out must be new, empty, or a folder this command wrote with the same configuration; then a
+complete run is reported as done, a partial one resumes. Anything else is one `InterplabError` that names what is
+there, raised before anything is written. Two processes cannot write one folder at once: the second is refused with
+the holder's process id. Object stores (s3://) have no locks; their runs are checked the same way otherwise.
+
+    with Run.open(cfg.out, "probe", asdict(cfg)) as run:
+        if run.status == "complete":
+            return run.metrics
+        ...
+        run.write_metrics(result)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+from filelock import FileLock, Timeout
+from fsspec.implementations.local import LocalFileSystem
+
+from interplab.errors import InterplabError
+from interplab.fileio import join, open_url, write_url_atomic
+
+CONFIG = "config.json"
+METRICS = "metrics.json"
+FIGURES = "figures"
+LOCK = ".lock"
+_TMP_RE = re.compile(r".*\.tmp-[0-9a-f]{32}")
+_MISSING = object()
+
+JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
+JSONDict = dict[str, JSONValue]
+Status = Literal["new", "partial", "complete"]
+
+
+def read_json_object(url: str) -> JSONDict:
+    """The JSON object stored at `url`; an `InterplabError` if it is unreadable, not UTF-8 JSON, or not an object."""
+    fs, path = open_url(url)
+    try:
+        data = json.loads(fs.cat_file(path).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InterplabError(f"{url} is not a readable JSON file ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(data, dict):
+        raise InterplabError(f"{url} holds JSON {type(data).__name__}, not an object")
+    return data
+
+
+def write_json(url: str, data: Mapping[str, JSONValue]) -> None:
+    """Write `data` as indented JSON, atomically (the file is either the old one or the whole new one)."""
+    write_url_atomic(url, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def config_differences(saved: Mapping[str, JSONValue], wanted: Mapping[str, JSONValue]) -> list[str]:
+    """The keys whose values differ between two configs (present in one only counts), sorted, each once."""
+    return sorted({k for k in {*saved, *wanted} if saved.get(k, _MISSING) != wanted.get(k, _MISSING)})
+
+
+def folder_entries(out: str) -> list[str]:
+    """Names inside the folder `out` (none if it does not exist), without temporary files and the lock; an error if
+    `out` is a file."""
+    fs, root = open_url(out)
+    if fs.exists(root) and not fs.isdir(root):
+        raise InterplabError(f"{out} is a file; --out needs a new or empty folder, or this command's own folder")
+    fs.invalidate_cache(root)
+    names = [posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False)] if fs.exists(root) else []
+    return sorted(n for n in names if not _TMP_RE.fullmatch(n) and not n.startswith(LOCK))
+
+
+def check_identity(out: str, config_name: str, identity: Mapping[str, JSONValue], what: str) -> JSONDict | None:
+    """The saved identity `OUT/config_name` if it equals `identity`; None if the folder is new or empty.
+
+    A folder that holds other things, or this file with different values, is refused with one line naming what is
+    there (`what` names the kind of run in that line)."""
+    names = folder_entries(out)
+    if config_name not in names:
+        if names:
+            raise InterplabError(f"{out} is not empty and holds no interplab {what} run (found "
+                                 f"{', '.join(names[:3])}); choose a new or empty --out")
+        return None
+    saved = read_json_object(join(out, config_name))
+    differs = config_differences(saved, identity)
+    if differs:
+        raise InterplabError(f"{out} holds a different {what} run (differs in: {', '.join(differs)}); "
+                             "choose another --out or delete it")
+    return saved
+
+
+@contextmanager
+def folder_lock(out: str, what: str) -> Iterator[None]:
+    """Hold `OUT/.lock` while the body runs (local folders; object stores have no locks). A second writer gets one
+    line naming the holder's process id."""
+    fs, root = open_url(out)
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    fs.makedirs(root, exist_ok=True)
+    lock, holder = FileLock(join(root, LOCK)), join(root, LOCK + ".pid")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid = open(holder).read().strip() if os.path.exists(holder) else "unknown"
+        raise InterplabError(f"{out} is being written by another process (pid {pid}, lock {join(out, LOCK)}); "
+                             f"wait for it to finish, or stop it, before running this {what} again") from None
+    try:
+        with open(holder, "w") as f:
+            f.write(str(os.getpid()))
+        yield
+    finally:
+        if os.path.exists(holder):
+            os.remove(holder)
+        lock.release()
+
+
+@dataclass
+class Run:
+    """An open run folder (see the module docstring); made by `Run.open`."""
+
+    out: str
+    """The folder (local path or fsspec URL), without a trailing slash."""
+    kind: str
+    """The command that writes it, e.g. "probe" or "toy train"; stored in config.json and metrics.json."""
+    status: Status
+    """"new" (nothing there yet), "partial" (config.json but no metrics.json: resume) or "complete"."""
+    metrics: JSONDict | None
+    """metrics.json of a complete run, else None."""
+
+    @classmethod
+    @contextmanager
+    def open(cls, out: str, kind: str, config: Mapping[str, JSONValue]) -> Iterator[Run]:
+        """Check --out, lock it, and write config.json if it is new. Yields the `Run`; the lock is released on exit."""
+        out = out.rstrip("/")
+        identity: JSONDict = {"kind": kind, "config": dict(config)}
+        check_identity(out, CONFIG, identity, kind)  # before the lock: a refused run must leave nothing behind
+        with folder_lock(out, kind):
+            saved = check_identity(out, CONFIG, identity, kind)  # again: another process may have started it
+            if saved is None:
+                write_json(join(out, CONFIG), identity)
+                yield cls(out, kind, "new", None)
+                return
+            fs, root = open_url(out)
+            if fs.exists(join(root, METRICS)):
+                yield cls(out, kind, "complete", read_json_object(join(out, METRICS)))
+                return
+            yield cls(out, kind, "partial", None)
+
+    def path(self, name: str) -> str:
+        """OUT/name."""
+        return join(self.out, name)
+
+    def figure(self, name: str) -> str:
+        """OUT/figures/name.png, the place for the run's figure `name`."""
+        return join(join(self.out, FIGURES), f"{name}.png")
+
+    def write_metrics(self, metrics: Mapping[str, JSONValue]) -> str:
+        """Write metrics.json ({"kind": ..., **metrics}), which marks the run complete; return its path."""
+        path = self.path(METRICS)
+        write_json(path, {"kind": self.kind, **metrics})
+        self.status, self.metrics = "complete", {"kind": self.kind, **metrics}
+        return path

@@ -1,0 +1,129 @@
+"""The planted model: generator samples in a transformer's residual stream, and the real pipeline run on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interplab.errors import InterplabError
+from interplab.synth.planted import ByteTokenizer, PlantedConfig, PlantedTransformer
+
+SMALL = "sparse:n_features=48,d=24,mean_active=3"
+
+
+@pytest.fixture(scope="module")
+def planted() -> PlantedTransformer:
+    return PlantedTransformer(PlantedConfig(generator=SMALL, n_samples=5000, n_ctx=32))
+
+
+def python_rows(tokens: list[int], n_samples: int) -> list[int]:
+    """The documented rolling hash, in plain Python integers."""
+    h, rows = 0, []
+    for t in tokens:
+        h = (h * 1_000_003 + t + 1) % (2**31 - 1)
+        rows.append((h * 0x9E3779B1) % 2**32 % n_samples)
+    return rows
+
+
+def test_embedding_is_the_table_row_the_prefix_hash_names(planted):
+    tokens = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    embed = planted.run_with_cache(tokens, ["hook_embed"]).cache["hook_embed"]
+    for b in range(3):
+        rows = python_rows(tokens[b].tolist(), 5000)
+        torch.testing.assert_close(embed[b], planted.x_table[rows])
+    resid_pre = planted.run_with_cache(tokens, ["blocks.0.hook_resid_pre"]).cache["blocks.0.hook_resid_pre"]
+    torch.testing.assert_close(resid_pre, embed)  # the position embedding is zero: the stream is the sample
+
+
+def test_truth_coefficients_rebuild_the_activations(planted):
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    embed = planted.run_with_cache(tokens, ["hook_embed"]).cache["hook_embed"].reshape(-1, 24)
+    truth = planted.truth(tokens)
+    # x = Σ_i c_i f_i: the generator's definition, checked against what the model computed
+    torch.testing.assert_close(truth.coeffs @ planted.generator.features, embed, atol=1e-5, rtol=1e-5)
+    assert ((truth.coeffs > 0) == truth.active).all()
+    assert 2.0 < truth.active.sum(1).float().mean() < 4.0  # mean_active=3
+
+
+def test_same_prefix_same_row_new_prefix_new_row(planted):
+    a = torch.tensor([[5, 6, 7, 8]])
+    b = torch.tensor([[5, 6, 9, 8]])
+    ra, rb = planted.rows(a)[0], planted.rows(b)[0]
+    assert ra[:2].tolist() == rb[:2].tolist()            # shared prefix
+    assert ra[2] != rb[2] and ra[3] != rb[3]              # the change propagates to every later position
+    many = planted.rows(torch.randint(0, 256, (64, 32), generator=torch.Generator().manual_seed(2)))
+    distinct = len(many[:, 1:].unique())
+    n = many[:, 1:].numel()
+    expected = 5000 * (1 - (1 - 1 / 5000) ** n)  # distinct rows of n uniform draws from 5000
+    assert abs(distinct - expected) < 4 * expected**0.5
+
+
+def test_save_and_load_model_round_trip(planted, tmp_path):
+    from interplab.models import load_model
+
+    planted.save(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"), device="cpu")
+    assert isinstance(loaded, PlantedTransformer) and loaded.info.arch == "planted"
+    tokens = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loaded(tokens), planted(tokens))
+
+
+def test_byte_tokenizer_packs_text():
+    from interplab.data.packing import pack_tokens
+
+    contexts = list(pack_tokens(["héllo world"] * 4, ByteTokenizer(), 8))
+    assert all(c[0] == 256 for c in contexts)
+    assert contexts[0][1:].tolist() == list("héllo world".encode())[:7]
+
+
+def test_animals_truth_in_both_ontologies():
+    model = PlantedTransformer(PlantedConfig(
+        generator="animals:n_animals=40,n_attributes=8,attributes_per_animal=3,n_independent=6,d=20",
+        n_samples=300, n_ctx=16))
+    assert set(model.true_features()) == {"animals", "attributes"}
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    x = model.run_with_cache(tokens, ["hook_embed"]).cache["hook_embed"].reshape(-1, 20)
+    batch = model.truth(tokens)
+    for ontology in ("animals", "attributes"):
+        dictionary, coeffs = model.generator.truth(batch, ontology)
+        torch.testing.assert_close(coeffs @ dictionary, x, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(InterplabError, match="unknown synthetic generator"):
+        PlantedTransformer(PlantedConfig(generator="nope"))
+    with pytest.raises(InterplabError, match="n_samples"):
+        PlantedTransformer(PlantedConfig(generator=SMALL, n_samples=1))
+
+
+def test_pipeline_store_sae_score_eval(tmp_path, capsys):
+    """synth model → harvest → sae train (from the store) → synth score → sae eval, all through the CLI."""
+    import json
+
+    from interplab.cli import main
+
+    g = torch.Generator().manual_seed(5)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    docs = [" ".join(words[i] for i in torch.randint(10, (80,), generator=g).tolist()) for _ in range(60)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    model, store, saes = tmp_path / "model", tmp_path / "store", tmp_path / "saes"
+    common = ["--corpus", str(tmp_path / "docs.jsonl"), "--ctx-len", "32"]
+    assert main(["synth", "model", "--generator", SMALL, "--n-samples", "20000", "--n-ctx", "32",
+                 "--out", str(model)]) == 0
+    assert main(["harvest", "--model", str(model), "--hooks", "hook_embed", "--tokens", "20000",
+                 "--out", str(store), *common]) == 0
+    assert main(["sae", "train", "--store", str(store), "--hook", "hook_embed", "--arch", "topk", "--k", "3",
+                 "--expansion", "2", "--tokens", "150000", "--batch-size", "128", "--lr", "3e-3",
+                 "--out", str(saes)]) == 0
+    capsys.readouterr()
+    assert main(["synth", "score", "--sae", str(saes / "topk-k3-x2"), "--generator", str(model)]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if "topk-k3-x2" in line and line.startswith("|"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    mmcs, recovery, random_mmcs = float(cells[6]), float(cells[8]), float(cells[11])
+    assert mmcs > 0.9 and recovery > 0.7 and random_mmcs < 0.6, table
+    assert main(["sae", "eval", "--sae", str(saes / "topk-k3-x2"), "--model", str(model), "--tokens", "1024",
+                 "--out", str(tmp_path / "eval.json"), *common]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert metrics["reconstruction"]["explained_variance"] > 0.5
+    assert metrics["kl"]["sae"]["mean"] < metrics["kl"]["zero_ablation"]["mean"]
