@@ -17,9 +17,10 @@ import json
 import tempfile
 import time
 
-from interplab.beliefs.regress import BeliefRegressConfig, run_regress
+from interplab.beliefs.configs import BeliefRegressConfig, BeliefTrainConfig
+from interplab.beliefs.regress import run_regress
 from interplab.beliefs.regress import format_summary as regress_summary
-from interplab.beliefs.train import BeliefTrainConfig, saved_checkpoints, train_beliefs
+from interplab.beliefs.train import saved_checkpoints, train_beliefs
 from interplab.beliefs.train import format_summary as train_summary
 
 PAPER_MSE = {64_000: 0.0118, 640_000: 0.0084, 3_200_000: 0.00248}
@@ -44,12 +45,12 @@ def main() -> None:
     wall = time.perf_counter() - start
     head = result["final"][result["headline"]]
     at = {row["tokens"]: round(row["targets"][result["headline"]]["mse"], 6) for row in result["curve"]}
-    print(json.dumps({"bench": "beliefs", "tokens": trained.tokens, "final_mse": round(head["mse"], 6),
+    print(json.dumps({"bench": "beliefs", "tokens": trained.metrics["tokens"], "final_mse": round(head["mse"], 6),
                       "shuffle_mse": round(head["shuffle_mse_mean"], 4), "r2": round(head["r2"], 5),
                       "wall_s": round(wall, 1), "cv_mse": round(head["cv_mse"], 6), "p_value": head["p_value"],
                       "concat_mse": round(result["final"]["concat"]["mse"], 6), "mse_at_tokens": at,
                       "paper_mse_at_tokens": PAPER_MSE, "train_s": round(trained.seconds, 1),
-                      "mean_loss_gap_nats": round(sum(trained.final_gap) / len(trained.final_gap), 6),
+                      "mean_loss_gap_nats": round(sum(trained.metrics["final"]["gap"]) / len(trained.metrics["final"]["gap"]), 6),
                       "out": out}))
 
 

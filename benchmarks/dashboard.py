@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from interplab.dashboard.data import DashboardConfig, build_dashboard_data, collect_contexts, iter_batches, read_batch
+from interplab.dashboard.configs import DashboardConfig
+from interplab.dashboard.data import build_dashboard_data, collect_contexts, iter_batches, read_batch
 from interplab.models.load import load_model
 from interplab.sae import SAEConfig, make_sae
 

@@ -20,7 +20,8 @@ import torch
 from common import take_batches, truncated
 
 from interplab.data import iter_contexts
-from interplab.evals.sae_eval import VARIANTS, EvalConfig, evaluate
+from interplab.evals.configs import EvalConfig
+from interplab.evals.sae_eval import VARIANTS, evaluate
 from interplab.models import load_model
 from interplab.sae import SAEConfig, make_sae
 

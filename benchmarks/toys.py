@@ -26,15 +26,17 @@ from pathlib import Path
 
 import torch
 
-from interplab.toy.train import ToyTrainConfig, format_summary, run_toy_train
+from interplab.toy.configs import ToyTrainConfig
+from interplab.toy.loop import TrainResult
+from interplab.toy.train import format_summary, run_toy_train
 
 
-def train(out: Path, **settings) -> dict:
+def train(out: Path, **settings) -> TrainResult:
     start = time.perf_counter()
     result = run_toy_train(ToyTrainConfig(out=str(out), progress=False, resume=False, **settings))
-    final = result["final"]
+    final = result.metrics["final"]
     print(f"  {out.name}: test acc {final['test_acc']:.4f} (worst output {final['test_worst_output_acc']:.3f}), "
-          f"{result['steps_trained']} steps, {time.perf_counter() - start:.0f} s", flush=True)
+          f"{result.metrics['steps_trained']} steps, {time.perf_counter() - start:.0f} s", flush=True)
     return result
 
 
@@ -55,7 +57,7 @@ def main() -> None:
     by_seed: dict[str, list[float]] = {}
     for d_head in (2, 3, 4, 5):
         accs = [train(root / f"ov-1h-d{d_head}-s{seed}", task="ov-coherent", heads=1, d_head=d_head, seed=seed,
-                      stop_after=200)["final"]["test_acc"] for seed in range(args.seeds)]
+                      stop_after=200).metrics["final"]["test_acc"] for seed in range(args.seeds)]
         by_dhead[str(d_head)] = round(max(accs), 4)
         by_seed[str(d_head)] = [round(a, 4) for a in accs]
         print(f"  d_head {d_head}: per seed {[round(a, 4) for a in accs]}", flush=True)
@@ -65,11 +67,11 @@ def main() -> None:
     print(format_summary(grok), flush=True)
     print(f"runs in {root}", flush=True)
     print(json.dumps({
-        "bench": "toys", "ov_coherent_2h_acc": round(two["final"]["test_acc"], 4),
+        "bench": "toys", "ov_coherent_2h_acc": round(two.metrics["final"]["test_acc"], 4),
         "single_head_acc_by_dhead": by_dhead, "single_head_acc_by_seed": by_seed,
-        "grokking_train_acc": round(grok["final"]["train_acc"], 4),
-        "grokking_test_acc": round(grok["final"]["test_acc"], 4),
-        "grokking_jump_step": grok["jump_step"], "thorough_phase_start_step": grok["phase_starts"]["thorough"],
+        "grokking_train_acc": round(grok.metrics["final"]["train_acc"], 4),
+        "grokking_test_acc": round(grok.metrics["final"]["test_acc"], 4),
+        "grokking_jump_step": grok.metrics["jump_step"], "thorough_phase_start_step": grok.metrics["phase_starts"]["thorough"],
         "wall_s": round(time.perf_counter() - start, 1),
     }))
 

@@ -10,6 +10,17 @@ import torch
 _DEFAULT_THREADS = torch.get_num_threads()
 
 
+STARTS_PROCESSES = {"torchrun", "two_ranks"}
+"""Fixtures that launch several processes with torchrun: a test that uses one (directly or through another fixture)
+is marked `distributed`."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if STARTS_PROCESSES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.distributed)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """One torch thread for the fast tests: their tensors are tiny, and two threads contending on a busy 2-core
     machine made a small matmul ~500x slower. Slow tests (the real model) keep the default."""

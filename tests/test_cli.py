@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from interplab.activations.harvest import HarvestConfig
+from interplab.activations.configs import HarvestConfig
 from interplab.cli import COMMANDS, main
 from interplab.config import field_docs
 
@@ -134,15 +136,27 @@ def test_beliefs_train_then_regress(tmp_path, capsys):
     assert "27 sequences × 3 = 81 points" in out and "concat" in out
     saved = json.loads((run / "regress.json").read_text())
     assert [row["tokens"] for row in saved["curve"]] == [480, 1920]
-    assert all((run / name).stat().st_size > 0 for name in
+    assert all((run / "figures" / name).stat().st_size > 0 for name in
                ("belief_simplex.png", "belief_mse_vs_tokens.png", "belief_mse_per_layer.png"))
     # The same folder with another config is refused, in one line, exit 2.
     assert main(_beliefs_train_args(run, **{"d-model": "32"})) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "different config (--d-model 16 → 32)" in err
+    assert err.count("\n") == 1 and "different beliefs train run (differs in: config.d_model 16 → 32)" in err
 
 
 def test_beliefs_regress_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main(["beliefs", "regress", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "holds no trained model" in err
+    assert err.count("\n") == 1 and "holds no beliefs train run (no config.json" in err
+
+
+@pytest.mark.parametrize("args", [["--help"], ["sae", "train", "--help"], ["probe", "--help"], ["synth", "--help"]])
+def test_help_imports_no_torch_transformers_or_matplotlib(args):
+    """`interplab --help` reads only the config dataclasses: -X importtime lists every module the help loaded."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "interplab", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: interplab" in proc.stdout
+    loaded = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert "interplab" in loaded and "argparse" in loaded  # the listing works
+    assert not loaded & {"torch", "transformers", "matplotlib", "numpy"}, sorted(loaded & {"torch", "numpy"})

@@ -1,309 +1,111 @@
 """The `interplab` command: one subcommand per capability, options generated from the config dataclasses.
 
 Commands may be nested one level (`interplab sae train`): a COMMANDS key with a space makes a group (`interplab sae
---help` lists its subcommands). Bad input is an `InterplabError`: one
-line on stderr and exit code 2. Ctrl-C during a harvest or a training run leaves it resumable and exits with 130.
+--help` lists its subcommands). Bad input is an `InterplabError`: one line on stderr and exit code 2. Ctrl-C during a
+harvest or a training run leaves it resumable and exits with 130.
+
+This module imports only the standard library and the config modules (which import only the standard library), so
+`interplab --help` and `interplab COMMAND --help` never import torch, transformers or matplotlib. The code that runs a
+command is in `interplab.commands`, imported once a command has been parsed.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Sequence
 
-from interplab.activations.harvest import HarvestConfig
-from interplab.beliefs.describe import MSPConfig
-from interplab.beliefs.regress import BeliefRegressConfig
-from interplab.beliefs.train import BeliefTrainConfig
+from interplab.activations.configs import HarvestConfig, InspectConfig
+from interplab.beliefs.configs import BeliefRegressConfig, BeliefTrainConfig, MSPConfig
 from interplab.config import add_dataclass_args, dataclass_from_args
-from interplab.dashboard.data import DashboardConfig
-from interplab.dashboard.neuronpedia import NeuronpediaConfig
-from interplab.report.run_reports import RunReportConfig
-from interplab.dashboard.serve import ServeConfig
-from interplab.demo import DemoConfig, run_demo
+from interplab.dashboard.configs import DashboardConfig, NeuronpediaConfig, ServeConfig
+from interplab.demo_config import DemoConfig
 from interplab.errors import InterplabError
-from interplab.evals.perturb import PerturbConfig
-from interplab.evals.sae_eval import EvalConfig
-from interplab.probes.probe_run import ProbeConfig
-from interplab.probes.refusal import RefusalConfig
+from interplab.evals.configs import EvalConfig, PerturbConfig
+from interplab.lens.configs import LensConfig
+from interplab.models.configs import HooksConfig
+from interplab.probes.configs import ProbeConfig, RefusalConfig
+from interplab.report.configs import ParetoConfig, RunReportConfig
 from interplab.sae.train_config import TrainConfig
-from interplab.synth.bench import SynthBenchConfig, SynthScoreConfig
-from interplab.synth.planted import PlantedConfig
-from interplab.synth.tms_run import TMSRunConfig
-from interplab.toy.readouts import InspectToyConfig
-from interplab.toy.train import ToyTrainConfig
-from interplab.lens.run import LensConfig
-from interplab.weights.outliers import OutliersConfig
-from interplab.weights.svd_run import SVDConfig
+from interplab.synth.configs import PlantedConfig, SynthBenchConfig, SynthScoreConfig, TMSRunConfig
+from interplab.toy.configs import InspectToyConfig, ToyTrainConfig
+from interplab.weights.configs import OutliersConfig, SVDConfig
 
-if TYPE_CHECKING:
-    from interplab.sae.trainer import TrainResult
+__all__ = ["COMMANDS", "GROUPS", "build_parser", "main"]
 
 
-@dataclass
-class HooksConfig:
-    """List a model's hook points."""
-
-    model: str = "smollm2-135m"
-    """Model spec."""
-
-
-@dataclass
-class InspectConfig:
-    """Describe an activation store and verify its checksums."""
-
-    store: str = "activations"
-    """Store folder or fsspec URL."""
-    verify: bool = True
-    """Read every shard and check its sha256."""
-
-
-@dataclass
-class ParetoConfig:
-    """Draw the L0 Pareto plot (FVU and CE-loss-recovered) of several SAEs from their evaluation results."""
-
-    metrics: list[str] = field(default_factory=list)
-    """metrics.json files written by `interplab sae eval --out`, comma-separated (one point per SAE)."""
-    out: str = "pareto.png"
-    """PNG to write (local path or fsspec URL)."""
-
-
-def run_pareto(cfg: ParetoConfig) -> None:
-    from interplab.evals.figures import pareto_from_metrics
-
-    if not cfg.metrics:
-        raise InterplabError("--metrics needs at least one metrics.json from `interplab sae eval --out`")
-    print(f"wrote {pareto_from_metrics(cfg.metrics, cfg.out)}")
-
-
-def run_synth_bench(cfg: SynthBenchConfig) -> None:
-    from interplab.synth.figures import synth_scores
-    from interplab.synth.bench import format_table, run_bench
-
-    result = run_bench(cfg)
-    print(format_table(result))
-    figure = synth_scores(result["rows"], f"{cfg.out.rstrip('/')}/mmcs_vs_l0.png")
-    print(f"table: {cfg.out.rstrip('/')}/bench.md, rows: {cfg.out.rstrip('/')}/bench.json, figure: {figure}")
-
-
-def run_synth_model(cfg: PlantedConfig) -> None:
-    from interplab.synth.planted import build_planted
-
-    info = build_planted(cfg)
-    truths = ", ".join(f"{name} {shape[0]}" for name, shape in info["true_features"].items())
-    print(f"wrote {info['out']}: generator {info['generator']} planted at {' = '.join(info['exact_hooks'])} "
-          f"(d_model {info['d_model']}, {info['n_samples']} table rows; true features: {truths})\n"
-          f"next: interplab harvest --model {info['out']} --hooks hook_embed --out STORE; "
-          f"interplab sae train --store STORE ...; interplab synth score --sae SAE --generator {info['out']}")
-
-
-def run_synth_score(cfg: SynthScoreConfig) -> None:
-    from interplab.synth.bench import format_table, score_saved, summarise
-
-    rows = score_saved(cfg)
-    print(format_table({"config": asdict(cfg), "rows": rows, "summary": summarise(rows)}))
-
-
-def summarised(module: str, run: str, outputs: str) -> Callable[[Any], None]:
-    """A command that calls `interplab.<module>.<run>(cfg)`, prints the module's `format_summary` of the result,
-    then where its files are (`outputs`, formatted with OUT = cfg.out without a trailing slash). The module is
-    imported only when the command runs, so `interplab --help` stays light."""
-
-    def command(cfg: Any) -> None:
-        mod = importlib.import_module(f"interplab.{module}")
-        print(mod.format_summary(getattr(mod, run)(cfg)))
-        print(outputs.format(OUT=cfg.out.rstrip("/")))
-
-    return command
-
-
-def run_dashboard_build(cfg: DashboardConfig) -> None:
-    from interplab.dashboard.site import build_site, format_build
-
-    print(format_build(build_site(cfg)))
-
-
-def run_dashboard_serve(cfg: ServeConfig) -> None:
-    from interplab.dashboard.serve import serve
-
-    serve(cfg)
-
-
-def run_beliefs_regress(cfg: BeliefRegressConfig) -> None:
-    from interplab.beliefs.regress import format_summary, run_regress
-
-    result = run_regress(cfg)  # its JSON goes to --out, or into the run folder by default
-    print(format_summary(result))
-    print(f"numbers: {result['out']}")
-
-
-def run_harvest(cfg: HarvestConfig) -> None:
-    from interplab.activations.harvest import harvest
-    from interplab.distributed import ranks
-
-    result = harvest(cfg)
-    if not ranks().is_main:  # torchrun: every rank holds the same result
-        return
-    if result.already_complete:
-        print(f"{cfg.out} already holds this complete harvest ({result.n_tokens:,} tokens); nothing to do")
-    else:
-        print(f"harvested {result.n_tokens:,} tokens at {','.join(cfg.hooks)} into {cfg.out} "
-              f"({result.tokens_per_s:,.0f} tokens/s)")
-
-
-def run_hooks(cfg: HooksConfig) -> None:
-    from interplab.models import load_model
-
-    model = load_model(cfg.model)
-    print(json.dumps(model.info.to_dict()))
-    print("\n".join(model.hook_names))
-
-
-def run_inspect(cfg: InspectConfig) -> None:
-    from interplab.activations.store import ActivationStore
-
-    store = ActivationStore(cfg.store)
-    m = store.manifest
-    print(f"{cfg.store}: {m['n_tokens']:,} tokens in {len(m['shards'])} shards, ctx_len {m['ctx_len']}, "
-          f"dtype {m['dtype']}, {'complete' if m['complete'] else 'INCOMPLETE (resume the harvest)'}")
-    for hook in store.hooks:
-        print(f"  {hook}: d={store.d(hook)}")
-    print("  config: " + json.dumps(m["config"]))
-    if cfg.verify:
-        for i in range(len(m["shards"])):
-            store.load_shard(i)
-        print(f"  all {len(m['shards'])} shard checksums verified")
-
-
-def run_sae_train(cfg: TrainConfig) -> None:
-    from interplab.distributed import ranks
-    from interplab.sae.per_hook import hook_run_config, train_hooks
-    from interplab.sae.trainer import train
-
-    if cfg.hooks:
-        for hook, result in train_hooks(cfg).items():
-            _print_train_result(hook_run_config(cfg, hook), result)
-        return
-    result = train(cfg)
-    if ranks().is_main:  # data-parallel: every rank holds the same result
-        _print_train_result(cfg, result)
-
-
-def _print_train_result(cfg: TrainConfig, result: TrainResult) -> None:
-    if result.already_complete:
-        print(f"{cfg.out} already holds this complete run ({len(result.names)} SAEs); nothing to do")
-        return
-    for name, m in result.metrics.items():
-        print(f"{name}: fvu {m['fvu']:.4f}  mse {m['mse']:.4g}  l0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}")
-    resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
-    print(f"trained {len(result.names)} SAE(s) on {result.tokens:,} tokens into {cfg.out} "
-          f"({result.tokens_per_s:,.0f} tokens/s{resumed})")
-
-
-def run_sae_eval(cfg: EvalConfig) -> None:
-    from interplab.evals.sae_eval import evaluate, format_summary
-
-    result = evaluate(cfg)
-    print(format_summary(result))
-    if cfg.out:
-        print(f"metrics written to {cfg.out}")
-
-
-def run_perturb(cfg: PerturbConfig) -> None:
-    from interplab.evals.perturb import format_summary, perturbation_sweep
-
-    result = perturbation_sweep(cfg)
-    print(format_summary(result))
-    if cfg.out:
-        print(f"results written to {cfg.out}")
-    for path in result.get("figures", {}).values():
-        print(f"figure written to {path}")
-
-
-COMMANDS: dict[str, tuple[type, Callable, str]] = {
-    "demo": (DemoConfig, run_demo, "the main job on the defaults: harvest, train SAEs, evaluate them with controls, "
+COMMANDS: dict[str, tuple[type, str, str]] = {
+    "demo": (DemoConfig, "demo", "the main job on the defaults: harvest, train SAEs, evaluate them with controls, "
              "perturbation sweep, figures and report"),
-    "harvest": (HarvestConfig, run_harvest, "harvest activations at hook points into an on-disk store"),
-    "hooks": (HooksConfig, run_hooks, "list a model's hook points"),
-    "report runs": (RunReportConfig,
-                    summarised("dashboard.run_reports", "write_run_reports", "each run's page: RUN/report.html"),
-                    "report.html (config, metrics, figures) in every run folder under --root, and one index page "
-                    "linking them"),
-    "dashboard build": (DashboardConfig, run_dashboard_build,
-                        "one pass over a corpus: per-latent frequency, histograms, top and quantile examples, logit "
-                        "effects, correlated latents and neurons; written as a static site (open index.html)"),
-    "dashboard serve": (ServeConfig, run_dashboard_serve,
-                        "serve a dashboard folder on 127.0.0.1 (only files inside it; --host to expose it)"),
-    "dashboard neuronpedia": (NeuronpediaConfig,
-                              summarised("dashboard.neuronpedia", "export_neuronpedia", "files: {OUT}/"),
-                              "export a dashboard site's data to Neuronpedia's import layout (or SAEDashboard's "
-                              "batches)"),
-    "inspect": (InspectConfig, run_inspect, "describe an activation store and verify its checksums"),
-    "sae train": (TrainConfig, run_sae_train, "train sparse autoencoders (a sweep in one pass) on a store or a model"),
-    "sae eval": (EvalConfig, run_sae_eval, "evaluate an SAE spliced into its model, beside its controls"),
-    "synth bench": (SynthBenchConfig, run_synth_bench, "train every SAE architecture on planted-feature generators "
+    "harvest": (HarvestConfig, "harvest", "harvest activations at hook points into an on-disk store"),
+    "hooks": (HooksConfig, "hooks", "list a model's hook points"),
+    "inspect": (InspectConfig, "inspect", "describe an activation store and verify its checksums"),
+    "sae train": (TrainConfig, "sae_train", "train sparse autoencoders (a sweep in one pass) on a store or a model"),
+    "sae eval": (EvalConfig, "sae_eval", "evaluate an SAE spliced into its model, beside its controls"),
+    "perturb": (PerturbConfig, "perturb",
+                "activation plateaus: KL and later-layer change along paths from real activations toward targets"),
+    "synth bench": (SynthBenchConfig, "synth_bench", "train every SAE architecture on planted-feature generators "
                     "and score each against the truth, beside random and PCA controls"),
-    "synth model": (PlantedConfig, run_synth_model, "a small transformer whose embedding is a generator's samples: "
+    "synth model": (PlantedConfig, "synth_model", "a small transformer whose embedding is a generator's samples: "
                     "run harvest, sae train and sae eval where the truth is known"),
-    "synth score": (SynthScoreConfig, run_synth_score, "score saved SAEs against a generator's planted truth, beside "
+    "synth score": (SynthScoreConfig, "synth_score", "score saved SAEs against a generator's planted truth, beside "
                     "random and PCA controls"),
-    "synth tms": (TMSRunConfig, summarised("synthetic.tms_run", "run_tms", "numbers: {OUT}/tms.json"),
+    "synth tms": (TMSRunConfig, "synth_tms",
                   "toy models of superposition: the n=5, m=2 pictures and the n=200, m=20 dimensionality sweep"),
-    "toy train": (ToyTrainConfig,
-                  summarised("synthetic.toy_train", "run_toy_train",
-                             "numbers: {OUT}/train.json, log: {OUT}/log.jsonl; "
-                             "next: interplab toy inspect --run {OUT}"),
+    "toy train": (ToyTrainConfig, "toy_train",
                   "train a toy transformer on a task with the exact answer (ov-coherent, skip-trigram, "
                   "modular-addition, or a Python generator), with phased evaluation logged by step"),
-    "toy inspect": (InspectToyConfig,
-                    summarised("synthetic.toy_inspect", "run_toy_inspect",
-                               "numbers: {OUT}/inspect.json, report: {OUT}/report.md, figures: {OUT}/figures/"),
+    "toy inspect": (InspectToyConfig, "toy_inspect",
                     "circuit read-outs of a trained toy: attention from the read-off, EQKE and EVOU per head, "
                     "accuracy per pair with each head ablated, the Fourier view of modular addition"),
-    "report pareto": (ParetoConfig, run_pareto, "L0 vs FVU and L0 vs CE-loss-recovered of several evaluated SAEs"),
-    "beliefs msp": (MSPConfig, summarised("beliefs.describe", "describe_process", "numbers: {OUT}/msp.json"),
+    "beliefs msp": (MSPConfig, "beliefs_msp",
                     "describe a process exactly: stationary distribution, entropy rate, myopic entropies, "
                     "mixed-state presentation and its spectrum, the belief simplex"),
-    "beliefs train": (BeliefTrainConfig,
-                      summarised("beliefs.train", "train_beliefs",
-                                 "numbers: {OUT}/train.json; next: interplab beliefs regress --run {OUT}"),
+    "beliefs train": (BeliefTrainConfig, "beliefs_train",
                       "train a toy transformer on a hidden Markov process (Mess3, RRXOR, ...), with its "
                       "per-position loss against the optimum h(L)"),
-    "beliefs regress": (BeliefRegressConfig, run_beliefs_regress,
+    "beliefs regress": (BeliefRegressConfig, "beliefs_regress",
                         "regress belief states on a trained run's activations at every checkpoint, with "
                         "cross-validation, a shuffle control and figures"),
-    "probe": (ProbeConfig, summarised("probes.probe_run", "run_probe", "numbers: {OUT}/probe.json"),
+    "probe": (ProbeConfig, "probe",
               "difference-of-means, logistic and k-sparse probes for a labelled dataset at one hook, each beside "
               "shuffled-label, random-direction and random-rotation controls"),
-    "refusal": (RefusalConfig,
-                summarised("probes.refusal", "run_refusal", "numbers: {OUT}/refusal.json, report: {OUT}/report.md"),
+    "refusal": (RefusalConfig, "refusal",
                 "the refusal direction (Arditi et al. 2024): candidates by difference of means, selection under "
                 "ablation and addition, refusal rates before and after, random-direction control, CE change, "
                 "orthogonalised weights, report"),
-    "weights svd": (SVDConfig,
-                    summarised("weights.svd_run", "run_svd", "numbers: {OUT}/svd.json, figures: {OUT}/figures/"),
+    "weights svd": (SVDConfig, "weights_svd",
                     "a weight matrix's top singular directions (head OV/QK, MLP in/out, embedding, unembedding) "
                     "read through the vocabulary, with interpretability proxies beside random directions"),
-    "weights outliers": (OutliersConfig,
-                         summarised("weights.outliers", "run_outliers", "numbers: {OUT}/outliers.json"),
+    "weights outliers": (OutliersConfig, "weights_outliers",
                          "residual-stream outlier dimensions: massive activations and rogue dims per layer, the "
                          "tokens that carry them, beside the same statistics in a random rotation of the basis"),
-    "lens": (LensConfig,
-             summarised("weights.lens_run", "run_lens", "numbers: {OUT}/lens.json, figures: {OUT}/figures/"),
+    "lens": (LensConfig, "lens",
              "logit lens and tuned lens: every layer's residual stream decoded to the vocabulary, KL to the final "
              "distribution per layer beside a context-free control, top predictions for a prompt"),
-    "perturb": (PerturbConfig, run_perturb,
-                "activation plateaus: KL and later-layer change along paths from real activations toward targets"),
+    "dashboard build": (DashboardConfig, "dashboard_build",
+                        "one pass over a corpus: per-latent frequency, histograms, top and quantile examples, logit "
+                        "effects, correlated latents and neurons; written as a static site (open index.html)"),
+    "dashboard serve": (ServeConfig, "dashboard_serve",
+                        "serve a dashboard folder on 127.0.0.1 (only files inside it; --host to expose it)"),
+    "dashboard neuronpedia": (NeuronpediaConfig, "dashboard_neuronpedia",
+                              "export a dashboard site's data to Neuronpedia's import layout (or SAEDashboard's "
+                              "batches)"),
+    "report runs": (RunReportConfig, "report_runs",
+                    "report.html (config, metrics, figures) in every run folder under --root, and one index page "
+                    "linking them"),
+    "report pareto": (ParetoConfig, "report_pareto",
+                      "L0 vs FVU and L0 vs CE-loss-recovered of several evaluated SAEs"),
 }
+"""Each command: its config dataclass (its fields are the options), the function of `interplab.commands` that
+runs it, and its one-line help."""
 
 GROUPS: dict[str, str] = {
     "beliefs": "belief-state geometry (Shai et al. 2024): transformers trained on hidden Markov processes, and "
                "affine maps from their residual streams onto the Bayesian belief states",
     "sae": "sparse autoencoders: train dictionaries on activations, evaluate them with controls",
-    "report": "figures and reports from saved results",
+    "report": "pages from saved results: run reports and their index, Pareto plots",
     "dashboard": "feature dashboards: a static site per SAE (no server needed), served locally, exported to "
                  "Neuronpedia",
     "weights": "reading weights: factored QK/OV circuits and SVD directions through the vocabulary, residual-stream "
@@ -321,9 +123,11 @@ INTERRUPTED: dict[str, str] = {
     "beliefs train": "the last checkpoint is kept",
     "toy train": "the last checkpoint is kept",
 }
+_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command, generated from COMMANDS and the config dataclasses."""
     parser = argparse.ArgumentParser(prog="interplab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -338,11 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code (0, 2 for bad input, 130 when interrupted, 1 when a torchrun peer died)."""
     args = build_parser().parse_args(argv)
     command = f"{args.command} {args.subcommand}" if getattr(args, "subcommand", None) else args.command
-    config_cls, run, _ = COMMANDS[command]
+    config_cls, runner, _ = COMMANDS[command]
+    # Imported only now, so that --help (handled by the parser above) stays free of torch.
+    commands = importlib.import_module("interplab.commands")
     try:
-        run(dataclass_from_args(config_cls, args))
+        getattr(commands, runner)(dataclass_from_args(config_cls, args))
     except InterplabError as exc:
         sys.stderr.write(f"interplab {command}: error: {exc}\n")  # one write: torchrun ranks share one stderr
         return 2
@@ -356,37 +163,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN for temporary ones), "
                              "or AWS_PROFILE (a profile of ~/.aws/credentials); see docs/big-models.md\n")
             return 2
-        if not _is_dist_error(exc):
+        failure = commands.dist_failure(exc)
+        if failure is None:
             raise
         # Another rank of a torchrun job died (killed, out of memory, a bug): this one cannot go on alone.
-        from interplab.distributed import ranks
-
-        kept, r = INTERRUPTED.get(command, "nothing is lost"), ranks()
-        reason = (str(exc).strip().splitlines() or ["no message"])[0][:200]
-        print(f"interplab {command} (rank {r.rank} of {r.world_size}): error: another rank of this torchrun job "
-              f"stopped ({type(exc).__name__}: {reason}); {kept}, rerun the same torchrun command with --resume "
-              "to continue", file=sys.stderr)
+        rank, cause = failure
+        kept = INTERRUPTED.get(command, "nothing is lost")
+        print(f"interplab {command} ({rank}): error: another rank of this torchrun job stopped ({cause}); {kept}, "
+              "rerun the same torchrun command with --resume to continue", file=sys.stderr)
         return 1
     finally:
-        from interplab.distributed import shutdown
-
-        shutdown()
+        commands.shutdown()
     return 0
-
-
-_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError")
-
-
-def _is_dist_error(exc: BaseException) -> bool:
-    """Whether `exc` is a torch.distributed failure (a peer rank gone, a collective timed out). Gloo reports a
-    dead peer as a plain RuntimeError naming its transport, hence the markers."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return False
-    if isinstance(exc, getattr(dist, "DistError", ())):
-        return True
-    markers = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "timed out")
-    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in markers)
 
 
 if __name__ == "__main__":

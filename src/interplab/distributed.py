@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
+import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 
 from interplab.errors import InterplabError
+
+T = TypeVar("T")
 
 TIMEOUT = timedelta(minutes=int(os.environ.get("INTERPLAB_DIST_TIMEOUT_MIN", "30")))
 """How long a collective waits for the slowest rank before failing (INTERPLAB_DIST_TIMEOUT_MIN, default 30)."""
@@ -72,8 +75,6 @@ def rank_device(device: str | None) -> str:
 
 def init(device: str | torch.device = "cpu") -> Ranks:
     """Join the torchrun job's process group (once; a no-op outside torchrun) and return this process's ranks."""
-    import torch.distributed as dist
-
     r = ranks()
     if not r.distributed or dist.is_initialized():
         return r
@@ -90,32 +91,24 @@ def init(device: str | torch.device = "cpu") -> Ranks:
 
 def shutdown() -> None:
     """Leave the process group (if this process joined one)."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def active() -> bool:
     """Whether this process is in a process group of more than one rank (collectives do something)."""
-    import torch.distributed as dist
-
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def barrier() -> None:
     """Wait until every rank gets here."""
     if active():
-        import torch.distributed as dist
-
         dist.barrier()
 
 
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sum `tensor` over ranks, in place; returns it."""
     if active():
-        import torch.distributed as dist
-
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -123,8 +116,6 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
 def all_reduce_min_(tensor: Tensor) -> Tensor:
     """Element-wise minimum of `tensor` over ranks, in place; returns it."""
     if active():
-        import torch.distributed as dist
-
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return tensor
 
@@ -133,30 +124,24 @@ def all_gather_cat(tensor: Float[Tensor, "..."], dim: int = 0) -> Float[Tensor, 
     """Every rank's `tensor` (the same shape on all ranks) concatenated along `dim`, in rank order."""
     if not active():
         return tensor
-    import torch.distributed as dist
-
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=dim)
 
 
-def gather_objects(obj: Any) -> list[Any] | None:
+def gather_objects(obj: T) -> list[T] | None:
     """Every rank's `obj` in rank order on rank 0 (None on the other ranks); picklable objects."""
     if not active():
         return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    out: list[T] | None = [obj] * dist.get_world_size() if dist.get_rank() == 0 else None  # placeholders
     dist.gather_object(obj, out, dst=0)
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
+def broadcast_object(obj: T) -> T:
     """Rank 0's `obj` on every rank (picklable objects; for small things such as a status or a config)."""
     if not active():
         return obj
-    import torch.distributed as dist
-
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]

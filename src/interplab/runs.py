@@ -64,8 +64,16 @@ def write_json(url: str, data: Mapping[str, JSONValue]) -> None:
 
 
 def config_differences(saved: Mapping[str, JSONValue], wanted: Mapping[str, JSONValue]) -> list[str]:
-    """The keys whose values differ between two configs (present in one only counts), sorted, each once."""
-    return sorted({k for k in {*saved, *wanted} if saved.get(k, _MISSING) != wanted.get(k, _MISSING)})
+    """The keys whose values differ between two configs (present in one only counts), sorted, each once; where both
+    values are objects, the differing keys inside them, dotted ("config.seed")."""
+    differs: set[str] = set()
+    for key in {*saved, *wanted}:
+        a, b = saved.get(key, _MISSING), wanted.get(key, _MISSING)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differs.update(f"{key}.{inner}" for inner in config_differences(a, b))
+        elif a != b:
+            differs.add(key)
+    return sorted(differs)
 
 
 def folder_entries(out: str) -> list[str]:
@@ -93,9 +101,20 @@ def check_identity(out: str, config_name: str, identity: Mapping[str, JSONValue]
     saved = read_json_object(join(out, config_name))
     differs = config_differences(saved, identity)
     if differs:
-        raise InterplabError(f"{out} holds a different {what} run (differs in: {', '.join(differs)}); "
+        changes = ", ".join(f"{key} {_at(saved, key)} → {_at(identity, key)}" for key in differs)
+        raise InterplabError(f"{out} holds a different {what} run (differs in: {changes}); "
                              "choose another --out or delete it")
     return saved
+
+
+def _at(config: Mapping[str, JSONValue], dotted: str) -> str:
+    """The value at a dotted key of a nested config, as JSON, or "(none)" where it is absent."""
+    value: object = config
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return "(none)"
+        value = value[part]
+    return json.dumps(value)
 
 
 @contextmanager
@@ -106,6 +125,7 @@ def folder_lock(out: str, what: str) -> Iterator[None]:
     if not isinstance(fs, LocalFileSystem):
         yield
         return
+    created = not fs.exists(root)
     fs.makedirs(root, exist_ok=True)
     lock, holder = FileLock(join(root, LOCK)), join(root, LOCK + ".pid")
     try:
@@ -122,6 +142,18 @@ def folder_lock(out: str, what: str) -> Iterator[None]:
         if os.path.exists(holder):
             os.remove(holder)
         lock.release()
+        if not folder_entries(out):  # nothing was written (a refused or failed new run): leave no trace
+            os.remove(join(root, LOCK))
+            if created:
+                os.rmdir(root)
+
+
+def _forget_if_nothing_else(out: str) -> None:
+    """Remove config.json of a new run that failed before writing anything else, so that a rerun with corrected
+    options is not refused as "a different run" (a run that wrote more keeps it, to resume)."""
+    if folder_entries(out) == [CONFIG]:
+        fs, root = open_url(out)
+        fs.rm(join(root, CONFIG))
 
 
 @dataclass
@@ -148,7 +180,11 @@ class Run:
             saved = check_identity(out, CONFIG, identity, kind)  # again: another process may have started it
             if saved is None:
                 write_json(join(out, CONFIG), identity)
-                yield cls(out, kind, "new", None)
+                try:
+                    yield cls(out, kind, "new", None)
+                except BaseException:
+                    _forget_if_nothing_else(out)
+                    raise
                 return
             fs, root = open_url(out)
             if fs.exists(join(root, METRICS)):

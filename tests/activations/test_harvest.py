@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from interplab.activations import ActivationStore
-from interplab.activations.harvest import HarvestConfig, harvest
+from interplab.activations.configs import HarvestConfig
+from interplab.activations.harvest import harvest
 from interplab.data import iter_contexts
 from interplab.models import load_model
 

@@ -22,7 +22,8 @@ import torch
 from interplab import distributed as D
 from interplab.activations import ActivationStore
 from interplab.activations import ranked as ranked_mod
-from interplab.activations.harvest import HarvestConfig, harvest
+from interplab.activations.configs import HarvestConfig
+from interplab.activations.harvest import harvest
 from interplab.activations.writer import StoreWriter
 from interplab.errors import InterplabError
 from interplab.models import load_model

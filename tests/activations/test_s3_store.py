@@ -18,7 +18,7 @@ from interplab.activations import ActivationStore, StoreWriter
 from interplab.activations.store import CorruptShardError
 from interplab.cli import main
 from interplab.errors import InterplabError
-from interplab.sae.base import load_sae
+from interplab.sae.files import load_sae
 from interplab.sae.train_config import TrainConfig
 from interplab.sae.trainer import train
 

@@ -243,6 +243,8 @@ def test_complete_store_reopens_complete_and_refuses_more(tmp_path: Path, resume
         ({"shapes": {**SHAPES, HOOKS[1]: (CTX, 4)}}, "differs in: shapes"),
         ({"hooks": HOOKS[::-1]}, "differs in: hooks"),
         ({"contexts_per_shard": 8}, "differs in: contexts_per_shard"),
+        # as harvest writes it: in the config and in the manifest, named once
+        ({"config": {**CONFIG, "contexts_per_shard": 8}, "contexts_per_shard": 8}, "differs in: contexts_per_shard"),
     ],
 )
 def test_a_different_store_in_the_directory_is_an_error(tmp_path: Path, change: dict, differs: str) -> None:

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from interplab.beliefs import all_sequences, belief_states, make_process
+from interplab.beliefs.configs import BeliefRegressConfig, BeliefTrainConfig
 from interplab.beliefs.regress import (
-    BeliefRegressConfig,
     design,
     fit_target,
     make_points,
     run_regress,
     sequences,
 )
-from interplab.beliefs.train import BeliefTrainConfig, train_beliefs
+from interplab.beliefs.train import train_beliefs
 from interplab.errors import InterplabError
 
 
@@ -132,6 +132,14 @@ def test_regress_a_tiny_run_end_to_end(tiny_run):
     assert list(sampled["final"]) == ["blocks.1.hook_resid_post"] and sampled["n_points"] == 160
 
 
+def test_regress_draws_its_figures_into_the_runs_figures_folder(tiny_run):
+    result = run_regress(BeliefRegressConfig(run=str(tiny_run), checkpoint=[6400], shuffles=0,
+                                             out=str(tiny_run / "f.json")), progress=False)
+    assert set(result["figures"]) == {"simplex", "simplex_concat", "mse_curve", "per_layer"}
+    for path in result["figures"].values():
+        assert path.startswith(f"{tiny_run}/figures/") and open(path, "rb").read(4) == b"\x89PNG"
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"hooks": ["blocks.7.hook_resid_post"]}, r"unknown hook name.*blocks.7.hook_resid_post"),
     ({"hooks": ["blocks.0.attn.hook_pattern"]}, "attention patterns"),
@@ -143,5 +151,11 @@ def test_bad_regress_input_is_a_clear_error(tiny_run, overrides, message):
 
 
 def test_a_folder_without_a_model_is_a_clear_error(tmp_path):
-    with pytest.raises(InterplabError, match="holds no trained model"):
+    with pytest.raises(InterplabError, match="holds no beliefs train run"):
+        run_regress(BeliefRegressConfig(run=str(tmp_path)), progress=False)
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "toy train", "config": {"task": "ov-coherent"}}))
+    with pytest.raises(InterplabError, match="not a beliefs train run's config"):
+        run_regress(BeliefRegressConfig(run=str(tmp_path)), progress=False)
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "beliefs train", "config": {"ctx": 4}}))
+    with pytest.raises(InterplabError, match="holds no trained model yet"):   # started, no checkpoint yet
         run_regress(BeliefRegressConfig(run=str(tmp_path)), progress=False)

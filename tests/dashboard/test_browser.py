@@ -15,9 +15,16 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from test_site import SHOWCASE, XSS_BOLD, XSS_SCRIPT, write_fake_site  # the fake-site builder, shared
 
-from interplab.dashboard.serve import ServeConfig, make_server
+from interplab.dashboard import store
+from interplab.dashboard.configs import DashboardConfig, ServeConfig
+from interplab.dashboard.serve import make_server
+from interplab.dashboard.site import build_site, write_assets
+from interplab.models.load import load_model
+from interplab.sae import make_sae
+from interplab.sae.config import SAEConfig
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need `pip install playwright`")
 
@@ -185,8 +192,6 @@ def test_bad_ids_and_missing_data_say_so(page, fake_site, tmp_path: Path) -> Non
     page.goto((fake_site / "latent.html").as_uri() + "?id=50")  # a dead latent
     assert "never fired" in page.get_by_test_id("top-examples").text_content()
     empty = tmp_path / "empty"
-    from interplab.dashboard.site import write_assets
-
     write_assets(str(empty))
     page.goto((empty / "index.html").as_uri())
     assert "did not load" in page.locator(".error").text_content()
@@ -215,15 +220,6 @@ def test_index_stays_responsive_with_thirty_thousand_latents(page, tmp_path: Pat
 
 def test_a_real_build_of_a_tiny_model_reads_in_the_browser(page, tiny_gpt2_dir, tmp_path: Path) -> None:
     """The whole path: data from the real builder (tiny GPT-2, random TopK SAE), pages, browser."""
-    import torch
-
-    from interplab.dashboard import store
-    from interplab.dashboard.data import DashboardConfig
-    from interplab.dashboard.site import build_site
-    from interplab.models.load import load_model
-    from interplab.sae.base import make_sae
-    from interplab.sae.config import SAEConfig
-
     model = load_model(str(tiny_gpt2_dir), device="cpu")
     torch.manual_seed(0)
     hook = "blocks.0.hook_resid_post"

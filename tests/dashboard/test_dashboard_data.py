@@ -10,7 +10,8 @@ import torch
 
 from interplab.dashboard import store
 from interplab.dashboard.assemble import round_sig
-from interplab.dashboard.data import DashboardConfig, build_dashboard_data
+from interplab.dashboard.configs import DashboardConfig
+from interplab.dashboard.data import build_dashboard_data
 from interplab.data import iter_contexts
 from interplab.errors import InterplabError
 from interplab.models.load import load_model
@@ -224,7 +225,7 @@ def test_config_errors(change, message):
 
 def test_model_and_hook_mismatches_are_refused(model, tmp_path):
     sae = make_sae(SAEConfig(arch="topk", d_in=16, d_sae=8, k=2, hook_name=HOOK))
-    with pytest.raises(InterplabError, match="d_in=16 but blocks.1.hook_resid_post .* has width 32"):
+    with pytest.raises(InterplabError, match="SAE d_in 16 does not match the width 32 of blocks.1.hook_resid_post"):
         build_dashboard_data(DashboardConfig(sae="x", out=str(tmp_path)), model=model, sae=sae)
     sae = make_sae(SAEConfig(arch="topk", d_in=32, d_sae=8, k=2))
     with pytest.raises(InterplabError, match="names no hook"):

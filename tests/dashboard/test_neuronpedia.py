@@ -8,7 +8,8 @@ import json
 import pytest
 
 from interplab.dashboard import store
-from interplab.dashboard.neuronpedia import NeuronpediaConfig, export_neuronpedia, format_summary
+from interplab.dashboard.configs import NeuronpediaConfig
+from interplab.dashboard.neuronpedia import export_neuronpedia, format_summary
 from interplab.errors import InterplabError
 from interplab.fileio import write_url_atomic
 

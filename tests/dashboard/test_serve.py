@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from interplab.dashboard import site
-from interplab.dashboard.serve import ServeConfig, is_loopback, make_server, resolve_request
+from interplab.dashboard.configs import ServeConfig
+from interplab.dashboard.serve import is_loopback, make_server, resolve_request
 from interplab.errors import InterplabError
 
 SECRET = "top secret, outside the site"

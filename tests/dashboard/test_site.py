@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-import sys
 import types
 from html.parser import HTMLParser
 from pathlib import Path
@@ -157,9 +156,7 @@ def test_build_site_runs_the_data_builder_then_writes_the_pages(tmp_path: Path, 
         write_fake_site(cfg.out, d_sae=5, chunk_size=2)
         return {"d_sae": 5, "build_s": 0.1}
 
-    fake_data = types.ModuleType("interplab.dashboard.data")
-    fake_data.build_dashboard_data = fake_build
-    monkeypatch.setitem(sys.modules, "interplab.dashboard.data", fake_data)
+    monkeypatch.setattr(site, "build_dashboard_data", fake_build)
     monkeypatch.chdir(tmp_path)
     cfg = types.SimpleNamespace(out="out-site")
     summary = site.build_site(cfg)

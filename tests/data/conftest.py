@@ -11,14 +11,15 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from interplab.data.python_docs import python_docs_documents
 
 PAD, BOS, EOS, UNK, ENDOFTEXT = 0, 1, 2, 3, 4
 
 
 def make_tokenizer(*, bos: str | None, eos: str | None, model_max_length: int | None = None):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     specials = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS, "<unk>": UNK, "<|endoftext|>": ENDOFTEXT}
     vocab = {**specials, **{f"t{i}": i for i in range(10, 60)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -74,6 +75,4 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def python_docs(isolated_cache: None) -> list[str]:
     """The python-docs corpus, built once per test session."""
-    from interplab.data import python_docs_documents
-
     return python_docs_documents()

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from interplab.data import CORPUS_SPEC_HELP, iter_documents
@@ -26,9 +29,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def write_parquet(path: Path, columns: dict[str, list]) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.table(columns), path)
     return path
 
@@ -80,15 +80,11 @@ def test_mixed_folder_reads_every_format(tmp_path):
 
 
 def test_saved_dataset_folder(tmp_path):
-    import datasets
-
     datasets.Dataset.from_dict({"text": DOCS, "n": [1, 2, 3]}).save_to_disk(str(tmp_path / "ds"))
     assert sorted(read_all(tmp_path / "ds")) == sorted(DOCS)
 
 
 def test_saved_dataset_dict_uses_train_unless_a_split_is_named(tmp_path):
-    import datasets
-
     folder = tmp_path / "dd"
     datasets.DatasetDict(
         {
@@ -163,8 +159,6 @@ def test_shuffle_is_deterministic_and_seeded(many_docs):
 
 
 def test_hub_spec_is_parsed_and_streamed(monkeypatch):
-    import datasets
-
     calls = []
     rows = [{"text": f"hub doc {i}", "id": i} for i in range(50)]
 
@@ -182,8 +176,6 @@ def test_hub_spec_is_parsed_and_streamed(monkeypatch):
 
 
 def test_hub_failure_is_a_user_error(monkeypatch):
-    import datasets
-
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'org/name' on the Hub (LocalEntryNotFoundError)\nmore detail")
 
@@ -193,8 +185,6 @@ def test_hub_failure_is_a_user_error(monkeypatch):
 
 
 def test_hub_missing_field_lists_fields(monkeypatch):
-    import datasets
-
     rows = [{"content": "x", "id": 1}]
     fake_load_dataset = lambda *args, **kwargs: datasets.Dataset.from_list(rows).to_iterable_dataset()  # noqa: E731
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
@@ -252,8 +242,6 @@ def test_parquet_missing_field_names_file_and_lists_fields(tmp_path):
 
 
 def test_saved_dataset_missing_field_lists_fields(tmp_path):
-    import datasets
-
     datasets.Dataset.from_dict({"content": ["x"]}).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(InterplabError, match="no field 'text'; fields present: content"):
         iter_documents(str(tmp_path / "ds"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from interplab.errors import InterplabError
-from interplab.evals.figures import kl_gap_vs_frequency, kl_histograms, pareto, pareto_from_metrics
+from interplab.evals.figures import kl_gap_vs_frequency, kl_histograms, pareto, pareto_from_metrics, point_from_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -68,8 +68,6 @@ def test_pareto_missing_values(tmp_path):
 
 
 def test_point_from_metrics_reads_the_typical_fvu(tmp_path):
-    from interplab.evals.figures import point_from_metrics
-
     metrics = {"sparsity": {"l0": 16.0}, "reconstruction": {"fvu": 0.05}, "model_performance": {"ce_loss_score": 0.9},
                "reconstruction_typical": {"fvu": 0.25}}
     point = point_from_metrics({"config": {"sae": "runs/topk-k16-x16/"}, "metrics": metrics})

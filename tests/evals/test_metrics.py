@@ -18,6 +18,7 @@ from interplab.evals import (
     reconstruction_metrics,
     sparsity_metrics,
 )
+from interplab.evals.metrics import clean_log_probs, kl_and_ce_per_token
 
 
 # ---- reconstruction ------------------------------------------------------------------------------------------
@@ -167,8 +168,6 @@ def test_ratio_with_sem_matches_delta_method_and_simulation():
 
 
 def test_fused_kl_and_ce_equal_the_separate_metrics():
-    from interplab.evals.metrics import clean_log_probs, kl_and_ce_per_token
-
     gen = torch.Generator().manual_seed(0)
     clean, patched = torch.randn(2, 5, 30, generator=gen) * 3, torch.randn(2, 5, 30, generator=gen) * 3
     clean[0, 0, 3] = -1e4  # a token with P_clean = 0 in float32

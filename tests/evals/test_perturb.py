@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from interplab.errors import InterplabError
+from interplab.evals.configs import TARGET_KINDS, PerturbConfig
 from interplab.evals.metrics import kl_per_token
 from interplab.evals.perturb import (
-    TARGET_KINDS,
-    PerturbConfig,
     activation_stats,
     alive_decoder_directions,
     perturbation_sweep,

@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from interplab.cli import main
+from interplab.data.corpus import iter_contexts
 from interplab.errors import InterplabError
-from interplab.evals.sae_eval import VARIANTS, EvalConfig, evaluate
+from interplab.evals.configs import EvalConfig
+from interplab.evals import sae_eval
+from interplab.evals.metrics import reconstruction_metrics
+from interplab.evals.sae_eval import VARIANTS, evaluate
 from interplab.sae import SAEConfig, load_sae, make_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -80,10 +84,6 @@ def test_random_sae_controls(tiny_gpt2_dir, tmp_path, corpus, model):
 
 def test_reconstruction_without_massive_tokens_matches_a_direct_computation(tiny_gpt2_dir, tmp_path, corpus, model,
                                                                           monkeypatch):
-    import interplab.evals.sae_eval as sae_eval
-    from interplab.data import iter_contexts
-    from interplab.evals import reconstruction_metrics
-
     monkeypatch.setattr(sae_eval, "MASSIVE_NORM_FACTOR", 1.0)  # "massive" = above the median: about half the tokens
     sae_dir = random_sae(tiny_gpt2_dir, tmp_path / "r", model)
     m = evaluate(cfg(sae_dir, corpus), model=model, progress=False)["metrics"]

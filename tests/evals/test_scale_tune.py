@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from interplab.errors import InterplabError
-from interplab.evals.sae_eval import TUNED_VARIANTS, EvalConfig, evaluate, format_summary
+from interplab.evals.configs import EvalConfig
+from interplab.evals.sae_eval import TUNED_VARIANTS, evaluate, format_summary
 from interplab.evals.scale_tune import decode_scaled, tune_decoder_scale
 from interplab.sae import SAEConfig, make_sae
 

@@ -12,7 +12,8 @@ import torch
 from interplab.errors import InterplabError
 from interplab.models import load_model
 from interplab.models.toy import ToyConfig, ToyTransformer
-from interplab.lens.run import LensConfig, format_summary, run_lens
+from interplab.lens.configs import LensConfig
+from interplab.lens.run import format_summary, run_lens
 from interplab.lens.tuned import TunedLens, lr_at
 
 
@@ -87,9 +88,10 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     (dict(kind="logit", lens_path="x"), "--lens-path needs --kind tuned"),
     (dict(prompt="  "), "--prompt is empty"),
 ])
-def test_config_errors(bad, match):
+def test_config_errors(bad, match, tmp_path):
     with pytest.raises(InterplabError, match=match):
-        run_lens(LensConfig(**bad), model=object())
+        run_lens(LensConfig(**bad, out=str(tmp_path)), model=object())
+    assert list(tmp_path.iterdir()) == []  # validated before the run folder is opened
 
 
 def test_run_lens_logit_writes_json_and_figures(tiny_gpt2_dir, tmp_path):
@@ -98,7 +100,8 @@ def test_run_lens_logit_writes_json_and_figures(tiny_gpt2_dir, tmp_path):
     cfg = LensConfig(model=str(tiny_gpt2_dir), kind="logit", eval_tokens=60, ctx_len=16, batch_size=2,
                      prompt="The quick brown fox", out=str(out))
     result = run_lens(cfg, model=model, progress=False)
-    saved = json.loads((out / "lens.json").read_text())
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["kind"] == "lens" and json.loads((out / "config.json").read_text())["config"]["kind"] == "logit"
     assert saved["n_tokens"] == result["n_tokens"] == 4 * 15  # ceil(60 / 15) contexts, BOS position not scored
     assert len(saved["logit_lens"]["kl"]) == 3 and abs(saved["logit_lens"]["kl"][-1]) < 1e-6
     assert saved["tuned_lens"] is None and not (out / "tuned_lens").exists()
@@ -106,6 +109,18 @@ def test_run_lens_logit_writes_json_and_figures(tiny_gpt2_dir, tmp_path):
     grid = saved["prompt"]["logit_lens"]
     assert len(grid) == 3 and len(grid[0]) == len(saved["prompt"]["tokens"]) and len(grid[0][0]) == cfg.top_k
     assert "layer" in format_summary(result)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert run_lens(cfg, model=model, progress=False) == saved  # the complete run is reported as done
+    with pytest.raises(InterplabError, match=r"differs in: [^;]*\beval_tokens\b"):
+        run_lens(LensConfig(**{**cfg.__dict__, "eval_tokens": 30}), model=model, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_run_lens_refuses_a_foreign_folder_and_writes_nothing(tmp_path):
+    (tmp_path / "lens.json").write_text("{}")  # e.g. the result of an older interplab
+    with pytest.raises(InterplabError, match="is not empty and holds no interplab lens run .*lens.json"):
+        run_lens(LensConfig(out=str(tmp_path)))  # refused before the model is loaded
+    assert [p.name for p in tmp_path.iterdir()] == ["lens.json"]
 
 
 def test_run_lens_tuned_trains_saves_and_reuses(tiny_gpt2_dir, tmp_path):
@@ -122,6 +137,8 @@ def test_run_lens_tuned_trains_saves_and_reuses(tiny_gpt2_dir, tmp_path):
     assert config["train_tokens"] == 120
     summary = format_summary(first)
     assert "tuned KL" in summary and "mean final distribution" in summary
+    assert run_lens(cfg, model=model, progress=False) == json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").unlink()  # as if interrupted after training: the resumed run reuses the trained lens
     second = run_lens(cfg, model=model, progress=False)
     assert second["tuned_lens"]["reused"] == str(out / "tuned_lens")
     assert second["tuned_lens"]["kl"] == first["tuned_lens"]["kl"]

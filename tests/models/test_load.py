@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from interplab.config import DEFAULT_MODEL
 from interplab.errors import InterplabError
 from interplab.models import load as load_module
 from interplab.models import load_model
@@ -94,3 +95,7 @@ def test_smollm2_loads_and_matches_a_direct_gguf_load():
         logits = model.forward(tokens)
         assert torch.equal(logits, direct(tokens).logits)
     assert model.tokenizer.decode(logits[0, -1].argmax()).strip() == "Berlin"
+
+
+def test_smollm2_spec_is_the_default_model():
+    assert load_module.SMOLLM2 == DEFAULT_MODEL

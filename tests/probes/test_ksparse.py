@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.stats import f_oneway
 
 from interplab.errors import InterplabError
 from interplab.probes.ksparse import (
@@ -100,8 +101,6 @@ def test_rankings_use_the_train_rows_only(pair_result):
 
 
 def test_f_stat_and_mean_diff_exact_on_a_tiny_example():
-    from scipy.stats import f_oneway
-
     x = np.array([[1.0, 0.5, 3.0], [2.0, -1.0, 3.5], [0.0, 2.0, 2.0], [5.0, 1.0, 0.0],
                   [6.0, 0.0, 1.0], [4.5, 1.5, 1.5], [5.5, -0.5, 0.5]])
     y = np.array([0, 0, 0, 1, 1, 1, 1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from interplab.errors import InterplabError
 from interplab.probes.linear import (
@@ -89,8 +90,6 @@ def test_in_sample_scores_are_optimistic_and_the_shuffled_control_shows_it():
 
 
 def test_roc_auc_matches_sklearn_with_ties():
-    from sklearn.metrics import roc_auc_score
-
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 2, (200,), generator=g)
     s = torch.randint(0, 5, (200, 3), generator=g).double()  # many ties

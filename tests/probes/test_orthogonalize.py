@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from interplab.errors import InterplabError
 from interplab.models import load_model
@@ -84,8 +85,6 @@ def test_gpt2_tied_embeddings_are_untied_first(tiny_gpt2_dir):
 
 
 def test_saved_model_reloads_with_the_same_logits(model, tokens, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     r = _direction(model.info.d_model)
     before = _params(model)
     out = save_orthogonalized(model, r, tmp_path / "ortho")

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from interplab.cli import main
 from interplab.errors import InterplabError
-from interplab.probes.probe_run import ProbeConfig, run_probe
+from interplab.probes.configs import ProbeConfig, RefusalConfig
+from interplab.probes.probe_run import run_probe
+from interplab.probes.refusal import run_refusal
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    """Every file under `folder` with its modification time: equal snapshots mean nothing was written."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +46,35 @@ def test_probes_separate_a_visible_label_and_controls_do_not(labelled_file, tiny
     for method in ("diff_means", "logistic"):
         assert result[method]["controls"]["shuffled"]["auc"]["mean"] < 0.8
         assert result[method]["controls"]["random"]["auc"]["mean"] < 0.8
-    saved = json.loads((tmp_path / "out" / "probe.json").read_text())
-    assert saved["ksparse"]["ks"] == [1, 2, 4]
-    assert all((tmp_path / "out" / name).stat().st_size > 0 for name in ("diff_means_projection.png", "ksparse_f1.png"))
-    # a re-run reuses the cached activations rather than collecting again
+    out = tmp_path / "out"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["kind"] == "probe" and saved["ksparse"]["ks"] == [1, 2, 4]
+    assert json.loads((out / "config.json").read_text()) == {"kind": "probe", "config": json.loads(json.dumps(asdict(cfg)))}
+    assert all((out / "figures" / name).stat().st_size > 0 for name in ("diff_means_projection.png", "ksparse_f1.png"))
+    # a re-run of the complete run is reported as done: the saved metrics, nothing written again
+    before = snapshot(out)
+    assert run_probe(cfg) == saved
+    assert snapshot(out) == before
+    # an interrupted run (no metrics.json) resumes, reusing the cached activations
+    (out / "metrics.json").unlink()
     again = run_probe(cfg)
     assert again["diff_means"]["scores"] == result["diff_means"]["scores"]
+    assert (out / "metrics.json").is_file()
+    # another config into the same folder is refused, naming what differs, and leaves the folder as it was
+    before = snapshot(out)
+    with pytest.raises(InterplabError, match=r"differs in: [^;]*\bseed\b"):
+        run_probe(replace(cfg, seed=1))
+    assert snapshot(out) == before
+
+
+def test_probe_and_refusal_refuse_a_foreign_folder_and_write_nothing(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a run")
+    for run in (lambda: run_probe(ProbeConfig(out=str(out))), lambda: run_refusal(RefusalConfig(out=str(out)))):
+        with pytest.raises(InterplabError, match="is not empty and holds no interplab .*notes.txt"):
+            run()  # refused before any model is loaded
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_cli_probe_and_its_errors(labelled_file, tiny_gpt2_dir, tmp_path, capsys):
@@ -55,3 +87,4 @@ def test_cli_probe_and_its_errors(labelled_file, tiny_gpt2_dir, tmp_path, capsys
     assert "--methods" in capsys.readouterr().err
     with pytest.raises(InterplabError, match="neither a .csv/.jsonl file nor a built-in"):
         run_probe(ProbeConfig(model=str(tiny_gpt2_dir), hook="hook_embed", data="nope.txt", out=out, device="cpu"))
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["kind"] == "probe"

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from interplab.errors import InterplabError
-from interplab.probes import refusal_select as S
-from interplab.probes.refusal import PROMPT_FIELDS, RefusalConfig, format_summary, load_prompts, run_refusal
+from interplab.models.load import load_model
+import interplab.probes.refusal_select as S
+from interplab.probes.configs import RefusalConfig
+from interplab.probes.refusal import PROMPT_FIELDS, format_summary, load_prompts, run_refusal
+from interplab.probes.steer import addition_hooks
 
 TINY_TEMPLATE = ("{% for m in messages %}U: {{ m['content'] }}<|endoftext|>{% endfor %}"
                  "{% if add_generation_prompt %}A:{% endif %}")
@@ -21,8 +26,6 @@ WORDS = ["quick brown fox", "lazy dog", "Python is", "the layers", "sparse featu
 
 
 def _tiny_model(folder: Path):
-    from interplab.models import load_model
-
     model = load_model(str(folder), device="cpu")
     model.tokenizer.chat_template = TINY_TEMPLATE
     return model
@@ -107,8 +110,6 @@ def test_chatml_fallback_without_template(tiny_gpt2_dir):
 
 
 def test_hooks_apply_during_generate(tiny_gpt2_dir):
-    from interplab.probes.steer import addition_hooks
-
     model = _tiny_model(tiny_gpt2_dir)
     fmt = S.chat_format(model.tokenizer)
     prompts = S.tokenize_prompts(model.tokenizer, fmt, ["lazy dog", "the quick brown fox"])
@@ -152,7 +153,8 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_gpt2_dir, tmp_path):
                         harmless=str(_write_prompts(tmp_path / "b.jsonl", 5)), layer_stride=1, val_size=0,
                         max_new_tokens=4, ce_tokens=64, ce_ctx_len=32, batch_size=4)
     result = run_refusal(cfg, model=model, progress=False)
-    written = json.loads((out / "refusal.json").read_text())
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["kind"] == "refusal" and json.loads((out / "config.json").read_text())["kind"] == "refusal"
     assert written["chosen"]["layer"] in (0, 1, 2) and -len(written["chat_format"]["post_instruction_tokens"]) <= \
         written["chosen"]["position"] <= -1
     n_post = len(written["chat_format"]["post_instruction_tokens"])
@@ -163,12 +165,16 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_gpt2_dir, tmp_path):
     assert written["orthogonalized"]["max_abs_logit_diff"] < 1e-3
     assert math.isfinite(written["ce"]["delta_ablated"])
     report = (out / "report.md").read_text()
-    assert "Baseline refusal rate on held-out harmful prompts" in report and "refusal_by_layer.png" in report
-    assert (out / "refusal_by_layer.png").is_file() and (out / "direction.safetensors").is_file()
-    from safetensors.torch import load_file
-
+    assert "Baseline refusal rate on held-out harmful prompts" in report and "(figures/refusal_by_layer.png)" in report
+    assert (out / "figures" / "refusal_by_layer.png").is_file() and (out / "direction.safetensors").is_file()
     assert load_file(out / "direction.safetensors")["direction"].shape == (model.info.d_model,)
     assert "refusal direction for tiny" in format_summary(result)
+    # the complete run is reported as done; another config into its folder is refused, naming what differs
+    assert run_refusal(cfg, model=model, progress=False) == written
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    with pytest.raises(InterplabError, match=r"differs in: [^;]*\bmax_new_tokens\b"):
+        run_refusal(replace(cfg, max_new_tokens=5), model=model, progress=False)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
 @pytest.mark.slow

@@ -10,12 +10,34 @@ from urllib.parse import unquote
 
 import pytest
 
-from interplab.report.html import markdown_to_html
-from interplab.report.run_reports import RunReportConfig, format_summary, write_run_reports
+from interplab.beliefs.configs import BeliefRegressConfig, BeliefTrainConfig
+from interplab.beliefs.regress import run_regress
+from interplab.beliefs.train import train_beliefs
+from interplab.dashboard import store
 from interplab.errors import InterplabError
+from interplab.evals.configs import EvalConfig
+from interplab.evals.sae_eval import evaluate
+from interplab.lens.configs import LensConfig
+from interplab.lens.run import run_lens
+from interplab.models.load import load_model
+from interplab.probes.configs import ProbeConfig
+from interplab.probes.probe_run import run_probe
+from interplab.report.configs import RunReportConfig
+from interplab.report.html import markdown_to_html
+from interplab.report.run_reports import HEADLINE_KEYS, format_summary, write_run_reports
+from interplab.sae.train_config import TrainConfig
+from interplab.sae.trainer import train
+from interplab.synth.configs import TMSRunConfig
+from interplab.synth.tms_run import run_tms
+from interplab.toy.configs import InspectToyConfig, ToyTrainConfig
+from interplab.toy.readouts import run_toy_inspect
+from interplab.toy.train import run_toy_train
+from interplab.weights.configs import OutliersConfig, SVDConfig
+from interplab.weights.outliers import run_outliers
+from interplab.weights.svd_run import run_svd
 
 HOOK = "blocks.1.hook_resid_post"
-EXPECTED = {"sae": "sae train", "sae/topk-k4-x2": "sae", "eval": "sae eval", "beliefs": "beliefs",
+EXPECTED = {"sae": "sae train", "sae/topk-k4-x2": "sae", "eval": "sae eval", "beliefs": "beliefs train",
             "toy": "toy train", "toy/inspect": "toy inspect", "tms": "synth tms", "svd": "weights svd",
             "outliers": "weights outliers", "lens": "lens", "probe": "probe"}
 
@@ -23,20 +45,6 @@ EXPECTED = {"sae": "sae train", "sae/topk-k4-x2": "sae", "eval": "sae eval", "be
 @pytest.fixture(scope="module")
 def runs(tiny_gpt2_dir, tmp_path_factory) -> Path:
     """One small real run of each command, all under one root (about 5 s in total)."""
-    from interplab.beliefs.regress import BeliefRegressConfig, run_regress
-    from interplab.beliefs.train import BeliefTrainConfig, train_beliefs
-    from interplab.evals.sae_eval import EvalConfig, evaluate
-    from interplab.models import load_model
-    from interplab.probes.probe_run import ProbeConfig, run_probe
-    from interplab.sae.train_config import TrainConfig
-    from interplab.sae.trainer import train
-    from interplab.synth.tms_run import TMSRunConfig, run_tms
-    from interplab.toy.readouts import InspectToyConfig, run_toy_inspect
-    from interplab.toy.train import ToyTrainConfig, run_toy_train
-    from interplab.lens.run import LensConfig, run_lens
-    from interplab.weights.outliers import OutliersConfig, run_outliers
-    from interplab.weights.svd_run import SVDConfig, run_svd
-
     root = tmp_path_factory.mktemp("runs")
     m = str(tiny_gpt2_dir)
     model = load_model(m, device="cpu")
@@ -122,7 +130,7 @@ def test_reports_show_config_and_metric_values(runs):
     write_run_reports(RunReportConfig(root=str(runs)))
     toy = (runs / "toy/report.html").read_text()
     assert "<th>d_model</th><td class=num>16</td>" in toy  # config.json
-    train = json.loads((runs / "toy/train.json").read_text())
+    train = json.loads((runs / "toy/metrics.json").read_text())
     assert f"<th>final.test_acc</th><td class=num>{train['final']['test_acc']:.4g}</td>" in toy
     sae = (runs / "sae/topk-k4-x2/report.html").read_text()
     fvu = json.loads((runs / "sae/topk-k4-x2/metrics.json").read_text())["fvu"]
@@ -183,8 +191,6 @@ def test_errors(tmp_path):
 
 
 def test_a_dashboard_site_is_linked_not_reported(tmp_path):
-    from interplab.dashboard import store
-
     site = tmp_path / "dash"
     meta = {"sae": "s", "model": "m", "hook": HOOK, "corpus": "c", "n_tokens": 64, "ctx_len": 16, "d_sae": 1,
             "chunk_size": 1, "n_chunks": 1, "window": [1, 1], "hist_edges": [0, 1], "logit_hist_edges": [0, 1],
@@ -197,3 +203,57 @@ def test_a_dashboard_site_is_linked_not_reported(tmp_path):
         ("dashboard", {"d_sae": 1, "n_tokens": 64, "hook": HOOK})]
     assert not (site / "report.html").exists()
     assert parse(tmp_path / "runs.html").links == ["dash/index.html"]
+
+
+def test_a_run_folder_is_reported_as_the_kind_it_records_whatever_its_file_names(tmp_path):
+    """config.json {"kind": "probe", ...} + metrics.json: kind probe, although train.json + log.jsonl would say
+    "toy train" and tms.json "synth tms"; the headline follows HEADLINE_KEYS["probe"] into metrics.json."""
+    run = tmp_path / "misnamed"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "probe", "config": {"hook": HOOK, "seed": 0}}))
+    metrics = {"kind": "probe", "config": {"hook": HOOK}, "n_positive": 20, "d": 32, "collect_s": 0.5,
+               "logistic": {"scores": {"auc": 0.625}}, "n_examples": 40, "diff_means": {"scores": {"auc": 0.875}}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    for decoy in ("train.json", "log.jsonl", "tms.json"):
+        (run / decoy).write_text("{}\n")
+    result = write_run_reports(RunReportConfig(root=str(tmp_path), out=str(tmp_path / "runs.html")))
+    assert [(r["kind"], Path(r["path"]).name) for r in result["runs"]] == [("probe", "misnamed")]
+    assert HEADLINE_KEYS["probe"][:2] == ("diff_means.scores.auc", "logistic.scores.auc")
+    assert result["runs"][0]["headline"] == {"diff_means.scores.auc": 0.875, "logistic.scores.auc": 0.625,
+                                             "n_examples": 40}
+    text = (run / "report.html").read_text()
+    assert "<title>probe: misnamed</title>" in text and "<th>kind</th>" not in text.split("Metrics:")[1]
+
+
+@pytest.mark.parametrize("kind", ["toy train", "beliefs train", "weights svd", "lens"])
+def test_the_kind_may_be_read_from_metrics_json_alone(tmp_path, kind):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"kind": kind, "value": 1.5}))
+    result = write_run_reports(RunReportConfig(root=str(tmp_path), out=str(tmp_path / "runs.html")))
+    assert [r["kind"] for r in result["runs"]] == [kind]
+    assert result["runs"][0]["headline"] == {"value": 1.5}
+
+
+def test_a_run_without_metrics_json_is_reported_as_incomplete(tmp_path):
+    run = tmp_path / "partial"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "lens", "config": {"kind": "logit"}}))
+    result = write_run_reports(RunReportConfig(root=str(tmp_path), out=str(tmp_path / "runs.html")))
+    assert [(r["kind"], r["headline"]) for r in result["runs"]] == [
+        ("lens", {"status": "incomplete (no metrics.json)"})]
+
+
+def test_folders_that_record_no_kind_fall_back_to_their_file_names(tmp_path):
+    """An old-style result file, a SAELens SAE folder, and a config.json that is not {"kind", "config"}."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tms.json").write_text(json.dumps({"sweep": {"d_star": 2}}))
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8}))
+    (tmp_path / "sae" / "metrics.json").write_text(json.dumps({"fvu": 0.25}))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"kind": "probe"}))  # no "config": not runs.py's
+    (tmp_path / "other" / "scores.json").write_text(json.dumps({"accuracy": 0.5}))
+    result = write_run_reports(RunReportConfig(root=str(tmp_path), out=str(tmp_path / "runs.html")))
+    assert {Path(r["path"]).name: r["kind"] for r in result["runs"]} == {"old": "synth tms", "sae": "sae",
+                                                                         "other": "run"}

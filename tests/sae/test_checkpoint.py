@@ -11,7 +11,7 @@ from test_sources import HOOK, synthetic_store
 
 import interplab.fileio
 from interplab.errors import InterplabError
-from interplab.sae.base import load_sae
+from interplab.sae.files import load_sae
 from interplab.sae.checkpoint import (
     inspect_run_folder,
     load_checkpoint,
@@ -128,7 +128,8 @@ def test_a_folder_holding_another_run_or_other_files_is_refused_untouched(store,
     with pytest.raises(KeyboardInterrupt):
         train(config(store, out), callback=stop_at(4), progress=False)
     before = folder_bytes(out)
-    with pytest.raises(InterplabError, match=r"holds a different run \(differs in: k, lr\); choose another --out"):
+    with pytest.raises(InterplabError,
+                       match=r"holds a different SAE run \(differs in: k, lr\); choose another --out"):
         train(config(store, out, k=[4], lr=1e-3, resume=True), progress=False)
     assert folder_bytes(out) == before
     train(config(store, out, device="cpu", checkpoint_every=5, resume=True), progress=False)  # not identity

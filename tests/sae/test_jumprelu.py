@@ -8,7 +8,9 @@ import pytest
 import torch
 from planted import sparse_data
 
+import interplab.sae.jumprelu as jumprelu
 from interplab.sae import SAEConfig, make_sae
+from interplab.sae.jumprelu import _JumpReLUWithL0
 
 
 def hand_sae(threshold=(0.5, 2.0, 0.1), **kw):
@@ -60,7 +62,6 @@ def test_straight_through_estimator_by_hand():
     sae = hand_sae(threshold=(1.0, 2.0, 0.1), jumprelu_bandwidth=0.2)
     x = torch.tensor([[1.05, 2.0]])  # pre = (1.05, 1.5, −0.95)
     pre = sae.pre_acts(x)
-    from interplab.sae.jumprelu import _JumpReLUWithL0
 
     f, l0 = _JumpReLUWithL0.apply(pre, sae.threshold, 0.2)
     (g_f,) = torch.autograd.grad(f.sum(), sae.log_threshold, retain_graph=True)
@@ -71,7 +72,6 @@ def test_straight_through_estimator_by_hand():
 
 def test_pre_activation_gradient_is_the_gate_and_l0_sends_none():
     sae = hand_sae(threshold=(1.0, 2.0, 0.1), jumprelu_bandwidth=0.2)
-    from interplab.sae.jumprelu import _JumpReLUWithL0
 
     pre = torch.tensor([[1.05, 1.5, 3.0]], requires_grad=True)
     f, l0 = _JumpReLUWithL0.apply(pre, sae.threshold, 0.2)
@@ -87,7 +87,6 @@ def test_ste_matches_a_finite_difference_of_the_smoothed_step():
     torch.manual_seed(0)
     eps, theta = 0.1, 1.0
     pre = torch.linspace(0.0, 2.0, 20001)[:, None]  # dense grid of pre-activations, one latent
-    from interplab.sae.jumprelu import _JumpReLUWithL0
 
     t = torch.tensor([theta], requires_grad=True)
     _, l0 = _JumpReLUWithL0.apply(pre, t, eps)
@@ -130,8 +129,6 @@ def test_training_lowers_l0_with_a_larger_penalty():
 def test_fused_step_matches_autograd_reference(subtract, which, monkeypatch):
     """The fused blockwise step (gradients accumulated in the forward pass) against autograd through the STE function,
     with a bandwidth wide enough that many pre-activations fall in the kernel window, over several blocks."""
-    import interplab.sae.jumprelu as jumprelu
-
     monkeypatch.setattr(jumprelu, "JUMPRELU_CHUNK", 7)
     g = torch.Generator().manual_seed(0)
     sae = make_sae(SAEConfig(arch="jumprelu", d_in=6, d_sae=20, jumprelu_bandwidth=0.8,

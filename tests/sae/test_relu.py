@@ -6,7 +6,9 @@ import pytest
 import torch
 from planted import sparse_data
 
+import interplab.sae.relu as relu
 from interplab.sae import SAEConfig, make_sae
+from interplab.sae.relu import _ReLUSAELoss
 
 
 def hand_sae(**kw):
@@ -84,8 +86,6 @@ def test_hand_written_backward_matches_autograd(subtract, which):
 
 
 def test_blocks_of_tokens_add_up_to_the_whole_batch(monkeypatch):
-    import interplab.sae.relu as relu
-
     torch.manual_seed(0)
     sae = make_sae(SAEConfig(arch="relu", d_in=6, d_sae=20, apply_b_dec_to_input=True)).double()
     with torch.no_grad():
@@ -117,8 +117,6 @@ def test_no_grad_forward_matches_and_builds_nothing():
 
 @pytest.mark.parametrize("subtract", [False, True])
 def test_gradcheck(subtract):
-    from interplab.sae.relu import _ReLUSAELoss
-
     g = torch.Generator().manual_seed(1)
     shapes = [(4, 3), (3, 5), (5,), (5, 3), (3,)]  # x, W_enc, b_enc, W_dec, b_dec
     args = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]

@@ -13,13 +13,14 @@ import sae_lens
 import torch
 from sae_lens import SAE
 
+from interplab.config import DEFAULT_MODEL
 from interplab.sae import SAEConfig, load_sae, make_sae
 
 
 def ours(arch: str, **kw):
     torch.manual_seed(0)
     sae = make_sae(SAEConfig(arch=arch, d_in=16, d_sae=64, k=5, hook_name="blocks.1.hook_resid_post",
-                             model="smollm2-135m", **kw))
+                             model=DEFAULT_MODEL, **kw))
     with torch.no_grad():
         for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
             p.normal_()
@@ -49,7 +50,7 @@ def test_sae_lens_loads_what_we_save(arch, apply_b_dec, tmp_path):
     expected_class = {"relu": sae_lens.StandardSAE, "topk": sae_lens.TopKSAE}.get(arch, sae_lens.JumpReLUSAE)
     assert type(theirs) is expected_class
     assert theirs.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
-    assert theirs.cfg.metadata.model_name == "smollm2-135m"
+    assert theirs.cfg.metadata.model_name == DEFAULT_MODEL
     x = torch.randn(100, 16) * 2
     with torch.no_grad():
         f_ours, f_theirs = sae.encode(x), theirs.encode(x)

@@ -13,6 +13,7 @@ from test_data_parallel import assert_same_run, flags, history
 from test_sources import synthetic_store
 
 from interplab.errors import InterplabError
+from interplab.sae.checkpoint import load_checkpoint, save_checkpoint
 from interplab.sae.train_config import TrainConfig
 from interplab.sae.trainer import train
 
@@ -58,7 +59,6 @@ def test_shard_latents_config_errors(store):
 
 def test_a_sharded_checkpoint_refuses_another_number_of_ranks(store, tmp_path):
     cfg = config(store, tmp_path / "run", checkpoint_every=10, tokens=20 * 256)
-    from interplab.sae.checkpoint import load_checkpoint, save_checkpoint
 
     class Stop(Exception):
         pass

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import interplab.sae.selection as selection
+import interplab.sae.sharded as sharded_module
 from interplab.errors import InterplabError
 from interplab.sae import SAEConfig, TopKSAE, make_sae
 from interplab.sae.parallel_ops import choose_global_topk
@@ -34,8 +36,6 @@ def random_sae(cfg: SAEConfig, seed: int = 0) -> TopKSAE:
 # ---- one rank, in-process ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("aux_path", ["no dead latents", "dense block", "sparse pairs"])
 def test_single_rank_matches_topk_sae(aux_path, monkeypatch):
-    import interplab.sae.selection as selection
-
     # TopKSAE computes AuxK either on a dense block over the dead latents or with sparse kernels: check both
     monkeypatch.setattr(selection, "DENSE_AUX_RATIO", 100 if aux_path == "dense block" else 0)
     full = random_sae(SAEConfig(arch="topk", d_in=12, d_sae=48, k=4, aux_k=6))
@@ -69,8 +69,6 @@ def test_single_rank_matches_topk_sae(aux_path, monkeypatch):
 
 @pytest.mark.parametrize(("d_in", "d_sae", "world"), [(7, 40, 4), (1, 34, 2), (16, 64, 2)])
 def test_initialize_equals_full_initialize_sliced(d_in, d_sae, world, monkeypatch):
-    import interplab.sae.sharded as sharded_module
-
     # small blocks, so that the decoder is drawn in several (for d_in=1, d_sae=34: 16 + 18 rows, the last 2 merged)
     monkeypatch.setattr(sharded_module, "INIT_CHUNK_ELEMENTS", 16 * d_in)
     cfg = SAEConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=2)
@@ -151,8 +149,6 @@ def test_training_graph_has_no_dense_latent_tensor(dead):
 
 
 def test_input_gradient_matches_unsharded(monkeypatch):
-    import interplab.sae.selection as selection
-
     # an input that requires grad gets its gradient through copy_to_ranks(x − b_dec); TopKSAE's sparse AuxK path
     # gives x its AuxK gradient as well (its dense-block path does not), so compare with that one
     monkeypatch.setattr(selection, "DENSE_AUX_RATIO", 0)
@@ -221,7 +217,6 @@ def two_ranks(tmp_path_factory):
     with torch.no_grad():
         encoded, reconstructed = full.encode(batches[0]), full(batches[0])
     x = batches[0].clone().requires_grad_()
-    import interplab.sae.selection as selection
 
     ratio, selection.DENSE_AUX_RATIO = selection.DENSE_AUX_RATIO, 0  # TopKSAE's AuxK path that gives x a gradient
     try:

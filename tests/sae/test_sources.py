@@ -1,4 +1,5 @@
-"""Batch sources of the SAE trainer: resumable by batch index (store and stream), passes, hooks, NaN shards.
+"""Batch sources of the SAE trainer: resumable by batch index (store and stream), passes, hooks, NaN shards; and
+synthetic mode, whose source the caller builds (interplab.synth.sources), so that the trainer never imports synth.
 
 Also home of the synthetic-store helpers the other trainer tests import: activations that are sparse sums of
 known unit directions, so that an SAE that learns has a ground truth to be measured against.
@@ -6,16 +7,26 @@ known unit directions, so that an SAE that learns has a ground truth to be measu
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from interplab.activations import StoreWriter
 from interplab.activations.store import NonFiniteShardError
+from interplab.activations.writer import StoreWriter
 from interplab.errors import InterplabError
-from interplab.sae.sources import StoreSource, StreamSource
+from interplab.sae.files import load_sae
+from interplab.sae.sources import StoreSource, StreamSource, open_source
+from interplab.sae.train_config import TrainConfig
+from interplab.sae.trainer import train
+from interplab.synth.sources import synthetic_source
+from interplab.synth.specs import make_generator
 
 HOOK = "blocks.0.hook_resid_post"
 D, N_FEATURES, ACTIVE = 32, 24, 2
@@ -45,11 +56,6 @@ def synthetic_store(path: Path | str, *, n_contexts: int = 128, ctx_len: int = 1
 
 def poison_shard(path: Path, index: int) -> None:
     """Rewrite shard `index` of a store with a NaN in it, keeping the manifest's sha256 valid."""
-    import hashlib
-    import json
-
-    from safetensors.torch import load_file, save_file
-
     shard = path / f"shard-{index:05d}.safetensors"
     tensors = load_file(shard)
     tensors[HOOK][0, 3, 1] = float("nan")
@@ -152,6 +158,7 @@ def test_store_source_leaves_out_bos_rows(tmp_path):
     assert source.batches_per_pass == 8 * 15 // 24
     rows = torch.cat(list(itertools.islice(source.batches(), source.batches_per_pass)))
     body, bos = x[:, 1:].reshape(-1, x.shape[-1]), x[:, 0]
+
     def nearest(a, b):
         return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
 
@@ -160,3 +167,53 @@ def test_store_source_leaves_out_bos_rows(tmp_path):
     assert len({tuple(r.tolist()) for r in rows}) == len(rows)       # and none twice within the pass
     with pytest.raises(InterplabError, match=r"skip_positions=16 must lie in \[0, ctx_len=16\)"):
         source.store.iter_batches(HOOK, 4, skip_positions=16)
+
+
+# ---- synthetic mode: the caller builds the source --------------------------------------------------------------
+
+SPEC = "sparse:n_features=48,d=16,mean_active=3"
+
+
+def synthetic_config(out: Path, **kw) -> TrainConfig:
+    return TrainConfig(**{"synthetic": SPEC, "arch": "topk", "k": [3], "expansion": [2], "tokens": 20 * 64,
+                          "batch_size": 64, "lr": 1e-2, "log_every": 10, "out": str(out), **kw})
+
+
+def test_synthetic_source_gives_the_generators_batches_by_index():
+    cfg = synthetic_config(Path("unused"))
+    source = synthetic_source(cfg)
+    assert (source.d_in, source.hook, source.model_spec) == (16, f"synthetic:{SPEC}", f"synthetic:{SPEC}")
+    expected = [b.x for b in itertools.islice(make_generator(SPEC).batches(64, 5), 3)]  # the generator itself
+    got = list(itertools.islice(source.batches(5), 3))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    with pytest.raises(InterplabError, match="needs a config with --synthetic"):
+        synthetic_source(TrainConfig(store="acts"))
+
+
+def test_train_refuses_synthetic_mode_without_a_source_and_writes_nothing(tmp_path):
+    cfg = synthetic_config(tmp_path / "o")
+    with pytest.raises(InterplabError, match=r"the caller must build the batch source, "
+                                             r"train\(cfg, source=interplab.synth.sources.synthetic_source"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(InterplabError, match="the SAE trainer does not build generators"):
+        open_source(cfg)
+
+
+def test_train_on_a_synthetic_source_it_is_given(tmp_path):
+    cfg = synthetic_config(tmp_path / "o")
+    result = train(cfg, source=synthetic_source(cfg), progress=False)
+    assert result.names == ["topk-k3-x2"] and result.steps == 20 and result.tokens == 20 * 64
+    sae = load_sae(str(tmp_path / "o" / "topk-k3-x2"))
+    assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.hook_name) == (16, 32, f"synthetic:{SPEC}")
+    first = result.metrics["topk-k3-x2"]["fvu"]
+    assert 0 <= first < 1  # it learned something of the planted structure
+    again = train(cfg, source=synthetic_source(cfg), progress=False)  # the same run: complete, nothing to do
+    assert again.already_complete and again.metrics["topk-k3-x2"]["fvu"] == first
+
+
+def test_the_sae_package_does_not_import_the_planted_truth_lab():
+    code = ("import sys, interplab.sae.trainer, interplab.sae.per_hook, interplab.sae.files; "
+            "print(sorted(m for m in sys.modules if m.startswith('interplab.synth')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from planted import planted_directions, sparse_data, train_on_planted
 
+import interplab.sae.selection as selection
 from interplab.sae import SAEConfig, make_sae
 
 
@@ -83,8 +84,6 @@ def dense_reference(sae, x, dead_mask):
 
 @pytest.mark.parametrize("aux_path", ["dense block", "sparse pairs"])
 def test_sparse_training_step_equals_dense_reference(aux_path, monkeypatch):
-    import interplab.sae.selection as selection
-
     monkeypatch.setattr(selection, "DENSE_AUX_RATIO", 100 if aux_path == "dense block" else 0)
     torch.manual_seed(0)
     sae = make_sae(SAEConfig(arch="topk", d_in=12, d_sae=48, k=4, aux_k=6)).double()

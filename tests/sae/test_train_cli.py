@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_sources import synthetic_store
 
+import interplab.sae.trainer as trainer_module
 from interplab.cli import main
 from interplab.config import field_docs
 from interplab.sae.train_config import TrainConfig
@@ -103,7 +104,7 @@ def test_a_different_run_in_out_is_refused_untouched(store, tmp_path, capsys):
     capsys.readouterr()
     assert main(args(store, out, k="3")) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "holds a different run (differs in: k)" in err
+    assert len(err.splitlines()) == 1 and "holds a different SAE run (differs in: k)" in err
     assert before == {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
@@ -111,7 +112,6 @@ def test_resume_on_a_store_of_another_width_exits_2(tmp_path, capsys, monkeypatc
     store = tmp_path / "s"
     synthetic_store(store, n_contexts=32)
     out = tmp_path / "o"
-    import interplab.sae.trainer as trainer_module
 
     real = trainer_module.Trainer.run
 

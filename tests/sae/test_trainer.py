@@ -14,7 +14,8 @@ from test_sources import HOOK, poison_shard, synthetic, synthetic_store
 
 import interplab.sae.trainer as trainer_module
 from interplab.errors import InterplabError
-from interplab.sae.base import load_sae, make_sae
+from interplab.sae.files import load_sae
+from interplab.sae.registry import make_sae
 from interplab.sae.relu import ReLUSAE
 from interplab.sae.train_config import TrainConfig
 from interplab.sae.trainer import train

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from interplab.cli import main
+from interplab.data.packing import pack_tokens
 from interplab.errors import InterplabError
-from interplab.synth.planted import ByteTokenizer, PlantedConfig, PlantedTransformer
+from interplab.models.load import load_model
+from interplab.models.table_embed import TableEmbedConfig, TableEmbedTransformer
+from interplab.models.tokens import ByteTokenizer
+from interplab.synth.bench import generator_of
+from interplab.synth.configs import PlantedConfig
+from interplab.synth.planted import (
+    _TABLE_KEY,
+    TABLE_CHUNK,
+    planted_config,
+    planted_generator,
+    planted_model,
+    true_features,
+    truth,
+)
+from interplab.synth.sparse import derive_seed
+from interplab.synth.specs import make_generator
 
 SMALL = "sparse:n_features=48,d=24,mean_active=3"
 
 
 @pytest.fixture(scope="module")
-def planted() -> PlantedTransformer:
-    return PlantedTransformer(PlantedConfig(generator=SMALL, n_samples=5000, n_ctx=32))
+def planted() -> TableEmbedTransformer:
+    return planted_model(PlantedConfig(generator=SMALL, n_samples=5000, n_ctx=32))
 
 
 def python_rows(tokens: list[int], n_samples: int) -> list[int]:
@@ -38,11 +58,11 @@ def test_embedding_is_the_table_row_the_prefix_hash_names(planted):
 def test_truth_coefficients_rebuild_the_activations(planted):
     tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     embed = planted.run_with_cache(tokens, ["hook_embed"]).cache["hook_embed"].reshape(-1, 24)
-    truth = planted.truth(tokens)
+    batch = truth(planted, tokens)
     # x = Σ_i c_i f_i: the generator's definition, checked against what the model computed
-    torch.testing.assert_close(truth.coeffs @ planted.generator.features, embed, atol=1e-5, rtol=1e-5)
-    assert ((truth.coeffs > 0) == truth.active).all()
-    assert 2.0 < truth.active.sum(1).float().mean() < 4.0  # mean_active=3
+    torch.testing.assert_close(batch.coeffs @ planted_generator(planted).features, embed, atol=1e-5, rtol=1e-5)
+    assert ((batch.coeffs > 0) == batch.active).all()
+    assert 2.0 < batch.active.sum(1).float().mean() < 4.0  # mean_active=3
 
 
 def test_same_prefix_same_row_new_prefix_new_row(planted):
@@ -59,49 +79,83 @@ def test_same_prefix_same_row_new_prefix_new_row(planted):
 
 
 def test_save_and_load_model_round_trip(planted, tmp_path):
-    from interplab.models import load_model
-
     planted.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["interplab_model"] == "interplab.planted_transformer"  # the keys planted folders always had
+    assert config["config"]["generator"] == SMALL and config["config"]["n_samples"] == 5000
+    torch.testing.assert_close(load_file(tmp_path / "m" / "model.safetensors")["x_table"], planted.x_table)
     loaded = load_model(str(tmp_path / "m"), device="cpu")
-    assert isinstance(loaded, PlantedTransformer) and loaded.info.arch == "planted"
+    assert isinstance(loaded, TableEmbedTransformer) and loaded.info.arch == "table_embed"
+    assert isinstance(loaded.tokenizer, ByteTokenizer)
     tokens = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(loaded(tokens), planted(tokens))
+    # the truth comes back from the folder alone: config.json's PlantedConfig regenerates the generator
+    assert planted_config(loaded) == planted_config(planted)
+    torch.testing.assert_close(truth(loaded, tokens[:, :8]).x, truth(planted, tokens[:, :8]).x)
+    loaded.save(tmp_path / "again")  # the PlantedConfig survives a load and a save
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["config"] == config["config"]
+
+
+def test_planted_build_matches_a_fresh_generator(planted):
+    """The table is the generator's own samples, chunk by chunk, and the blocks are the seeded toy init."""
+    gen = make_generator(SMALL)
+    first = gen.sample(TABLE_CHUNK, torch.Generator().manual_seed(derive_seed(0, _TABLE_KEY, 0))).x
+    torch.testing.assert_close(planted.x_table[:TABLE_CHUNK], first.float())
+    assert planted.x_table.shape == (5000, 24) and planted.W_pos.abs().max() == 0
+    assert 0.15 < planted.W_U.std() < 0.25  # unembed_std=0.2
+
+
+def test_folder_from_before_the_table_was_saved_is_a_clear_error(planted, tmp_path):
+    """Old planted folders: config.json holds only the PlantedConfig, model.safetensors no x_table."""
+    old = tmp_path / "old"
+    old.mkdir()
+    cfg = {"generator": SMALL, "n_samples": 5000, "n_ctx": 32}
+    (old / "config.json").write_text(json.dumps({"interplab_model": "interplab.planted_transformer", "config": cfg}))
+    state = {k: v.contiguous() for k, v in planted.state_dict().items() if k != "x_table"}
+    save_file(state, old / "model.safetensors")
+    with pytest.raises(InterplabError, match=r"interplab synth model --out .*old.* same settings"):
+        load_model(str(old), device="cpu")
+    # scoring needs only the generator, which the old config.json still names
+    assert generator_of(str(old))[0] == SMALL
+
+
+def test_truth_needs_a_planted_config(tmp_path):
+    plain = TableEmbedTransformer(TableEmbedConfig(n_rows=10, d_model=8, n_ctx=8))
+    with pytest.raises(InterplabError, match="not built by `interplab synth model`"):
+        true_features(plain)
+    plain.save(tmp_path / "plain")
+    with pytest.raises(InterplabError, match="names no generator"):
+        generator_of(str(tmp_path / "plain"))
 
 
 def test_byte_tokenizer_packs_text():
-    from interplab.data.packing import pack_tokens
-
     contexts = list(pack_tokens(["héllo world"] * 4, ByteTokenizer(), 8))
     assert all(c[0] == 256 for c in contexts)
     assert contexts[0][1:].tolist() == list("héllo world".encode())[:7]
 
 
 def test_animals_truth_in_both_ontologies():
-    model = PlantedTransformer(PlantedConfig(
+    model = planted_model(PlantedConfig(
         generator="animals:n_animals=40,n_attributes=8,attributes_per_animal=3,n_independent=6,d=20",
         n_samples=300, n_ctx=16))
-    assert set(model.true_features()) == {"animals", "attributes"}
+    assert set(true_features(model)) == {"animals", "attributes"}
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
     x = model.run_with_cache(tokens, ["hook_embed"]).cache["hook_embed"].reshape(-1, 20)
-    batch = model.truth(tokens)
+    batch = truth(model, tokens)
     for ontology in ("animals", "attributes"):
-        dictionary, coeffs = model.generator.truth(batch, ontology)
+        dictionary, coeffs = planted_generator(model).truth(batch, ontology)
         torch.testing.assert_close(coeffs @ dictionary, x, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_config_is_a_clear_error():
     with pytest.raises(InterplabError, match="unknown synthetic generator"):
-        PlantedTransformer(PlantedConfig(generator="nope"))
+        planted_model(PlantedConfig(generator="nope"))
     with pytest.raises(InterplabError, match="n_samples"):
-        PlantedTransformer(PlantedConfig(generator=SMALL, n_samples=1))
+        planted_model(PlantedConfig(generator=SMALL, n_samples=1))
 
 
 def test_pipeline_store_sae_score_eval(tmp_path, capsys):
     """synth model → harvest → sae train (from the store) → synth score → sae eval, all through the CLI."""
-    import json
-
-    from interplab.cli import main
-
     g = torch.Generator().manual_seed(5)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     docs = [" ".join(words[i] for i in torch.randint(10, (80,), generator=g).tolist()) for _ in range(60)]
@@ -127,3 +181,4 @@ def test_pipeline_store_sae_score_eval(tmp_path, capsys):
     metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
     assert metrics["reconstruction"]["explained_variance"] > 0.5
     assert metrics["kl"]["sae"]["mean"] < metrics["kl"]["zero_ablation"]["mean"]
+

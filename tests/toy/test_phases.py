@@ -42,16 +42,61 @@ def drive(schedule: Schedule, clock, steps: range, last_step: int | None = None)
 
 
 def test_parse_condition_and_or_clauses():
-    assert parse_condition("qualification.train_acc >= 0.99") == (Condition("qualification", "train_acc", ">=", 0.99),)
-    both = parse_condition("safety.loss_finite < 1 or safety.weight_norm > 1e3")
-    assert both == (Condition("safety", "loss_finite", "<", 1.0), Condition("safety", "weight_norm", ">", 1000.0))
-    assert str(both[1]) == "safety.weight_norm > 1000"
+    a = Condition("qualification", "train_acc", ">=", 0.99)
+    assert parse_condition("qualification.train_acc >= 0.99") == ((a,),)
+    either = parse_condition("safety.loss_finite < 1 or safety.weight_norm > 1e3")
+    finite, norm = Condition("safety", "loss_finite", "<", 1.0), Condition("safety", "weight_norm", ">", 1000.0)
+    assert either == ((finite,), (norm,))
+    assert str(either[1][0]) == "safety.weight_norm > 1000"
+
+
+def test_and_binds_tighter_than_or():
+    a, b, c = (Condition("q", "x", ">=", 1.0), Condition("s", "y", "<", 2.0), Condition("t", "z", "==", 3.0))
+    assert parse_condition("q.x >= 1 and s.y < 2") == ((a, b),)
+    # "a and b or c" is "(a and b) or c"; "a or b and c" is "a or (b and c)"
+    assert parse_condition("q.x >= 1 and s.y < 2 or t.z == 3") == ((a, b), (c,))
+    assert parse_condition("q.x >= 1 or s.y < 2 and t.z == 3") == ((a,), (b, c))
+
+
+@pytest.mark.parametrize("values, holds", [
+    # (q.x, s.y, t.z) → (q.x >= 1 and s.y < 2) or t.z == 3, worked out by hand
+    ((1.0, 1.0, 0.0), True),     # both sides of the `and`
+    ((1.0, 5.0, 0.0), False),    # s.y fails the `and`, t.z fails the `or`
+    ((0.0, 1.0, 0.0), False),    # q.x fails the `and`
+    ((0.0, 5.0, 3.0), True),     # the `or` side alone
+    ((None, 1.0, 0.0), False),   # q.x NaN (as if never measured): its condition does not hold
+])
+def test_and_or_conditions_start_a_phase_exactly_when_they_hold(values, holds):
+    x, y, z = (math.nan if v is None else v for v in values)
+    schedule = Schedule([Phase("q", {"x": lambda: x}, every=1), Phase("s", {"y": lambda: y}, every=1),
+                         Phase("t", {"z": lambda: z}, every=1),
+                         Phase("late", {"v": lambda: 0.0}, every=1, starts_when="q.x >= 1 and s.y < 2 or t.z == 3")])
+    schedule.evaluate(0)
+    assert (schedule.started("late") == 0) is holds
+
+
+def test_the_start_because_names_every_condition_of_the_clause_that_held():
+    clock, log = {"step": 0}, []
+    acc = Scripted(clock, lambda s: min(1.0, s / 100))               # 0.9 at step 90
+    norm = Scripted(clock, lambda s: 50.0 if s < 60 else 5.0)         # below 10 from step 60
+    phases = [Phase("qualification", {"train_acc": acc}, every=10),
+              Phase("safety", {"weight_norm": norm}, every=20),       # measured at 0, 20, 40, 60, 80, 100
+              Phase("thorough", {"test_acc": lambda: 1.0}, every=5,
+                    starts_when="qualification.train_acc >= 0.5 and safety.weight_norm < 10")]
+    schedule = Schedule(phases, log=log.append)
+    drive(schedule, clock, range(0, 100), last_step=1000)
+    # train_acc >= 0.5 from step 50, but the norm is first seen below 10 at step 60: the start waits for both
+    start = next(r for r in log if r["event"] == "start" and r["phase"] == "thorough")
+    assert start["step"] == 60
+    assert start["because"] == "qualification.train_acc >= 0.5 (0.6) and safety.weight_norm < 10 (5)"
 
 
 @pytest.mark.parametrize("text", ["train_acc >= 0.9", "qualification.train_acc => 0.9", "q.acc >= high", "q.acc"])
 def test_malformed_conditions_are_clear_errors(text):
     with pytest.raises(InterplabError, match=r"is not PHASE.METRIC OP NUMBER .*e.g. 'qualification.train_acc"):
         parse_condition(text)
+    with pytest.raises(InterplabError, match="is not PHASE.METRIC OP NUMBER"):
+        parse_condition(f"q.x >= 1 and {text}")
 
 
 def test_conditions_naming_unknown_phases_or_metrics_list_the_valid_ones():

@@ -13,22 +13,23 @@ import torch
 
 from interplab.errors import InterplabError
 from interplab.models.toy import ToyConfig, ToyTransformer
-from interplab.toy.tasks import ModularAdditionTask, OVCoherentTask, make_task
+from interplab.toy import readouts as readouts_module
+from interplab.toy.configs import InspectToyConfig
 from interplab.toy.fourier import fourier_power, jump_step, top_fraction
 from interplab.toy.readouts import (
-    InspectToyConfig,
     ablate_heads,
     attention_by_group,
     eqke,
     evou,
     format_summary,
     group_accuracy,
-    load_run,
     pair_preference,
     pattern,
     readouts,
     run_toy_inspect,
 )
+from interplab.toy.tasks import ModularAdditionTask, OVCoherentTask, make_task
+from interplab.toy.toy_run import load_run
 
 BETA = 30.0
 """Key weight of the planted head: the read-off's score for a signal token is BETA / √5 ≈ 13.4 above noise."""
@@ -88,7 +89,8 @@ def random_model(task, layer_norm: bool = True, n_layers: int = 1, d_mlp: int | 
 def write_run(root: Path, model: ToyTransformer, task, log: list[dict] = (), checkpoints: dict = {}) -> str:
     """A run folder in the format of `interplab toy train`."""
     model.save(root / "model")
-    (root / "config.json").write_text(json.dumps({"task": task.spec(), "heads": model.cfg.n_heads}))
+    config = {"task": task.spec(), "heads": model.cfg.n_heads}
+    (root / "config.json").write_text(json.dumps({"kind": "toy train", "config": config}))
     (root / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
     for step, ckpt in checkpoints.items():
         ckpt.save(root / "checkpoints" / f"step-{step}")
@@ -286,9 +288,9 @@ def test_jump_step_prefers_the_trainers_summary(tmp_path):
     task = ModularAdditionTask()
     root = write_run(tmp_path, random_model(task), task, [{"step": 5, "test_acc": 0.0}, {"step": 9, "test_acc": 1.0}])
     assert jump_step(load_run(root)) == 9
-    (tmp_path / "train.json").write_text(json.dumps({"jump_step": 7}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"kind": "toy train", "jump_step": 7}))
     assert jump_step(load_run(root)) == 7
-    (tmp_path / "train.json").write_text(json.dumps({"jump_step": None}))  # the trainer saw no jump
+    (tmp_path / "metrics.json").write_text(json.dumps({"kind": "toy train", "jump_step": None}))  # no jump seen
     assert jump_step(load_run(root)) is None
 
 
@@ -300,8 +302,11 @@ def test_run_toy_inspect_end_to_end(tmp_path):
     out = run_toy_inspect(cfg)
     assert cfg.out == f"{root}/inspect"
     folder = tmp_path / "run" / "inspect"
-    assert json.loads((folder / "inspect.json").read_text())["accuracy"]["sample"] == 1.0
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["kind"] == "toy inspect" and saved["accuracy"]["sample"] == 1.0 and saved == out
+    assert json.loads((folder / "config.json").read_text()) == {"kind": "toy inspect", "config": out["config"]}
     for name in ("attention", "eqke", "evou", "ablation"):
+        assert out["figures"][name] == f"{folder}/figures/{name}.png"
         assert Path(out["figures"][name]).read_bytes()[:4] == b"\x89PNG"
     abl = out["ablation"]
     assert abl["full"]["failing"] == [] and abl["zero"][1]["broken"] == abl["mean"][1]["broken"] == []
@@ -309,9 +314,38 @@ def test_run_toy_inspect_end_to_end(tmp_path):
     assert out["heads"][0]["evou_argmax"]["S2"] == "C(2,2)"
     assert {t for t, _ in out["heads"][0]["attends_to"][:2]} <= {"S1", "S2", "S3", "S4"}
     report = (folder / "report.md").read_text()
-    assert "| zero-ablate head 0 | " in report and "(figures/eqke.png)" in report
+    assert "| zero-ablate head 0 | " in report
+    assert [line for line in report.splitlines() if line.startswith("- [")] == [
+        f"- [{name}](figures/{name}.png)" for name in ("attention", "eqke", "evou", "ablation")]
     summary = format_summary(out)
     assert "head 0: attends to" in summary and "9/10 groups broken" in summary
+
+
+def test_inspect_refuses_a_foreign_folder_and_leaves_it_alone(tmp_path):
+    model, task = planted_ov_model()
+    root = write_run(tmp_path / "run", model, task)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "inspect.json").write_text("{}")  # e.g. an older version's output
+    with pytest.raises(InterplabError, match="not empty and holds no interplab toy inspect run"):
+        run_toy_inspect(InspectToyConfig(run=root, out=str(tmp_path / "out"), examples=20))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["inspect.json"]
+
+
+def test_inspect_rerun_reports_the_saved_run_and_another_config_is_refused(tmp_path, monkeypatch):
+    model, task = planted_ov_model()
+    root = write_run(tmp_path / "run", model, task)
+    first = run_toy_inspect(InspectToyConfig(run=root, examples=40))
+    folder = tmp_path / "run" / "inspect"
+    files = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("a complete run was recomputed")
+
+    monkeypatch.setattr(readouts_module, "readouts", no_recompute)
+    assert run_toy_inspect(InspectToyConfig(run=root, out=str(folder), examples=40)) == first
+    with pytest.raises(InterplabError, match=r"differs in: config\.seed\)"):
+        run_toy_inspect(InspectToyConfig(run=root, examples=40, seed=3))
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == files  # nothing rewritten
 
 
 def test_inspect_errors(tmp_path):
@@ -322,6 +356,11 @@ def test_inspect_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InterplabError, match="lacks config.json, model/config.json"):
         load_run(tmp_path / "empty")
+    task = OVCoherentTask()
+    old = write_run(tmp_path / "old", random_model(task), task)
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"task": task.spec()}))  # before runs had a kind
+    with pytest.raises(InterplabError, match="not a toy train run's config"):
+        load_run(old)
     task = OVCoherentTask()
     root = write_run(tmp_path / "deep", random_model(task, n_layers=2), task)
     with pytest.raises(InterplabError, match="needs a 1-layer attention-only model"):

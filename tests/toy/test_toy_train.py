@@ -10,16 +10,11 @@ import torch
 
 from interplab.errors import InterplabError
 from interplab.models.toy import ToyTransformer
+from interplab.toy.configs import ToyTrainConfig
+from interplab.toy.loop import checkpoint_dir, saved_checkpoints
 from interplab.toy.tasks import make_task
-from interplab.toy.train import (
-    ToyTrainConfig,
-    checkpoint_dir,
-    format_summary,
-    jump_step,
-    read_log,
-    run_toy_train,
-    saved_checkpoints,
-)
+from interplab.toy.toy_run import load_run
+from interplab.toy.train import format_summary, jump_step, read_log, run_toy_train
 
 TINY_TASK = "ov-coherent:n_signal=2,n_noise=2,n_ctx=4"    # 3 outputs: C(1,1), C(1,2), C(2,2)
 
@@ -46,21 +41,30 @@ def accuracy(model, task, n=2000, seed=123) -> float:
 
 def test_a_tiny_run_learns_the_task_and_writes_the_run_folder(run):
     out, result = run
-    assert {p.name for p in out.iterdir()} >= {"config.json", "log.jsonl", "model", "train.json", "checkpoints"}
-    config = json.loads((out / "config.json").read_text())
+    assert {p.name for p in out.iterdir()} >= {"config.json", "log.jsonl", "model", "metrics.json", "checkpoints"}
+    assert "train.json" not in {p.name for p in out.iterdir()}
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["kind"] == "toy train" and "out" not in saved["config"]   # a moved folder is the same run
+    config = saved["config"]
     assert config["task"] == TINY_TASK and config["d_mlp"] == 0 and config["heads"] == 2   # defaults filled in
     model = ToyTransformer.load(out / "model")
     assert model.cfg.d_mlp is None and not model.cfg.layer_norm and model.cfg.n_layers == 1
     assert accuracy(model, make_task(TINY_TASK)) == 1.0                  # fresh examples, counted independently
     assert accuracy(ToyTransformer(model.cfg), make_task(TINY_TASK)) < 0.7   # an untrained model does not
-    assert result["status"] == "completed" and result["steps_trained"] == 200
-    assert result["final"]["test_acc"] == 1.0 and result["final"]["train_acc"] == 1.0
-    assert json.loads((out / "train.json").read_text())["final"] == result["final"]
+    m = result.metrics
+    assert m["status"] == "completed" and m["steps_trained"] == 200 and result.out == str(out)
+    assert m["final"]["test_acc"] == 1.0 and m["final"]["train_acc"] == 1.0
+    saved_metrics = json.loads((out / "metrics.json").read_text())
+    assert saved_metrics["kind"] == "toy train" and saved_metrics["final"] == m["final"]
     assert "thorough phase started at step" in format_summary(result)
+    loaded = load_run(out)                              # what `toy inspect` reads
+    assert loaded.task.spec() == make_task(TINY_TASK).spec() and loaded.metrics["steps_trained"] == 200
+    assert [s for s, _ in loaded.checkpoints] == m["checkpoints"] and loaded.log == read_log(out)
 
 
 def test_the_log_holds_every_eval_and_the_thorough_start_where_the_model_qualified(run):
-    out, result = run
+    out, run_result = run
+    result = run_result.metrics
     log = read_log(out)
     quals = [r for r in log if r["event"] == "eval" and r["phase"] == "qualification"]
     assert [r["step"] for r in quals] == list(range(0, 201, 20))
@@ -82,21 +86,22 @@ def test_resume_continues_from_the_last_checkpoint_and_matches_an_uninterrupted_
     out, result = run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    for gone in (checkpoint_dir(copy, 200), copy / "model", copy / "train.json"):  # interrupted before the end
+    for gone in (checkpoint_dir(copy, 200), copy / "model", copy / "metrics.json"):  # interrupted before the end
         shutil.rmtree(gone) if gone.is_dir() else gone.unlink()
-    start = result["phase_starts"]["thorough"]
+    start = result.metrics["phase_starts"]["thorough"]
     resumed = run_toy_train(tiny(copy))
-    assert resumed["resumed_from"] == start and resumed["steps_trained"] == 200
+    assert resumed.resumed_from == start and resumed.metrics["steps_trained"] == 200
     a, b = ToyTransformer.load(out / "model").state_dict(), ToyTransformer.load(copy / "model").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert read_log(copy) == read_log(out)          # what the interrupted run logged after step 60 was replaced
+    assert resumed.metrics["loss_curve"] == result.metrics["loss_curve"]
     again = run_toy_train(tiny(copy))               # complete: nothing to do
-    assert again["resumed_from"] == 200 and again["final"] == resumed["final"]
+    assert again.resumed_from == 200 and again.metrics == resumed.metrics
 
 
 def test_a_different_config_in_the_same_folder_is_an_error(run):
     out, _ = run
-    with pytest.raises(InterplabError, match=r"different config \(--lr 0.01 → 0.02\)"):
+    with pytest.raises(InterplabError, match=r"holds a different toy train run \(differs in: config\.lr\)"):
         run_toy_train(tiny(out, lr=0.02))
     with pytest.raises(InterplabError, match="already holds a run; pass --resume"):
         run_toy_train(tiny(out, resume=False))
@@ -108,7 +113,7 @@ def test_modular_addition_keeps_a_checkpoint_where_it_memorised_and_stops_after_
                          steps=200, lr=1e-2, weight_decay=0.1, init_std=0.1, warmup=10, qualify_every=10,
                          thorough_every=10, stop_after=20, gate="thorough.test_loss < 100", out=str(out),
                          progress=False)
-    result = run_toy_train(cfg)
+    result = run_toy_train(cfg).metrics
     start = result["phase_starts"]["thorough"]
     log = read_log(out)
     first_memorised = next(r["step"] for r in log if r["phase"] == "qualification" and r["event"] == "eval"
@@ -161,7 +166,7 @@ def test_modular_addition_groks_memorising_first_and_generalising_later(tmp_path
     torch.set_num_threads(1)          # a tiny model: one thread is fastest, and far faster on a busy machine
     try:
         result = run_toy_train(ToyTrainConfig(task="modular-addition", steps=1500, out=str(tmp_path / "grok"),
-                                              progress=False))
+                                              progress=False)).metrics
     finally:
         torch.set_num_threads(threads)
     start, jump = result["phase_starts"]["thorough"], result["jump_step"]

@@ -9,6 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers.activations import ACT2FN
 
 from interplab.errors import InterplabError
 from interplab.models import load_model
@@ -39,8 +41,6 @@ def _randomise_norms_and_biases(module: nn.Module, seed: int = 0) -> None:
 
 
 def _tiny_qwen(kind: str) -> HFHookedModel:
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
-
     cls = Qwen2Config if kind == "qwen2" else Qwen3Config
     cfg = cls(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
               head_dim=8, vocab_size=50, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
@@ -130,8 +130,6 @@ def _heads(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _act(name: str):
-    from transformers.activations import ACT2FN
-
     return ACT2FN[name]
 
 
@@ -257,8 +255,6 @@ def test_gqa_repeats_each_kv_head_for_its_query_group():
 
 
 def load_model_tiny_llama() -> HFHookedModel:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=50, max_position_embeddings=64)
     torch.manual_seed(0)

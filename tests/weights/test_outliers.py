@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from interplab.errors import InterplabError
+from interplab.models.load import load_model
 from interplab.models.toy import ToyConfig, ToyTransformer
 from interplab.weights.outlier_stats import BasisStats, collect_stats, random_rotation, stage_hooks
-from interplab.weights.outliers import OutliersConfig, format_summary, run_outliers
+from interplab.weights.configs import OutliersConfig
+from interplab.weights.outliers import corpus_contexts, format_summary, run_outliers
 
 CTX, VOCAB = 16, 20
 
@@ -27,8 +30,13 @@ def contexts(n: int = 20, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, CTX), generator=torch.Generator().manual_seed(seed))
 
 
-def run(model, ctx, tmp_path, **kw):
-    cfg = OutliersConfig(ctx_len=CTX, tokens=ctx.numel(), batch_size=6, out=str(tmp_path / "out"), **kw)
+def snapshot(folder: Path) -> dict[str, int]:
+    """Every file under `folder` with its modification time: equal snapshots mean nothing was written."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def run(model, ctx, out, **kw):
+    cfg = OutliersConfig(ctx_len=CTX, tokens=ctx.numel(), batch_size=6, out=str(out), **kw)
     return run_outliers(cfg, model=model, contexts=ctx, progress=False)
 
 
@@ -37,7 +45,8 @@ def test_planted_position_0_outlier_is_found_and_basis_aligned(tmp_path):
     with torch.no_grad():
         model.W_pos[0, 7] = 5000.0  # every context's first position carries 5000 in dim 7 from the embedding on
     ctx = contexts()
-    result = run(model, ctx, tmp_path)
+    out = tmp_path / "out"
+    result = run(model, ctx, out)
     massive = result["massive"]
     assert [r["dim"] for r in massive["dims"]] == [7]
     assert (massive["dims"][0]["first_layer"], massive["dims"][0]["last_layer"]) == ("embed", "2")
@@ -53,14 +62,19 @@ def test_planted_position_0_outlier_is_found_and_basis_aligned(tmp_path):
     assert result["rogue_dims"] == []
     # The rotated basis sees the same spike spread over many coordinates, not one dim.
     assert result["rotated_n_massive_dims"] > 50
-    saved = json.loads((tmp_path / "out" / "outliers.json").read_text())
-    assert saved["massive"]["dims"][0]["dim"] == 7
-    assert all((tmp_path / "out" / name).stat().st_size > 1000
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["kind"] == "weights outliers" and saved["massive"]["dims"][0]["dim"] == 7
+    assert all((out / "figures" / name).stat().st_size > 1000
                for name in ("outlier_magnitudes.png", "massive_tokens.png"))
     text = format_summary(result)
     assert "massive activations in dim(s) 7" in text and "100% at position 0" in text
     # ... unless told not to: then mean |x_7| = 5000 / 16 dwarfs the other dims' ~0.02.
-    result = run(model, ctx, tmp_path, rogue_skip_first=False)
+    before = snapshot(out)
+    with pytest.raises(InterplabError, match=r"differs in: [^;]*\brogue_skip_first\b"):
+        run(model, ctx, out, rogue_skip_first=False)  # another config into the same folder: refused, not written
+    assert snapshot(out) == before
+    assert run(model, ctx, out) == saved  # the complete run is reported as done
+    result = run(model, ctx, tmp_path / "out2", rogue_skip_first=False)
     assert [r["dim"] for r in result["rogue_dims"]] == [7] and result["rogue_dims"][0]["n_layers"] == 4
     assert result["layers"][0]["rogue_dims"][0]["var_share"] > 0.99
 
@@ -189,34 +203,40 @@ def test_config_errors(change, message, tmp_path):
     cfg = OutliersConfig(**{"ctx_len": CTX, "out": str(tmp_path), **change})
     with pytest.raises(InterplabError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         run_outliers(cfg, model=toy(d_model=16))
+    assert list(tmp_path.iterdir()) == []  # validated before the run folder is opened
+
+
+def test_a_foreign_folder_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "data.csv").write_text("a,b\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(InterplabError, match="is not empty and holds no interplab weights outliers run"):
+        run_outliers(OutliersConfig(ctx_len=CTX, tokens=CTX, out=str(tmp_path)), model=toy(d_model=16),
+                     contexts=contexts(n=1), progress=False)
+    assert snapshot(tmp_path) == before
 
 
 def test_model_dependent_errors(tmp_path):
     model = toy(d_model=16)
     with pytest.raises(InterplabError, match="longer than toy allows"):
-        run_outliers(OutliersConfig(ctx_len=64, out=str(tmp_path)), model=model)
+        run_outliers(OutliersConfig(ctx_len=64, out=str(tmp_path / "a")), model=model)
     with pytest.raises(InterplabError, match="no tokenizer"):
-        run_outliers(OutliersConfig(ctx_len=CTX, out=str(tmp_path)), model=model)
+        run_outliers(OutliersConfig(ctx_len=CTX, out=str(tmp_path / "b")), model=model)
     with pytest.raises(InterplabError, match=r"shape \[n, ctx_len=16\]"):
-        run_outliers(OutliersConfig(ctx_len=CTX, out=str(tmp_path)), model=model, contexts=torch.zeros(2, 8).long())
+        run_outliers(OutliersConfig(ctx_len=CTX, out=str(tmp_path / "c")), model=model,
+                     contexts=torch.zeros(2, 8).long())
 
 
 def test_runs_on_a_tiny_hf_model_with_the_corpus(tiny_gpt2_dir, tmp_path):
-    from interplab.models import load_model
-
     model = load_model(str(tiny_gpt2_dir), device="cpu")
     cfg = OutliersConfig(model=str(tiny_gpt2_dir), tokens=256, ctx_len=32, out=str(tmp_path / "o"), top=3)
     result = run_outliers(cfg, model=model, progress=False)
     assert result["n_tokens"] == 256 and len(result["layers"]) == model.info.n_layers + 1
     assert all(len(r["top_dims"]) == 3 and r["median_abs"] > 0 for r in result["layers"])
-    assert "layer" in format_summary(result) and (tmp_path / "o" / "outliers.json").is_file()
+    assert "layer" in format_summary(result) and (tmp_path / "o" / "metrics.json").is_file()
 
 
 @pytest.mark.slow
 def test_smollm2_reported_max_equals_a_direct_forward_pass(tmp_path):
-    from interplab.models import load_model
-    from interplab.weights.outliers import corpus_contexts
-
     model = load_model("smollm2-135m", device="cpu")
     cfg = OutliersConfig(tokens=512, ctx_len=64, batch_size=4, out=str(tmp_path / "o"))
     result = run_outliers(cfg, model=model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from interplab.weights.svd_read import (
     token_kind,
     vocabulary,
 )
-from interplab.weights.svd_run import SVDConfig, format_summary, run_svd
+from interplab.weights.configs import SVDConfig
+from interplab.weights.svd_run import format_summary, run_svd
 from tests.weights.test_circuits import D_VOCAB, copying_model
 
 
@@ -77,15 +79,29 @@ def test_run_svd_writes_readings_controls_and_figures(tiny_gpt2_dir, tmp_path):
     cfg = SVDConfig(model=str(tiny_gpt2_dir), what="all", layer=1, directions=2, top_k=5, controls=20,
                     out=str(tmp_path / "svd"))
     result = run_svd(cfg, model=model)
-    saved = json.loads((tmp_path / "svd" / "svd.json").read_text())
+    out = tmp_path / "svd"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["kind"] == "weights svd" and json.loads((out / "config.json").read_text())["config"]["what"] == "all"
     assert list(saved["matrices"]) == ["ov", "qk", "mlp-in", "mlp-out", "embed", "unembed"]  # gpt2: no gate
     assert len(saved["matrices"]["ov"]["entries"]) == model.info.n_heads
     assert saved["control"]["n"] == 20 and saved["control"]["kind_share"]["mean"] > 0
     assert len(saved["copying"]["heads"]) == model.info.n_heads
-    for path in result["figures"].values():
-        assert (tmp_path / "svd" / "figures").exists() and path.endswith(".png")
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["proxies.png", "spectra.png"]
+    assert sorted(result["figures"].values()) == sorted(str(p) for p in (out / "figures").iterdir())
     text = format_summary(result)
     assert "random" in text and "L1.H0 ov" in text and "copying" in text
+    assert run_svd(cfg, model=model) == saved  # the complete run is reported as done
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(InterplabError, match=r"differs in: [^;]*\btop_k\b"):
+        run_svd(replace(cfg, top_k=6), model=model)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_run_svd_refuses_a_foreign_folder_and_writes_nothing(tmp_path):
+    (tmp_path / "weights.txt").write_text("mine")
+    with pytest.raises(InterplabError, match="is not empty and holds no interplab weights svd run"):
+        run_svd(SVDConfig(out=str(tmp_path)))  # refused before the model is loaded
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.txt"]
 
 
 @pytest.mark.parametrize("overrides,message", [

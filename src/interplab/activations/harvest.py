@@ -12,87 +12,22 @@ result reads back exactly like a single process's store with the same settings.
 from __future__ import annotations
 
 import itertools
-import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from interplab import distributed as D
 from interplab.activations import ranked
+from interplab.activations.configs import HarvestConfig
 from interplab.activations.writer import StoreWriter
+from interplab.data.corpus import iter_contexts
 from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
-from interplab.models import HookedModel, load_model
-
-
-@dataclass
-class HarvestConfig:
-    """What to harvest, from which model and text, and where to."""
-
-    model: str = "smollm2-135m"
-    """Model spec: 'smollm2-135m', a .gguf file, a local HF or toy-model folder, or an HF hub id."""
-    hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"])
-    """Hook points to harvest, comma-separated (TransformerLens names, e.g. blocks.6.hook_resid_post)."""
-    corpus: str = "python-docs"
-    """Text corpus: 'python-docs', a .txt/.jsonl/.parquet file or folder, a saved HF dataset, or hf:NAME."""
-    tokens: int = 1_000_000
-    """Number of tokens to harvest (rounded up to whole contexts)."""
-    ctx_len: int = 128
-    """Tokens per context (BOS included); at most the model's context length."""
-    batch_size: int = 16
-    """Contexts per forward pass."""
-    out: str = "activations"
-    """Output store: a folder or fsspec URL (s3://... needs interplab[s3])."""
-    dtype: str = "float32"
-    """Dtype of the stored activations: float32, float16 or bfloat16."""
-    model_dtype: str = "float32"
-    """Dtype the model runs in: float32, float16 or bfloat16."""
-    split: str = "train"
-    """Corpus split: train, test (held out) or all."""
-    test_fraction: float = 0.05
-    """Share of documents held out as the test split (decided by a hash of each text; same value to harvest, train
-    and evaluate, so the splits stay disjoint)."""
-    seed: int = 0
-    """Seed of the document shuffle."""
-    contexts_per_shard: int = 256
-    """Contexts per shard file (rounded to a multiple of batch_size)."""
-    device: str | None = None
-    """Device to run on (default: cuda if available, else cpu; under torchrun each rank's own GPU)."""
-    device_map: str | None = None
-    """Spread a model too large for one device over the available devices with accelerate: 'auto' (the frozen
-    model's layers placed by available memory; see docs/big-models.md). Not with torchrun."""
-    resume: bool = False
-    """Continue an interrupted harvest in --out from its last complete shard."""
-
-    @property
-    def n_contexts(self) -> int:
-        return math.ceil(self.tokens / self.ctx_len)
-
-    @property
-    def shard_contexts(self) -> int:
-        """Contexts per shard: contexts_per_shard rounded down to whole batches (at least one batch)."""
-        return max(self.batch_size, self.contexts_per_shard // self.batch_size * self.batch_size)
-
-    def validate(self) -> None:
-        """Check what can be checked before loading anything."""
-        if self.tokens < 1:
-            raise InterplabError(f"--tokens must be a positive number of tokens, got {self.tokens}")
-        if self.ctx_len < 2:
-            raise InterplabError(f"--ctx-len must be at least 2 (BOS plus one token), got {self.ctx_len}")
-        if self.batch_size < 1 or self.contexts_per_shard < 1:
-            raise InterplabError("--batch-size and --contexts-per-shard must be at least 1")
-        if not self.hooks:
-            raise InterplabError("--hooks needs at least one hook name, e.g. blocks.6.hook_resid_post")
-        if self.dtype not in DTYPES:
-            raise InterplabError(f"--dtype '{self.dtype}' is not one of {sorted(DTYPES)}")
-
-    def store_identity(self) -> dict:
-        """The settings that define a store's contents: resuming requires them to match."""
-        skip = {"out", "resume", "device", "device_map", "batch_size"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+from interplab.models.hooked import HookedModel
+from interplab.models.load import load_model
 
 
 class HarvestResult(NamedTuple):
@@ -190,8 +125,6 @@ def _harvest_ranked(cfg: HarvestConfig, model: HookedModel, contexts: Iterator[t
 
 def _contexts(cfg: HarvestConfig, model: HookedModel) -> Iterator[torch.Tensor]:
     """The deterministic context stream, its first context read now so that a bad corpus fails before writing."""
-    from interplab.data import iter_contexts
-
     contexts = iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split=cfg.split, seed=cfg.seed,
                              test_fraction=cfg.test_fraction)
     first = next(contexts, None)

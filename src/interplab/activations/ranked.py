@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import itertools
 import posixpath
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
 
 from fsspec import AbstractFileSystem
 from jaxtyping import Int
@@ -34,11 +35,13 @@ from interplab.activations.store import (
 from interplab.activations.writer import IDENTITY_FIELDS, write_manifest
 from interplab.errors import InterplabError
 from interplab.fileio import join, list_files, open_url
+from interplab.runs import JSONDict
 
 RANK_KEYS = ("rank", "world_size")
 """Config entries a rank's store adds to the harvest's own identity."""
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def rank_url(out: str, rank: int) -> str:
@@ -81,13 +84,13 @@ def _listing(fs: AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
     return sorted(n for n, kind in names if kind == "file"), sorted(n for n, kind in names if kind == "directory")
 
 
-def _rank_manifests(out: str) -> dict[str, dict[str, Any] | None]:
+def _rank_manifests(out: str) -> dict[str, JSONDict | None]:
     """The rank folders in `out` and their manifests (None for a folder a rank created but never wrote to)."""
     fs, root = open_url(out)
     return {name: read_manifest(join(out, name)) for name in _listing(fs, root)[1] if RANK_DIR_RE.fullmatch(name)}
 
 
-def _world_sizes(manifests: dict[str, dict[str, Any] | None]) -> list[int]:
+def _world_sizes(manifests: dict[str, JSONDict | None]) -> list[int]:
     """The world sizes the rank stores record (several only if someone mixed folders of different jobs)."""
     sizes = {m["config"].get("world_size") for m in manifests.values() if m is not None}
     return sorted(s for s in sizes if isinstance(s, int))
@@ -106,7 +109,7 @@ def refuse_ranked_in_progress(out: str) -> None:
         )
 
 
-def check_ranked_out(out: str, world_size: int, resume: bool) -> dict[str, Any] | None:
+def check_ranked_out(out: str, world_size: int, resume: bool) -> JSONDict | None:
     """The merged manifest if `out` holds a complete store, None if a torchrun harvest of `world_size` ranks can
     go on in `out`; an InterplabError if `out` holds something else. Reads only, so every rank can call it."""
     top = read_manifest(out)
@@ -141,7 +144,7 @@ def check_ranked_out(out: str, world_size: int, resume: bool) -> dict[str, Any] 
 
 # ---- the merge --------------------------------------------------------------------------------------------------
 
-def merge_rank_stores(out: str, world_size: int, identity: dict[str, Any]) -> int:
+def merge_rank_stores(out: str, world_size: int, identity: JSONDict) -> int:
     """Write `out`/manifest.json listing every rank's shards in global order; return the number of contexts.
 
     `identity` is rank 0's store identity; rank r's must be the same apart from config["rank"] = r. Each rank's
@@ -171,7 +174,7 @@ def merge_rank_stores(out: str, world_size: int, identity: dict[str, Any]) -> in
 
 
 def _finished_rank(
-    out: str, fs: AbstractFileSystem, root: str, r: int, world_size: int, identity: dict[str, Any]
+    out: str, fs: AbstractFileSystem, root: str, r: int, world_size: int, identity: JSONDict
 ) -> list[ShardInfo]:
     """Rank r's shards, after checking its store is complete, of this harvest, and its files in place."""
     url = rank_url(out, r)
@@ -215,14 +218,14 @@ def on_every_rank(fn: Callable[[], T]) -> T:
     return value  # type: ignore[return-value]
 
 
-def on_main(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) on rank 0, its result given to every rank (an InterplabError raised there is raised on every
+def on_main(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """fn(*args, **kwargs) on rank 0, its result given to every rank (an InterplabError raised there is raised on every
     rank). The broadcast is also a barrier: no rank returns before rank 0 is done."""
-    outcome: tuple[bool, Any] = (True, None)
+    outcome: tuple[bool, T | str | None] = (True, None)
     error: InterplabError | None = None
     if D.ranks().is_main:
         try:
-            outcome = (True, fn(*args))
+            outcome = (True, fn(*args, **kwargs))
         except InterplabError as e:
             outcome, error = (False, str(e)), e
     ok, value = D.broadcast_object(outcome)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -29,6 +30,7 @@ from torch import Tensor
 from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
 from interplab.fileio import join, open_url, sha256_hex
+from interplab.runs import JSONDict
 
 STORE_FORMAT = "interplab.activations"
 STORE_VERSION = 1
@@ -79,7 +81,7 @@ MANIFEST_FIELDS: dict[str, type] = {
 }
 
 
-def read_manifest(url: str) -> dict[str, Any] | None:
+def read_manifest(url: str) -> JSONDict | None:
     """The validated manifest of the store at `url`, or None if there is no manifest.json."""
     fs, root = open_url(url)
     try:
@@ -96,7 +98,7 @@ def read_manifest(url: str) -> dict[str, Any] | None:
     return manifest
 
 
-def _manifest_problem(m: Any) -> str | None:
+def _manifest_problem(m: object) -> str | None:
     """What is wrong with a parsed manifest, or None if it is consistent."""
     if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
         return f"expected format {STORE_FORMAT!r}"
@@ -129,7 +131,7 @@ def _manifest_problem(m: Any) -> str | None:
     return None
 
 
-def _shard_file_ok(file: Any, i: int) -> bool:
+def _shard_file_ok(file: object, i: int) -> bool:
     """Entry i names shard i of a single-process store, or a rank's shard of a torchrun harvest."""
     return isinstance(file, str) and (file == shard_name(i) or RANKED_SHARD_RE.fullmatch(file) is not None)
 
@@ -145,7 +147,7 @@ class ActivationStore:
             )
         self.url = url
         self._fs, self._root = open_url(url)
-        self.manifest: dict[str, Any] = manifest
+        self.manifest: JSONDict = manifest
         self.hooks: list[str] = list(manifest["hooks"])
         self.ctx_len: int = manifest["ctx_len"]
         self.n_contexts: int = manifest["n_contexts"]

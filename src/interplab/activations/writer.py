@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any
 
 import torch
 from fsspec import AbstractFileSystem
@@ -39,6 +38,7 @@ from interplab.activations.store import (
 from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
 from interplab.fileio import atomic_write, join, list_files, open_url, sha256_hex
+from interplab.runs import JSONDict, config_differences
 
 # Manifest fields that identify a store: reopening it with any of them different is an error, not a resume.
 IDENTITY_FIELDS = ("config", "hooks", "shapes", "dtype", "ctx_len", "contexts_per_shard")
@@ -56,7 +56,7 @@ class StoreWriter:
         self,
         url: str,
         *,
-        config: dict[str, Any],
+        config: JSONDict,
         hooks: list[str],
         shapes: dict[str, tuple[int, int]],
         dtype: str = "float32",
@@ -81,7 +81,7 @@ class StoreWriter:
             self._reopen(existing, resume)
 
     @property
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> JSONDict:
         """The manifest fields that define this store (IDENTITY_FIELDS), JSON-normalised; a copy."""
         return json.loads(json.dumps(self._identity))
 
@@ -108,10 +108,11 @@ class StoreWriter:
         self._created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._write_manifest(self._shards, complete=False)
 
-    def _reopen(self, existing: dict[str, Any], resume: bool) -> None:
-        differs = [key for key in sorted(set(existing["config"]) | set(self._identity["config"]))
-                   if existing["config"].get(key, _MISSING) != self._identity["config"].get(key, _MISSING)]
-        differs += [field for field in IDENTITY_FIELDS[1:] if existing[field] != self._identity[field]]
+    def _reopen(self, existing: JSONDict, resume: bool) -> None:
+        differs = config_differences(existing["config"], self._identity["config"])
+        # A field may be both in the config and in the manifest (contexts_per_shard): name it once.
+        differs += [field for field in IDENTITY_FIELDS[1:]
+                    if existing[field] != self._identity[field] and field not in differs]
         if differs:
             raise InterplabError(
                 f"{self.url} holds a different store (differs in: {', '.join(differs)}); "
@@ -230,11 +231,8 @@ class StoreWriter:
         self._closed = True
 
 
-_MISSING = object()
-
-
 def write_manifest(
-    fs: AbstractFileSystem, root: str, identity: dict[str, Any], shards: list[ShardInfo], *, complete: bool,
+    fs: AbstractFileSystem, root: str, identity: JSONDict, shards: list[ShardInfo], *, complete: bool,
     created: str,
 ) -> None:
     """Write (atomically) the manifest of the store at `root` listing `shards` under the given identity fields."""
@@ -254,9 +252,9 @@ def write_manifest(
 
 
 def _identity(
-    url: str, config: dict[str, Any], hooks: list[str], shapes: dict[str, tuple[int, int]], dtype: str,
+    url: str, config: JSONDict, hooks: list[str], shapes: dict[str, tuple[int, int]], dtype: str,
     contexts_per_shard: int,
-) -> dict[str, Any]:
+) -> JSONDict:
     """Validate the constructor's arguments and return them as the manifest's identity fields, JSON-normalised."""
     if not isinstance(config, dict):
         raise InterplabError(f"config must be a dict, got {type(config).__name__}")

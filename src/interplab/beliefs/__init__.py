@@ -9,20 +9,28 @@ hidden state, and the mixed-state presentation those beliefs form.
 
 - process.py: `Process` (T[x, s, s'] validated), built-ins (Mess3, RRXOR, Z1R, Even, Golden Mean), files and
   specs (`make_process`), the stationary distribution, vectorised seeded sampling.
-- train.py: `interplab beliefs train`, a toy transformer trained on a process, with its loss against h(L).
+- configs.py: the commands' configs (standard library only).
+- train.py: `interplab beliefs train`, a toy transformer trained on a process (through `interplab.toy.loop`), with
+  its loss against h(L).
 - regress.py: `interplab beliefs regress`, affine maps from activations onto the beliefs, with CV and shuffles.
 - describe.py: `interplab beliefs msp`, a process described exactly (entropies, MSP, spectrum, belief simplex).
 - msp.py: the belief tree and the mixed-state presentation, its spectrum, beliefs for given sequences, every
   sequence of a length with its probability, exact myopic entropies h(L) and the entropy rate with bounds.
 """
+
 import lazy_loader
+
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "describe": ["MSPConfig", "describe_process"],
-        "msp": ["AllSequences", "EntropyRate", "MSPTree", "MixedStatePresentation", "all_sequences", "belief_states", "entropy_rate", "mixed_state_presentation", "msp_tree", "myopic_entropy", "spectrum"],
-        "process": ["PROCESSES", "Process", "ProcessSample", "even_process", "golden_mean", "load_process", "make_process", "mess3", "next_token_probabilities", "rrxor", "sample", "sample_with_states", "stationary_distribution", "token_distribution", "validate_transitions", "z1r"],
-        "regress": ["BeliefRegressConfig", "run_regress"],
-        "train": ["BeliefTrainConfig", "train_beliefs"],
+        "configs": ["BeliefRegressConfig", "BeliefTrainConfig", "MSPConfig"],
+        "describe": ["describe_process"],
+        "msp": ["AllSequences", "EntropyRate", "MSPTree", "MixedStatePresentation", "all_sequences", "belief_states",
+                "entropy_rate", "mixed_state_presentation", "msp_tree", "myopic_entropy", "spectrum"],
+        "process": ["PROCESSES", "Process", "ProcessSample", "even_process", "golden_mean", "load_process",
+                    "make_process", "mess3", "next_token_probabilities", "rrxor", "sample", "sample_with_states",
+                    "stationary_distribution", "token_distribution", "validate_transitions", "z1r"],
+        "regress": ["run_regress"],
+        "train": ["train_beliefs"],
     },
 )

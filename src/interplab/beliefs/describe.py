@@ -5,72 +5,58 @@
     (distinct belief states per depth, closed or not, the leading eigenvalues of its transition matrix), and the
     belief-state geometry as a figure: every belief of the MSP tree in the simplex (PCA plane for > 3 states)
 
-Writes OUT/msp.json and OUT/msp_simplex.png.
+Writes the run folder (`interplab.runs`): OUT/config.json, OUT/metrics.json (every number above) and
+OUT/figures/simplex.png. A rerun with the same config into OUT reports the saved numbers; another config is refused.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
-from interplab.errors import InterplabError
+from interplab.beliefs.configs import MSPConfig
+from interplab.beliefs.figures import simplex
+from interplab.beliefs.msp import entropy_rate, mixed_state_presentation, msp_tree, myopic_entropy, spectrum
+from interplab.beliefs.process import make_process, stationary_distribution, token_distribution
+from interplab.runs import JSONDict, Run
 
+KIND = "beliefs msp"
+"""The command, as recorded in config.json and metrics.json."""
 SPECTRUM_MAX_STATES = 4000
 """The MSP's eigenvalues are computed only up to this many distinct states (a dense eigendecomposition)."""
 
 
-@dataclass
-class MSPConfig:
-    """Describe a process exactly: stationary distribution, entropies, mixed-state presentation and its spectrum."""
-
-    process: str = "mess3:x=0.05,a=0.85"
-    """The process: a spec (mess3, mess3:x=0.05,a=0.85, rrxor, z1r, even, golden_mean) or a .npy/.json file."""
-    depth: int = 7
-    """Tokens of the mixed-state presentation to expand (Mess3's beliefs are all distinct: 3^depth at the last)."""
-    entropy_length: int = 10
-    """Myopic entropies h(L) for L = 1 .. this."""
-    eigenvalues: int = 8
-    """Leading eigenvalues (by magnitude) of the MSP transition matrix to report."""
-    out: str = "beliefs-msp"
-    """Output folder: msp.json and msp_simplex.png."""
-
-
-def describe_process(cfg: MSPConfig) -> dict[str, Any]:
-    """Compute everything `MSPConfig` names, write OUT/msp.json and the figure, and return the JSON dict."""
-    from interplab.beliefs.msp import entropy_rate, mixed_state_presentation, msp_tree, myopic_entropy, spectrum
-    from interplab.beliefs.process import make_process, stationary_distribution, token_distribution
-    from interplab.fileio import write_url_atomic
-    from interplab.beliefs.figures import simplex
-
-    for name in ("depth", "entropy_length", "eigenvalues"):
-        if isinstance(getattr(cfg, name), bool) or getattr(cfg, name) < 1:
-            raise InterplabError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    process = make_process(cfg.process)
-    rate = entropy_rate(process)
-    h_bits = myopic_entropy(process, cfg.entropy_length, base=2.0)
-    msp = mixed_state_presentation(process, cfg.depth)
-    per_depth = [int((msp.depth == d).sum()) for d in range(int(msp.depth.max()) + 1)]
-    out: dict[str, Any] = {
-        "config": asdict(cfg), "process": process.name, "n_states": process.n_states, "n_tokens": process.n_tokens,
-        "stationary": stationary_distribution(process).tolist(),
-        "token_distribution": token_distribution(process).tolist(),
-        "entropy_rate_bits": rate._asdict(),
-        "myopic_entropy_bits": h_bits.tolist(), "myopic_entropy_nats": (h_bits * math.log(2)).tolist(),
-        "msp": {"distinct_states": len(msp.beliefs), "new_states_per_depth": per_depth, "closed": msp.closed},
-    }
-    # A truncated MSP (Mess3's never closes) has all-zero rows for its last depth, so its matrix is nilpotent and
-    # its eigenvalues say nothing; only a closed MSP has a spectrum worth reporting.
-    if msp.closed and len(msp.beliefs) <= SPECTRUM_MAX_STATES:
-        eig = spectrum(msp)[: cfg.eigenvalues]
-        out["msp"]["eigenvalues"] = [[float(e.real), float(e.imag)] for e in eig]
-    tree = msp_tree(process, min(cfg.depth, _tree_depth(process.n_tokens)))
-    root = cfg.out.rstrip("/")
-    out["figure"] = simplex(tree.beliefs, None, tree.probs, f"{root}/msp_simplex.png",
-                            title=f"{process.name}: belief states to depth {int(tree.depth.max())}")
-    write_url_atomic(f"{root}/msp.json", (json.dumps(out, indent=2) + "\n").encode())
-    return out
+def describe_process(cfg: MSPConfig) -> JSONDict:
+    """Compute everything `MSPConfig` names, write OUT/metrics.json and OUT/figures/simplex.png, and return the
+    metrics. A complete run with the same config in OUT is reported as done, not recomputed."""
+    cfg.validate()
+    process = make_process(cfg.process)  # a bad spec or file fails before --out is touched
+    with Run.open(cfg.out, KIND, asdict(cfg)) as run:
+        if run.metrics is not None:  # a complete run of this config: report it, do not recompute
+            return run.metrics
+        rate = entropy_rate(process)
+        h_bits = myopic_entropy(process, cfg.entropy_length, base=2.0)
+        msp = mixed_state_presentation(process, cfg.depth)
+        per_depth = [int((msp.depth == d).sum()) for d in range(int(msp.depth.max()) + 1)]
+        out: dict[str, Any] = {
+            "config": asdict(cfg), "process": process.name, "n_states": process.n_states,
+            "n_tokens": process.n_tokens, "stationary": stationary_distribution(process).tolist(),
+            "token_distribution": token_distribution(process).tolist(),
+            "entropy_rate_bits": rate._asdict(),
+            "myopic_entropy_bits": h_bits.tolist(), "myopic_entropy_nats": (h_bits * math.log(2)).tolist(),
+            "msp": {"distinct_states": len(msp.beliefs), "new_states_per_depth": per_depth, "closed": msp.closed},
+        }
+        # A truncated MSP (Mess3's never closes) has all-zero rows for its last depth, so its matrix is nilpotent
+        # and its eigenvalues say nothing; only a closed MSP has a spectrum worth reporting.
+        if msp.closed and len(msp.beliefs) <= SPECTRUM_MAX_STATES:
+            eig = spectrum(msp)[: cfg.eigenvalues]
+            out["msp"]["eigenvalues"] = [[float(e.real), float(e.imag)] for e in eig]
+        tree = msp_tree(process, min(cfg.depth, _tree_depth(process.n_tokens)))
+        out["figures"] = {"simplex": simplex(tree.beliefs, None, tree.probs, run.figure("simplex"),
+                                             title=f"{process.name}: belief states to depth {int(tree.depth.max())}")}
+        run.write_metrics(out)
+        return {"kind": KIND, **out}
 
 
 def _tree_depth(n_tokens: int, max_points: int = 200_000) -> int:
@@ -78,7 +64,8 @@ def _tree_depth(n_tokens: int, max_points: int = 200_000) -> int:
     return max(1, int(math.log(max_points) / math.log(max(n_tokens, 2))))
 
 
-def format_summary(out: dict[str, Any]) -> str:
+def format_summary(out: JSONDict) -> str:
+    """A few lines for the terminal: π, the entropy rate, h(L), the MSP's size and spectrum, the figure."""
     rate, msp = out["entropy_rate_bits"], out["msp"]
     lines = [f"{out['process']}: {out['n_states']} states, {out['n_tokens']} tokens; π = "
              + ", ".join(f"{p:.4f}" for p in out["stationary"]),
@@ -88,5 +75,5 @@ def format_summary(out: dict[str, Any]) -> str:
              f"(new per depth {msp['new_states_per_depth']}), " + ("closed" if msp["closed"] else "not closed")]
     if "eigenvalues" in msp:
         lines.append("leading eigenvalues: " + ", ".join(f"{complex(*e):.4f}" for e in msp["eigenvalues"]))
-    lines.append(f"figure: {out['figure']}")
+    lines += [f"figure: {path}" for path in out["figures"].values()]
     return "\n".join(lines)

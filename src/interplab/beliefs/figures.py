@@ -16,6 +16,7 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from interplab.plotting import new_figure, save_figure
@@ -44,7 +45,8 @@ def _pca(beliefs: np.ndarray, weight: np.ndarray, k: int) -> tuple[np.ndarray, n
     return mean, vecs[:, ::-1][:, :k]
 
 
-def simplex(true: Any, predicted: Any | None, weight: Any, path: str, title: str = "") -> str:
+def simplex(true: npt.ArrayLike, predicted: npt.ArrayLike | None, weight: npt.ArrayLike, path: str,
+            title: str = "") -> str:
     """Ground-truth belief geometry beside the regressed one (see the module docstring); with predicted None, the
     ground truth alone."""
     true = np.asarray(true, dtype=np.float64)

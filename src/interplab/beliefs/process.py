@@ -28,11 +28,13 @@ import inspect
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from jaxtyping import Float, Int
+from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from interplab.config import parse_spec_settings
@@ -49,7 +51,7 @@ class Process:
         p.T, p.n_tokens, p.n_states, p.transition_matrix
     """
 
-    def __init__(self, T: Any, name: str = "custom") -> None:
+    def __init__(self, T: Tensor | npt.ArrayLike, name: str = "custom") -> None:
         self.T: Float[Tensor, "x s s"] = validate_transitions(T)
         self.name = name
 
@@ -70,7 +72,7 @@ class Process:
         return f"Process({self.name}, {self.n_states} states, {self.n_tokens} tokens)"
 
 
-def validate_transitions(T: Any) -> Float[Tensor, "x s s"]:
+def validate_transitions(T: Tensor | npt.ArrayLike) -> Float[Tensor, "x s s"]:
     """T as a float64 tensor, or an InterplabError saying which state (or entry) is wrong and what is valid."""
     try:
         T = torch.as_tensor(np.asarray(T, dtype=np.float64) if not isinstance(T, Tensor) else T,
@@ -220,8 +222,6 @@ def stationary_distribution(process: Process) -> Float[Tensor, " s"]:
     is checked on the graph rather than on eigenvalues near 1, so nearly-decomposable processes (Mess3 with tiny x)
     are accepted. Periodic processes (Z1R) are fine: π is still unique.
     """
-    from scipy.sparse.csgraph import connected_components
-
     M = process.transition_matrix
     n_classes, labels = connected_components((M > 0).numpy(), directed=True, connection="strong")
     leaves = torch.as_tensor(labels)

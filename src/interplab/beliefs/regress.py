@@ -32,14 +32,26 @@ hooks such as the embedding, 3 tokens × 10 positions, are fine).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from interplab.beliefs.configs import BeliefRegressConfig, BeliefTrainConfig
+from interplab.beliefs.figures import belief_figures
+from interplab.beliefs.msp import all_sequences, belief_states
+from interplab.beliefs.process import Process, make_process, sample
+from interplab.beliefs.train import load_config, saved_checkpoints
 from interplab.errors import InterplabError
+from interplab.fileio import write_url_atomic
+from interplab.models.toy import ToyTransformer
+from interplab.runs import FIGURES
 
 CONCAT = "concat"
 """Name of the target that concatenates every requested hook."""
@@ -47,48 +59,6 @@ EIG_CUTOFF = 1e-10
 """Eigenvalues of the (standardised) Gram matrix below this fraction of the largest are treated as 0."""
 SAMPLE_SEED_OFFSET = 2_000_003
 """--sample draws with seed + this, a seed no training step uses."""
-
-
-@dataclass
-class BeliefRegressConfig:
-    """Regress belief states on a trained run's activations at every checkpoint, with cross-validation and a
-    shuffle control."""
-
-    run: str = "beliefs-run"
-    """Run folder written by `interplab beliefs train`."""
-    hooks: list[str] = field(default_factory=list)
-    """Hooks to regress from, each on its own, comma-separated (default: blocks.0.hook_resid_pre and every
-    blocks.N.hook_resid_post)."""
-    concat: bool | None = None
-    """Also regress from all the hooks concatenated (default: on when --hooks is not given)."""
-    weighted: bool = False
-    """Weight each sequence by its probability P(w) (default: every sequence and position counts once, as in the
-    paper)."""
-    checkpoint: list[int] = field(default_factory=list)
-    """Token counts of the checkpoints to regress at, comma-separated (default: every saved one). The last one
-    gets the controls and the figures."""
-    folds: int = 5
-    """Cross-validation folds (whole sequences per fold)."""
-    shuffles: int = 20
-    """Repeats of the shuffle control."""
-    sample: int = 0
-    """Regress on this many sampled sequences instead of every sequence (needed when there are too many)."""
-    max_sequences: int = 200_000
-    """Most sequences to enumerate (n_tokens^ctx); beyond it, use --sample."""
-    figures: bool = True
-    """Draw the simplex, MSE-vs-tokens and per-layer figures into the run folder."""
-    out: str = ""
-    """JSON to write (default: RUN/regress.json)."""
-    seed: int = 0
-    """Seed of the folds, the shuffles and --sample."""
-
-    def validate(self) -> None:
-        if self.folds < 2 or self.shuffles < 0 or self.sample < 0 or self.max_sequences < 1:
-            raise InterplabError(f"need --folds >= 2, --shuffles >= 0, --sample >= 0 and --max-sequences >= 1; got "
-                                 f"{self.folds}, {self.shuffles}, {self.sample}, {self.max_sequences}")
-        if self.sample and self.weighted:
-            raise InterplabError("--weighted applies to enumerated sequences; sampled ones (--sample) are already "
-                                 "drawn in proportion to their probability")
 
 
 class Points(NamedTuple):
@@ -137,7 +107,7 @@ def make_points(tokens: Int[Tensor, "m L"], beliefs: Float[Tensor, "m L s"], seq
 
 
 @torch.no_grad()
-def activations(model: Any, tokens: Int[Tensor, "m L"], points: Points, hooks: list[str],
+def activations(model: ToyTransformer, tokens: Int[Tensor, "m L"], points: Points, hooks: list[str],
                 batch: int = 4096) -> Float[Tensor, "n d"]:
     """The concatenated activations at `hooks` of every distinct row (float64), in the order of `hooks`."""
     caches: dict[str, list[Tensor]] = {h: [] for h in hooks}
@@ -239,18 +209,13 @@ def default_hooks(n_layers: int) -> list[str]:
     return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
 
 
-def _load_run(cfg: BeliefRegressConfig) -> tuple[dict[str, Any], list[tuple[int, Any]]]:
-    import json
-    from pathlib import Path
-
-    from interplab.beliefs.train import saved_checkpoints
-
-    run = Path(cfg.run)
-    saved = saved_checkpoints(run)
-    if not (run / "train.json").is_file() or not saved:
-        raise InterplabError(f"{cfg.run} holds no trained model (expected train.json and checkpoints/tokens_*/ "
-                             "written by `interplab beliefs train --out RUN`)")
-    train = json.loads((run / "train.json").read_text())
+def _load_run(cfg: BeliefRegressConfig) -> tuple[BeliefTrainConfig, list[tuple[int, Path]]]:
+    """The config of the beliefs train run cfg.run and the (tokens, folder) of the checkpoints to regress at."""
+    train = load_config(cfg.run)
+    saved = saved_checkpoints(cfg.run)
+    if not saved:
+        raise InterplabError(f"{cfg.run} holds no trained model yet (no complete checkpoints/step-N/; "
+                             "`interplab beliefs train --out RUN` writes them)")
     if cfg.checkpoint:
         have = dict(saved)
         missing = [t for t in cfg.checkpoint if t not in have]
@@ -261,11 +226,8 @@ def _load_run(cfg: BeliefRegressConfig) -> tuple[dict[str, Any], list[tuple[int,
     return train, saved
 
 
-def sequences(process: Any, ctx: int, cfg: BeliefRegressConfig) -> tuple[Tensor, Tensor]:
+def sequences(process: Process, ctx: int, cfg: BeliefRegressConfig) -> tuple[Int[Tensor, "m ctx"], Float[Tensor, " m"]]:
     """(tokens [m, ctx], weight per sequence [m]): every possible sequence (weight 1 or P(w)), or sampled ones."""
-    from interplab.beliefs.msp import all_sequences
-    from interplab.beliefs.process import sample
-
     if cfg.sample:
         tokens = sample(process, cfg.sample, ctx, seed=cfg.seed + SAMPLE_SEED_OFFSET)
         return tokens, torch.ones(len(tokens), dtype=torch.float64)
@@ -281,22 +243,11 @@ def sequences(process: Any, ctx: int, cfg: BeliefRegressConfig) -> tuple[Tensor,
 
 def run_regress(cfg: BeliefRegressConfig, *, progress: bool = True) -> dict[str, Any]:
     """Regress at every requested checkpoint; controls and figures at the last; write the JSON; return it."""
-    import json
-    import time
-    from dataclasses import asdict
-
-    from tqdm.auto import tqdm
-
-    from interplab.beliefs.msp import belief_states
-    from interplab.beliefs.process import make_process
-    from interplab.fileio import write_url_atomic
-    from interplab.models.toy import ToyTransformer
-
     start = time.perf_counter()
     cfg.validate()
     train, saved = _load_run(cfg)
-    process = make_process(train["config"]["process"])
-    ctx = train["config"]["ctx"]
+    process = make_process(train.process)
+    ctx = train.ctx
     model = ToyTransformer.load(saved[-1][1])
     hooks = cfg.hooks or default_hooks(model.cfg.n_layers)
     model.check_hook_names(hooks)
@@ -339,9 +290,8 @@ def run_regress(cfg: BeliefRegressConfig, *, progress: bool = True) -> dict[str,
                           "mean_squared_error); points weigh 1 each" + (" × P(w)" if cfg.weighted else ""),
         "final_checkpoint": saved[-1][0], "headline": headline, "final": final, "curve": curve, "figures": {}}
     if cfg.figures:
-        from interplab.beliefs.figures import belief_figures
-
-        result["figures"] = belief_figures(result, points.beliefs, predicted, points.weight, cfg.run)
+        result["figures"] = belief_figures(result, points.beliefs, predicted, points.weight,
+                                           f"{cfg.run.rstrip('/')}/{FIGURES}")
     result["wall_s"] = time.perf_counter() - start
     out = cfg.out or f"{cfg.run.rstrip('/')}/regress.json"
     write_url_atomic(out, (json.dumps(result, indent=1) + "\n").encode())

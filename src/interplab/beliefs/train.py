@@ -18,26 +18,35 @@ length ctx when there are at most `eval_sequences` of them (weighted by P(w)), e
 with q the model's prediction. Exactly, loss(L) = h(L+1) + gap(L); with sampled w the KL is a far less noisy estimate
 of the excess loss than the CE (its spread across w is that of the excess alone, not of the entropy).
 
-Outputs in OUT: checkpoints/tokens_XXXXXXXXX/ (the model, written by ToyTransformer.save, plus optimizer.pt and
-progress.json, written last so a checkpoint without it is ignored) at roughly log-spaced token counts, model/ (the
-final model), and train.json (config, loss curve, per-position loss vs optimum at every checkpoint). Re-running with
+Run folder OUT (`interplab.runs.Run`, kind "beliefs train"): config.json ({"kind", "config"}; the config without the
+fields a resume may change), checkpoints/step-N/ (`interplab.toy.loop`: N steps = N · batch_size · ctx tokens) at
+roughly log-spaced token counts, model/ (the final model), and metrics.json (loss curve, per-position loss vs
+optimum at every checkpoint; written last). Training runs through `interplab.toy.loop.train_loop`; re-running with
 the same config resumes from the last checkpoint; a different config in the same OUT is an error.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
+from jaxtyping import Float, Int
 
+from interplab.beliefs.configs import BeliefTrainConfig
+from interplab.beliefs.msp import all_sequences, belief_states, myopic_entropy
+from interplab.beliefs.process import Process, make_process, next_token_probabilities, sample
 from interplab.errors import InterplabError
+from interplab.models.toy import ToyConfig, ToyTransformer
+from interplab.runs import CONFIG, JSONDict, Run, read_json_object
+from interplab.toy.loop import StepOutcome, TrainResult, train_loop
+from interplab.toy.loop import saved_checkpoints as saved_steps
 
+Tensor = torch.Tensor
+KIND = "beliefs train"
+"""The run kind in config.json and metrics.json."""
 CHECKPOINT_MANTISSAS = (1.0, 2.0, 3.2, 6.4)
 """Default checkpoint grid: these × 10^k tokens. Roughly log-spaced (steps ×1.6 to ×2), and it includes the
 64k, 640k and 3.2M tokens at which Shai et al. report their Mess3 regression MSE."""
@@ -46,99 +55,8 @@ EVAL_SEED_OFFSET = 1 << 40
 VOLATILE_FIELDS = ("device", "progress", "resume", "out")
 """Config fields that may differ between a run and its resumption (a run folder may be moved)."""
 
-
-@dataclass
-class BeliefTrainConfig:
-    """Train a toy transformer on sequences from a hidden Markov process (next-token cross-entropy)."""
-
-    process: str = "mess3:x=0.05,a=0.85"
-    """The process: a spec (mess3, mess3:x=0.05,a=0.85, rrxor, z1r, even, golden_mean) or a .npy/.json file."""
-    layers: int = 4
-    """Transformer blocks."""
-    d_model: int = 64
-    """Width of the residual stream."""
-    heads: int = 1
-    """Attention heads per block."""
-    d_head: int | None = None
-    """Width of each head (default: d_model / heads)."""
-    d_mlp: int | None = None
-    """MLP hidden width (default: 4 · d_model)."""
-    ctx: int = 10
-    """Context length: the model reads this many tokens (no BOS) and predicts the next at each position."""
-    tokens: int = 3_200_000
-    """Training tokens (input positions: steps · batch_size · ctx)."""
-    batch_size: int = 64
-    """Sequences per step."""
-    lr: float = 3e-3
-    """Peak Adam learning rate."""
-    warmup: float = 0.02
-    """Fraction of the steps over which the learning rate rises linearly from 0 to lr."""
-    lr_final: float = 0.05
-    """After warmup the learning rate follows a cosine from lr down to lr · lr_final at the last step."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    checkpoints: list[int] = field(default_factory=list)
-    """Token counts at which to save a checkpoint (default: 1, 2, 3.2, 6.4 × 10^k from 10k up); each is rounded up
-    to whole steps, and the final count is always saved."""
-    eval_sequences: int = 8192
-    """Evaluate the per-position loss and its gap to the optimum exactly over all n_tokens^ctx sequences when there
-    are at most this many, else over this many sampled sequences (fixed, never trained on)."""
-    log_every: int = 50
-    """Steps per point of the training-loss curve."""
-    out: str = "beliefs-run"
-    """Run folder: checkpoints/, model/, train.json."""
-    seed: int = 0
-    """Seed of the initialisation and of the data stream."""
-    device: str = "cpu"
-    """Device to train on."""
-    progress: bool = True
-    """Show a progress bar."""
-    resume: bool = True
-    """Continue the run already in OUT from its last checkpoint (it must have the same config); --no-resume
-    refuses to touch an existing run."""
-
-    def validate(self) -> None:
-        for name in ("layers", "d_model", "heads", "ctx", "tokens", "batch_size", "log_every", "eval_sequences"):
-            if getattr(self, name) < 1:
-                raise InterplabError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.d_head is None and self.d_model % self.heads:
-            raise InterplabError(f"--d-model {self.d_model} is not divisible by --heads {self.heads}; "
-                                 "pass --d-head explicitly")
-        if not self.lr > 0 or not 0 <= self.warmup < 1 or not 0 <= self.lr_final <= 1:
-            raise InterplabError(f"need --lr > 0, 0 <= --warmup < 1 and 0 <= --lr-final <= 1; got {self.lr}, "
-                                 f"{self.warmup}, {self.lr_final}")
-        if self.tokens < self.tokens_per_step:
-            raise InterplabError(f"--tokens {self.tokens} is less than one step (batch_size · ctx = "
-                                 f"{self.tokens_per_step})")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.ctx
-
-    @property
-    def steps(self) -> int:
-        return math.ceil(self.tokens / self.tokens_per_step)
-
-
-class TrainResult(NamedTuple):
-    """What `train_beliefs` did."""
-
-    out: str
-    """The run folder."""
-    tokens: int
-    """Tokens trained on in total."""
-    final_loss: list[float]
-    """Expected loss per position L = 1 … ctx at the end (nats)."""
-    final_gap: list[float]
-    """Expected KL from the true predictive distribution per position at the end (nats): the excess loss."""
-    optimum: list[float]
-    """h(L+1) per position (nats): the best achievable loss."""
-    checkpoints: list[int]
-    """Token counts of the saved checkpoints."""
-    resumed_from: int
-    """Tokens of the checkpoint the run resumed from (0: started fresh)."""
-    seconds: float
-    """Wall time of this call."""
+EvalSet = tuple[Int[Tensor, "m ctx"], Float[Tensor, " m"], Float[Tensor, "m ctx x"]]
+"""(tokens, weights summing to 1, true predictive distributions) of the exact evaluation."""
 
 
 def checkpoint_tokens(cfg: BeliefTrainConfig) -> list[int]:
@@ -148,22 +66,33 @@ def checkpoint_tokens(cfg: BeliefTrainConfig) -> list[int]:
     return sorted({min(math.ceil(t / per_step), cfg.steps) * per_step for t in wanted if t > 0} | {total})
 
 
-def checkpoint_dir(out: str | Path, tokens: int) -> Path:
-    return Path(out) / "checkpoints" / f"tokens_{tokens:09d}"
+def run_config(cfg: BeliefTrainConfig) -> JSONDict:
+    """The config that identifies a run (config.json's "config"): every field but those a resume may change."""
+    return {k: v for k, v in asdict(cfg).items() if k not in VOLATILE_FIELDS}
+
+
+def load_config(out: str | Path) -> BeliefTrainConfig:
+    """The config of the beliefs train run in OUT (its volatile fields at their defaults, `out` = OUT)."""
+    path = Path(out) / CONFIG
+    if not path.is_file():
+        raise InterplabError(f"{out} holds no beliefs train run (no {CONFIG}; `interplab beliefs train --out RUN` "
+                             "writes one)")
+    saved = read_json_object(str(path))
+    config = saved.get("config")
+    if saved.get("kind") != KIND or not isinstance(config, dict):
+        raise InterplabError(f"{path} is not a beliefs train run's config (kind {saved.get('kind')!r})")
+    names = {f.name for f in fields(BeliefTrainConfig)}
+    return BeliefTrainConfig(**{k: v for k, v in config.items() if k in names}, out=str(out))  # type: ignore[arg-type]
 
 
 def saved_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
-    """(tokens, folder) of every complete checkpoint (its progress.json written), in training order."""
-    found = []
-    for path in (Path(out) / "checkpoints").glob("tokens_*"):
-        if (path / "progress.json").is_file() and path.name[7:].isdigit():
-            found.append((int(path.name[7:]), path))
-    return sorted(found)
+    """(tokens, folder) of every complete checkpoint of the beliefs train run in OUT, in training order."""
+    per_step = load_config(out).tokens_per_step
+    return [(step * per_step, path) for step, path in saved_steps(out)]
 
 
-def build_model(cfg: BeliefTrainConfig, n_tokens: int) -> Any:
-    from interplab.models.toy import ToyConfig, ToyTransformer
-
+def build_model(cfg: BeliefTrainConfig, n_tokens: int) -> ToyTransformer:
+    """The untrained model `cfg` describes, reading `n_tokens` token ids."""
     toy = ToyConfig(n_layers=cfg.layers, d_model=cfg.d_model, n_heads=cfg.heads,
                     d_head=cfg.d_head or cfg.d_model // cfg.heads, d_mlp=cfg.d_mlp or 4 * cfg.d_model,
                     n_ctx=cfg.ctx, d_vocab=n_tokens, seed=cfg.seed)
@@ -180,11 +109,8 @@ def learning_rate(cfg: BeliefTrainConfig, step: int) -> float:
     return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def evaluation_set(process: Any, cfg: BeliefTrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def evaluation_set(process: Process, cfg: BeliefTrainConfig) -> EvalSet:
     """(tokens [m, ctx], weights [m] summing to 1, true predictive distributions [m, ctx, x]) for the exact loss."""
-    from interplab.beliefs.msp import all_sequences, belief_states
-    from interplab.beliefs.process import next_token_probabilities, sample
-
     if process.n_tokens ** cfg.ctx <= cfg.eval_sequences:
         tokens, probs = all_sequences(process, cfg.ctx)
         keep = probs > 0
@@ -196,8 +122,7 @@ def evaluation_set(process: Any, cfg: BeliefTrainConfig) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def expected_loss(model: Any, eval_set: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                  batch: int = 8192) -> tuple[list[float], list[float]]:
+def expected_loss(model: ToyTransformer, eval_set: EvalSet, batch: int = 8192) -> tuple[list[float], list[float]]:
     """(loss, gap) per position L (nats): E_w CE(P(· | η_L), q(· | w_≤L)) and E_w KL(P(· | η_L) ‖ q(· | w_≤L))."""
     tokens, weights, truth = eval_set
     ce = torch.zeros(tokens.shape[1], dtype=torch.float64)
@@ -210,127 +135,93 @@ def expected_loss(model: Any, eval_set: tuple[torch.Tensor, torch.Tensor, torch.
     return ce.tolist(), kl.tolist()
 
 
-def _check_config(out: Path, cfg: BeliefTrainConfig) -> dict[str, Any] | None:
-    """The previous train.json in OUT, or None; an error if it was written by a different config."""
-    path = out / "train.json"
-    if not path.is_file():
-        if saved_checkpoints(out):
-            raise InterplabError(f"{out} holds checkpoints but no train.json, so its config is unknown; "
-                                 "use a new --out")
-        return None
-    previous = json.loads(path.read_text())
-    old, new = previous.get("config", {}), asdict(cfg)
-    diff = [f"--{k.replace('_', '-')} {old.get(k)!r} → {new[k]!r}" for k in new
-            if k not in VOLATILE_FIELDS and old.get(k) != new[k]]
-    if diff:
-        raise InterplabError(f"{out} holds a run with a different config ({'; '.join(diff)}); use a new --out, or "
-                             "the same options to resume it")
-    return previous
-
-
 def train_beliefs(cfg: BeliefTrainConfig) -> TrainResult:
-    """Train (or resume, or find complete) the run `cfg` describes; see the module docstring."""
-    from tqdm.auto import tqdm
-
-    from interplab.beliefs.msp import myopic_entropy
-    from interplab.beliefs.process import make_process, sample
-    from interplab.fileio import write_url_atomic
-    from interplab.models.toy import ToyTransformer
-
+    """Train (or resume, or find complete) the run `cfg` describes; see the module docstring. `resumed_from` counts
+    steps (of cfg.tokens_per_step tokens)."""
     start = time.perf_counter()
     cfg.validate()
     process = make_process(cfg.process)
-    out = Path(cfg.out)
-    previous = _check_config(out, cfg)
-    if previous and not cfg.resume:
-        raise InterplabError(f"{out} already holds a run; pass --resume to continue it, or use a new --out")
+    with Run.open(cfg.out, KIND, run_config(cfg)) as run:
+        if run.status != "new" and not cfg.resume:
+            raise InterplabError(f"{run.out} already holds a run; pass --resume to continue it, or use a new --out")
+        if run.metrics is not None:
+            return TrainResult(run.out, run.metrics, cfg.steps, time.perf_counter() - start)
+        return _train(cfg, process, run, start)
+
+
+def _train(cfg: BeliefTrainConfig, process: Process, run: Run, start: float) -> TrainResult:
+    """The training of `train_beliefs` into the open run folder `run`."""
     # h(L+1) for L = 1..ctx: the model at position L predicts token L+1.
     optimum = myopic_entropy(process, cfg.ctx + 1, base=math.e)[1:].tolist()
-    model = build_model(cfg, process.n_tokens).to(cfg.device).train()
+    mean_optimum = sum(optimum) / len(optimum)
+    model = build_model(cfg, process.n_tokens).to(cfg.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    plan = checkpoint_tokens(cfg)
+    per_step, plan = cfg.tokens_per_step, set(checkpoint_tokens(cfg))
     eval_set = evaluation_set(process, cfg)
-    state: dict[str, Any] = {"loss_curve": [], "checkpoints": []}
-    resumed_from = 0
-    done = saved_checkpoints(out) if previous else []
-    if done:
-        resumed_from, path = done[-1]
-        loaded = ToyTransformer.load(path, device=cfg.device)
-        model.load_state_dict(loaded.state_dict())
-        model.train()
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=cfg.device, weights_only=True))
-        state = json.loads((path / "progress.json").read_text())
-    step = resumed_from // cfg.tokens_per_step
-    per_step = cfg.tokens_per_step
+    # window: the training losses since the last point of the loss curve (saved, so a resumed curve is the same)
+    state: JSONDict = {"loss_curve": [], "checkpoints": [], "window": [], "seconds": 0.0}
+    session = {"seconds_before": 0.0}
 
-    def save_checkpoint(tokens: int) -> None:
-        path = checkpoint_dir(out, tokens)
-        loss, gap = expected_loss(model.eval(), eval_set)
-        model.train()
-        state["checkpoints"].append({"tokens": tokens, "loss": loss, "gap": gap, "mean_gap": sum(gap) / len(gap),
-                                     "seconds": time.perf_counter() - start + state.get("seconds_before", 0.0)})
-        model.save(path)
-        buf = io.BytesIO()
-        torch.save(optimizer.state_dict(), buf)
-        write_url_atomic(str(path / "optimizer.pt"), buf.getvalue())
-        write_url_atomic(str(path / "progress.json"), json.dumps(state).encode())   # last: marks it complete
-        _write_summary(out, cfg, optimum, state, complete=tokens == plan[-1])
+    def seconds() -> float:
+        return session["seconds_before"] + time.perf_counter() - start
 
-    bar = tqdm(total=plan[-1], initial=step * per_step, unit="tok", unit_scale=True, disable=not cfg.progress,
-               desc=f"train {process.name}")
-    window: list[torch.Tensor] = []
-    state["seconds_before"] = state.get("checkpoints", [{}])[-1].get("seconds", 0.0) if done else 0.0
-    while step < cfg.steps:
+    def restore(saved: JSONDict) -> None:
+        state.update(saved)
+        session["seconds_before"] = float(saved["seconds"])  # type: ignore[arg-type]
+
+    def batch_loss(step: int) -> Tensor:
         batch = sample(process, cfg.batch_size, cfg.ctx + 1, seed=cfg.seed * 1_000_003 + step).to(cfg.device)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        logits = model(batch[:, :-1])
-        per_position = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        loss = per_position.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        window.append(per_position.detach().mean(0).cpu())
-        bar.update(per_step)
+        return torch.nn.functional.cross_entropy(model(batch[:, :-1]).transpose(1, 2), batch[:, 1:])
+
+    def after_step(step: int, loss: float) -> StepOutcome:
+        window, postfix = state["window"], None
+        assert isinstance(window, list) and isinstance(state["loss_curve"], list)
+        window.append(loss)
         if len(window) == cfg.log_every or step == cfg.steps:
-            mean = torch.stack(window).mean(0).double()
-            state["loss_curve"].append({"tokens": step * per_step, "loss": float(mean.mean()),
-                                        "gap": float(mean.mean()) - sum(optimum) / len(optimum)})
-            bar.set_postfix(loss=f"{float(mean.mean()):.4f}",
-                            gap=f"{float(mean.mean()) - sum(optimum) / len(optimum):+.4f}")
-            window = []
-        if step * per_step in plan:
-            save_checkpoint(step * per_step)
-    bar.close()
-    model.eval()
-    final = state["checkpoints"][-1]
-    model.save(out / "model")
-    _write_summary(out, cfg, optimum, state, complete=True)
-    return TrainResult(str(out), step * per_step, final["loss"], final["gap"], optimum,
-                       [c["tokens"] for c in state["checkpoints"]], resumed_from, time.perf_counter() - start)
+            mean = sum(window) / len(window)  # type: ignore[arg-type]
+            state["loss_curve"].append({"tokens": step * per_step, "loss": mean, "gap": mean - mean_optimum})
+            postfix = {"loss": f"{mean:.4f}", "gap": f"{mean - mean_optimum:+.4f}"}
+            state["window"] = []
+        if step * per_step not in plan:
+            return StepOutcome(postfix=postfix)
+        loss_l, gap = expected_loss(model.eval(), eval_set)
+        model.train()
+        assert isinstance(state["checkpoints"], list)
+        state["checkpoints"].append({"tokens": step * per_step, "loss": loss_l, "gap": gap,  # type: ignore[dict-item]
+                                     "mean_gap": sum(gap) / len(gap), "seconds": seconds()})
+        return StepOutcome(checkpoint=True, postfix=postfix)
 
+    def state_now() -> JSONDict:
+        return {**state, "seconds": seconds()}
 
-def _write_summary(out: Path, cfg: BeliefTrainConfig, optimum: list[float], state: dict[str, Any],
-                   complete: bool) -> None:
-    from interplab.fileio import write_url_atomic
-
-    last = state["checkpoints"][-1] if state["checkpoints"] else None
-    summary = {"config": asdict(cfg), "complete": complete, "tokens_per_step": cfg.tokens_per_step,
-               "optimum": optimum,
-               "optimum_note": "h(L+1) in nats at position L = 1..ctx (the model at L predicts token L+1); each "
-               "checkpoint's gap is E KL(true predictive || model) per position",
-               "final": last, "checkpoints": state["checkpoints"], "loss_curve": state["loss_curve"]}
-    write_url_atomic(str(out / "train.json"), (json.dumps(summary, indent=1) + "\n").encode())
+    done = train_loop(model, optimizer, run.out, steps=cfg.steps, learning_rate=lambda s: learning_rate(cfg, s),
+                      batch_loss=batch_loss, after_step=after_step, state=state_now, restore=restore,
+                      progress=cfg.progress, desc=f"train {process.name}")
+    model.save(Path(run.out) / "model")
+    checkpoints = state["checkpoints"]
+    assert isinstance(checkpoints, list)
+    run.write_metrics({
+        "tokens": done.steps * per_step, "tokens_per_step": per_step, "optimum": optimum,
+        "optimum_note": "h(L+1) in nats at position L = 1..ctx (the model at L predicts token L+1); each "
+                        "checkpoint's gap is E KL(true predictive || model) per position",
+        "final": checkpoints[-1], "checkpoints": checkpoints, "loss_curve": state["loss_curve"],
+        "train_seconds": done.seconds})
+    assert run.metrics is not None
+    return TrainResult(run.out, run.metrics, done.resumed_from, time.perf_counter() - start)
 
 
 def format_summary(result: TrainResult) -> str:
+    """Per position: loss, optimum and gap at the end; then tokens, time, mean gap and the checkpoints."""
+    m = result.metrics
+    final, optimum, checkpoints = m["final"], m["optimum"], m["checkpoints"]
+    assert isinstance(final, dict) and isinstance(optimum, list) and isinstance(checkpoints, list)
+    loss, gap = final["loss"], final["gap"]
+    assert isinstance(loss, list) and isinstance(gap, list)
     lines = [f"{'L':>3} {'loss':>8} {'h(L+1)':>8} {'gap (KL)':>9}"]
-    lines += [f"{i:>3} {a:8.4f} {b:8.4f} {g:9.5f}"
-              for i, (a, b, g) in enumerate(zip(result.final_loss, result.optimum, result.final_gap), start=1)]
-    mean_gap = sum(result.final_gap) / len(result.final_gap)
-    resumed = f", resumed at {result.resumed_from:,} tokens" if result.resumed_from else ""
-    lines.append(f"trained {result.tokens:,} tokens into {result.out} in {result.seconds:.0f} s{resumed}; "
+    lines += [f"{i:>3} {a:8.4f} {b:8.4f} {g:9.5f}" for i, (a, b, g) in enumerate(zip(loss, optimum, gap), start=1)]
+    mean_gap = sum(gap) / len(gap)  # type: ignore[arg-type]
+    resumed = f", resumed at {result.resumed_from * m['tokens_per_step']:,} tokens" if result.resumed_from else ""
+    lines.append(f"trained {m['tokens']:,} tokens into {result.out} in {result.seconds:.0f} s{resumed}; "
                  f"mean gap to the optimum {mean_gap:+.5f} nats; checkpoints at "
-                 + ", ".join(f"{t:,}" for t in result.checkpoints))
+                 + ", ".join(f"{c['tokens']:,}" for c in checkpoints))  # type: ignore[index]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Feature dashboards in the browser.
 
-- data.py, stats.py, assemble.py: `DashboardConfig` and the one streaming pass over a corpus that computes every
+- configs.py: the commands' configs (`DashboardConfig`, `ServeConfig`, `NeuronpediaConfig`), standard library only.
+- data.py, stats.py, assemble.py: the one streaming pass over a corpus that computes every
   latent's statistics (frequency, histogram, top and quantile-bin examples, logit effects, correlated latents and
   neurons); store.py: the site's data files (JavaScript wrappers around JSON, so file:// pages can load them) and
   their Python readers.

@@ -6,12 +6,36 @@ loop over latents then only slices Python lists, so that tens of thousands of la
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
+from interplab.dashboard import store
+from interplab.dashboard.configs import DashboardConfig
+from interplab.dashboard.stats import LatentStats
+from interplab.models.tokens import ByteTokenizer
+
+if TYPE_CHECKING:  # for the annotation only, as in models.hooked
+    from transformers import PreTrainedTokenizerBase
+
 N_CORRELATED = 10
+
+
+def token_strings(tokenizer: PreTrainedTokenizerBase | ByteTokenizer, ids: np.ndarray) -> dict[int, str]:
+    """Readable text of each token id (leading spaces kept): decoded alone, raw (never HTML-escaped)."""
+    ids = sorted({int(i) for i in ids})
+    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    # the byte tokenizer has no pieces (and no word-start markers to restore)
+    pieces = (tokenizer.convert_ids_to_tokens(ids) if hasattr(tokenizer, "convert_ids_to_tokens")
+              else [None] * len(ids))
+    out = {}
+    for i, text, piece in zip(ids, texts, pieces):
+        # sentencepiece decoders drop the word-start marker of a lone token; put its space back
+        if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+            text = " " + text
+        out[i] = text
+    return out
 
 
 def round_sig(a: Any, digits: int = 4) -> np.ndarray:
@@ -47,7 +71,7 @@ def split(items: list, counts: np.ndarray) -> list[list]:
     return [items[s:e] for s, e in zip([0] + ends[:-1], ends)]
 
 
-def quantile_picks(stats: Any, max_act: np.ndarray, Q: int, m: int, T: int) -> tuple[np.ndarray, ...]:
+def quantile_picks(stats: LatentStats, max_act: np.ndarray, Q: int, m: int, T: int) -> tuple[np.ndarray, ...]:
     """The kept samples shown per (latent, quantile bin): (latent, bin, sample slot) arrays sorted by latent, bin
     and random priority; at most m per bin, one per context. Bin j of latent i is (j/Q, (j+1)/Q] × max_act[i]."""
     d = stats.d_sae
@@ -73,12 +97,10 @@ def _pair_lists(ids: np.ndarray, r: np.ndarray) -> list[list[list]]:
     return [[[i, x] for i, x in zip(a, b) if x == x] for a, b in zip(ids.tolist(), round_sig(r).tolist())]
 
 
-def assemble(cfg: Any, stats: Any, logits: dict | None, contexts: torch.Tensor, tokenizer: Any,
+def assemble(cfg: DashboardConfig, stats: LatentStats, logits: dict[str, torch.Tensor] | None,
+             contexts: torch.Tensor, tokenizer: PreTrainedTokenizerBase | ByteTokenizer,
              info: dict[str, Any]) -> tuple[dict, dict, Iterator[list[dict]]]:
     """(meta, index, generator of chunks of latent objects) in the layout of `interplab.dashboard.store`."""
-    from interplab.dashboard import store
-    from interplab.dashboard.data import token_strings
-
     d, T, n = stats.d_sae, contexts.shape[1], stats.n_tokens
     before, after = cfg.window
     Q, m, K = cfg.quantile_bins, cfg.quantile_examples, cfg.top_k

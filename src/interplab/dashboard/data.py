@@ -1,6 +1,7 @@
 """The data of a feature dashboard, computed in one streaming pass over a corpus: `build_dashboard_data`.
 
-    from interplab.dashboard.data import DashboardConfig, build_dashboard_data
+    from interplab.dashboard.configs import DashboardConfig
+    from interplab.dashboard.data import build_dashboard_data
     build_dashboard_data(DashboardConfig(sae="saes/topk-k32", tokens=200_000, out="site"))   # writes site/data/
 
 The pass reads `cfg.tokens` tokens of the corpus in contexts of `ctx_len` through the model up to the SAE's hook
@@ -20,85 +21,45 @@ the sampled firing); `context` is the context's index in the stream read and `po
 
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING, Any, Iterator
 
-import numpy as np
 import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
 
+from interplab.config import DEFAULT_MODEL
+from interplab.dashboard import store
+from interplab.dashboard.assemble import assemble
+from interplab.dashboard.configs import DashboardConfig
+from interplab.dashboard.stats import LatentStats, logit_effects
+from interplab.data.corpus import iter_contexts
 from interplab.errors import InterplabError
+from interplab.models.hooked import HookedModel
+from interplab.models.hooks import parse_block_hook
+from interplab.models.tokens import ByteTokenizer
+from interplab.sae.base import SparseAutoencoder
+from interplab.sae.loading import load_sae_and_model
+from interplab.weights.extract import mlp_weights, normalize, unembedding
 
-DEFAULT_MODEL = "smollm2-135m"
+if TYPE_CHECKING:  # for the annotation only, as in models.hooked
+    from transformers import PreTrainedTokenizerBase
+
 N_TOP_LOGITS = 10
 MAX_CORRELATED_LATENTS = 16384
 """Latent-latent correlations need the d_sae² co-occurrence matrix (float32: 1 GiB at 16,384 latents); larger
 dictionaries get no `corr_latents` (empty lists, meta "corr_latents": false)."""
 
 
-@dataclass
-class DashboardConfig:
-    """Build a feature dashboard for one SAE: per-latent statistics over a corpus, written as a static site."""
-
-    sae: str = ""
-    """Folder of the SAE (SAELens or sparsify layout)."""
-    model: str = ""
-    """Model spec (default: the model the SAE was trained on, from its cfg.json, else smollm2-135m)."""
-    hook: str = ""
-    """Hook point the SAE reads (default: the SAE's hook_name)."""
-    corpus: str = "python-docs"
-    """Corpus spec (see `interplab harvest --help`)."""
-    split: str = "train"
-    """Corpus split: train, test or all."""
-    tokens: int = 200_000
-    """Tokens to read (rounded up to whole contexts)."""
-    ctx_len: int = 128
-    """Tokens per context."""
-    batch_size: int = 32
-    """Contexts per forward pass."""
-    top_k: int = 20
-    """Top-activating examples per latent (from distinct contexts)."""
-    window: list[int] = field(default_factory=lambda: [12, 4])
-    """Tokens shown before and after an example's token: before,after."""
-    quantile_bins: int = 5
-    """Activation intervals per latent, (0, 1/n], ..., ((n-1)/n, 1] times its max, each with sampled examples."""
-    quantile_examples: int = 5
-    """Random examples per activation interval."""
-    chunk_size: int = 256
-    """Latents per data file."""
-    neurons: bool = True
-    """Also correlate every latent with the MLP neurons of the SAE's layer (blocks.L.mlp.hook_post)."""
-    out: str = "dashboard"
-    """Site folder; the data goes to OUT/data/."""
-    seed: int = 0
-    """Seed of the corpus order and of the quantile samples."""
-    device: str | None = None
-    """Device to run on (default: cuda if available, else cpu)."""
-
-    def validate(self) -> None:
-        if not self.sae:
-            raise InterplabError("--sae is required: the folder of a saved SAE")
-        for name, minimum in (("tokens", 1), ("ctx_len", 2), ("batch_size", 1), ("top_k", 1),
-                              ("quantile_bins", 1), ("quantile_examples", 1), ("chunk_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise InterplabError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
-        w = self.window
-        if len(w) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in w):
-            raise InterplabError(f"--window must be two integers >= 0 (tokens before,after), got {w!r}")
-        if self.split not in ("train", "test", "all"):
-            raise InterplabError(f"--split {self.split!r} is not valid; valid: train, test, all")
-
-
 # ---- inputs ---------------------------------------------------------------------------------------------------
-def collect_contexts(cfg: DashboardConfig, tokenizer: Any) -> torch.Tensor:
+def collect_contexts(cfg: DashboardConfig, tokenizer: PreTrainedTokenizerBase | ByteTokenizer,
+                     ) -> Int[torch.Tensor, "n_contexts ctx_len"]:
     """The first ceil(tokens / ctx_len) contexts of the corpus, int32 [n_contexts, ctx_len] on the CPU."""
-    from interplab.data import iter_contexts
-
     want = -(-cfg.tokens // cfg.ctx_len)
     out = []
-    for ctx in iter_contexts(cfg.corpus, tokenizer, cfg.ctx_len, split=cfg.split, seed=cfg.seed):
+    for ctx in iter_contexts(cfg.corpus, tokenizer, cfg.ctx_len, split=cfg.split, seed=cfg.seed,
+                             test_fraction=cfg.test_fraction):
         out.append(ctx)
         if len(out) == want:
             break
@@ -107,16 +68,17 @@ def collect_contexts(cfg: DashboardConfig, tokenizer: Any) -> torch.Tensor:
     return torch.stack(out).to(torch.int32)
 
 
-def neuron_hook(model: Any, hook: str) -> str | None:
+def neuron_hook(model: HookedModel, hook: str) -> str | None:
     """`blocks.L.mlp.hook_post` of the block holding `hook`, or None (no block, or no MLP)."""
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    name = f"blocks.{m.group(1)}.mlp.hook_post" if m else None
+    parsed = parse_block_hook(hook)
+    name = f"blocks.{parsed[0]}.mlp.hook_post" if parsed else None
     return name if name and model.info.d_mlp and name in model.hook_names else None
 
 
 @torch.no_grad()
-def read_batch(model: Any, sae: Any, hook: str, tokens: torch.Tensor,
-               mlp_hook: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def read_batch(model: HookedModel, sae: SparseAutoencoder, hook: str, tokens: Int[torch.Tensor, "batch pos"],
+               mlp_hook: str | None = None,
+               ) -> tuple[Float[torch.Tensor, "batch pos d_sae"], Float[torch.Tensor, "batch pos d_mlp"] | None]:
     """(SAE codes [batch, pos, d_sae], MLP neurons [batch, pos, d_mlp] or None) of a batch of contexts; the
     forward pass stops after the later of the two hooks."""
     names = [hook] + ([mlp_hook] if mlp_hook else [])
@@ -125,7 +87,8 @@ def read_batch(model: Any, sae: Any, hook: str, tokens: torch.Tensor,
     return codes, (cache[mlp_hook] if mlp_hook else None)
 
 
-def logit_directions(model: Any, sae: Any, hook: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def logit_directions(model: HookedModel, sae: SparseAutoencoder, hook: str,
+                     ) -> tuple[Float[torch.Tensor, "d_sae d_model"], Float[torch.Tensor, "d_model d_vocab"]] | None:
     """(what each latent adds to the residual stream [d_sae, d_model], W_U [d_model, d_vocab]) or None.
 
     W_U is the unembedding with the final norm's scale folded in (`weights.extract.unembedding`), so W_dec W_U is
@@ -134,12 +97,11 @@ def logit_directions(model: Any, sae: Any, hook: str) -> tuple[torch.Tensor, tor
     over d_model, so the columns of W_U are centred: (d − mean(d)) · w = d · (w − mean(w)). Latents of an
     `mlp.hook_post` SAE write through the layer's W_out; other hooks whose width is not d_model get None.
     """
-    from interplab.weights.extract import mlp_weights, normalize, unembedding
-
     W_dec = sae.W_dec.detach().float()
     d_model = model.info.d_model
-    if hook.endswith("mlp.hook_post"):
-        W_dec = W_dec @ mlp_weights(model, int(hook.split(".")[1]), fold_norm=False).W_out.to(W_dec)
+    block = parse_block_hook(hook)
+    if block is not None and block[1] == "mlp.hook_post":
+        W_dec = W_dec @ mlp_weights(model, block[0], fold_norm=False).W_out.to(W_dec)
     elif model.hook_dim(hook) != d_model or W_dec.shape[1] != d_model:
         return None
     W_U = unembedding(model)[0].to(W_dec)
@@ -149,49 +111,23 @@ def logit_directions(model: Any, sae: Any, hook: str) -> tuple[torch.Tensor, tor
     return W_dec, W_U
 
 
-def token_strings(tokenizer: Any, ids: np.ndarray) -> dict[int, str]:
-    """Readable text of each token id (leading spaces kept): decoded alone, raw (never HTML-escaped)."""
-    ids = sorted({int(i) for i in ids})
-    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    out = {}
-    for i, text, piece in zip(ids, texts, pieces):
-        # sentencepiece decoders drop the word-start marker of a lone token; put its space back
-        if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
-            text = " " + text
-        out[i] = text
-    return out
-
-
 # ---- the build ------------------------------------------------------------------------------------------------
-def build_dashboard_data(cfg: DashboardConfig, *, model: Any = None, sae: Any = None) -> dict[str, Any]:
-    """Run the pass, compute every latent's data and write `cfg.out`/data/; return a summary with timings."""
-    from tqdm.auto import tqdm
+def build_dashboard_data(cfg: DashboardConfig, *, model: HookedModel | None = None,
+                         sae: SparseAutoencoder | None = None) -> dict[str, Any]:
+    """Run the pass, compute every latent's data and write `cfg.out`/data/; return a summary with timings.
 
-    from interplab.dashboard import store
-    from interplab.dashboard.stats import LatentStats, logit_effects
-    from interplab.models.load import load_model
-    from interplab.sae import load_sae
-
+    `model` and `sae`, when given, are used instead of loading `cfg.model` and `cfg.sae` (which then only label)."""
     if sae is not None and not cfg.sae:
         cfg = replace(cfg, sae="(in memory)")
     cfg.validate()
     t_start = time.perf_counter()
-    sae = sae if sae is not None else load_sae(cfg.sae)
-    spec = cfg.model or sae.cfg.model or DEFAULT_MODEL
-    model = model if model is not None else load_model(spec, device=cfg.device)
-    hook = cfg.hook or sae.cfg.hook_name
-    if not hook:
-        raise InterplabError(f"the SAE at {cfg.sae} names no hook (cfg.json hook_name); pass --hook")
-    model.check_hook_names([hook])
-    if model.hook_dim(hook) != sae.cfg.d_in:
-        raise InterplabError(f"the SAE reads d_in={sae.cfg.d_in} but {hook} of {spec} has width "
-                             f"{model.hook_dim(hook)}; pass the model and hook the SAE was trained on")
+    loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device, loaded_sae=sae, loaded_model=model,
+                                default_model=DEFAULT_MODEL)
+    sae, model, hook, spec = loaded
     if cfg.ctx_len > model.info.n_ctx:
         raise InterplabError(f"--ctx-len {cfg.ctx_len} exceeds the model's context length {model.info.n_ctx}")
     if model.tokenizer is None:
         raise InterplabError(f"{spec} has no tokenizer; the dashboard needs one to read a corpus")
-    sae = sae.to(model.device).eval()
     mlp_hook = neuron_hook(model, hook) if cfg.neurons else None
     contexts = collect_contexts(cfg, model.tokenizer)
     n_ctx, T = contexts.shape
@@ -215,8 +151,6 @@ def build_dashboard_data(cfg: DashboardConfig, *, model: Any = None, sae: Any = 
     t_pass = time.perf_counter()
     directions = logit_directions(model, sae, hook)
     logits = logit_effects(*directions, n_top=N_TOP_LOGITS) if directions is not None else None
-    from interplab.dashboard.assemble import assemble
-
     meta, index, chunks = assemble(cfg, stats, logits, contexts, model.tokenizer,
                                    info={"sae": cfg.sae, "model": spec, "hook": hook,
                                          "neuron_hook": mlp_hook})

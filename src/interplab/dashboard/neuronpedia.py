@@ -48,42 +48,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from interplab.dashboard import store
+from interplab.dashboard.configs import LAYOUTS, NeuronpediaConfig
 from interplab.errors import InterplabError
 from interplab.fileio import join, write_url_atomic
+from interplab.models.hooks import parse_block_hook
 
-LAYOUTS = ("export", "saedashboard", "both")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-
-
-@dataclass
-class NeuronpediaConfig:
-    """Export a dashboard site's data to Neuronpedia's upload/import layout."""
-
-    site: str = "dashboard"
-    """Dashboard site folder (written by `interplab dashboard build`)."""
-    out: str = "neuronpedia"
-    """Output folder."""
-    layout: str = "export"
-    """export (Neuronpedia's export/import layout: MODEL/SOURCE/{features,activations}/*.jsonl.gz + *.jsonl),
-    saedashboard (SAEDashboard NeuronpediaRunner batch-N.json files), or both."""
-    model_id: str = ""
-    """Neuronpedia model id, e.g. smollm2-135m (default: the dashboard's model spec, if it is a valid id)."""
-    source_set: str = "interplab-res"
-    """Neuronpedia source set name (no layer number: the source id is <layer>-<source_set>)."""
-    layer: int | None = None
-    """Layer number of the source id (default: read from the hook name, blocks.<layer>.)."""
-    description: str = ""
-    """Source set description shown on Neuronpedia (default: the hook name and width)."""
-    release: str = ""
-    """Release id (default: the source set name)."""
-    creator_name: str = "interplab"
-    """Creator name written to the release and source set."""
-    creator_id: str = ""
-    """Neuronpedia user id written as creatorId (an importing instance may require an existing user's id)."""
-    url: str = ""
-    """URL of the paper or weights, written to the release."""
-    features_per_batch: int = 128
-    """Features per batch file."""
 
 
 @dataclass
@@ -101,8 +72,8 @@ def _bin_centres(edges: list[float]) -> list[float]:
 
 
 def _layer_of(hook: str) -> int | None:
-    m = re.match(r"^blocks\.(\d+)\.", hook or "")
-    return int(m.group(1)) if m else None
+    parsed = parse_block_hook(hook or "")
+    return parsed[0] if parsed else None
 
 
 def _context(cfg: NeuronpediaConfig, meta: dict) -> _Context:
@@ -200,8 +171,6 @@ def export_rows(feature: dict, ctx: _Context) -> tuple[dict, list[dict]]:
 
 
 def _batches(site: str, meta: dict, size: int) -> Iterator[list[dict]]:
-    from interplab.dashboard import store
-
     batch: list[dict] = []
     for latent in store.iter_latents(site):
         batch.append(latent)
@@ -240,8 +209,6 @@ def _metadata_rows(cfg: NeuronpediaConfig, ctx: _Context) -> dict[str, dict]:
 
 def export_neuronpedia(cfg: NeuronpediaConfig) -> dict[str, Any]:
     """Write the site's latents in the chosen layout(s); return counts and paths."""
-    from interplab.dashboard import store
-
     meta = store.load_meta(cfg.site)
     ctx = _context(cfg, meta)
     export_dir = join(join(cfg.out, ctx.model_id), ctx.source_id)

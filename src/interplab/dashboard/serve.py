@@ -15,32 +15,13 @@ import os
 import shutil
 import socket
 import sys
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from interplab.dashboard.configs import ServeConfig
 from interplab.errors import InterplabError
-
-
-@dataclass
-class ServeConfig:
-    """Serve a static dashboard folder over HTTP."""
-
-    site: str = "dashboard"
-    """The dashboard folder (written by `interplab dashboard build`)."""
-    host: str = "127.0.0.1"
-    """Address to bind. Only loopback by default; any other address exposes the site to the network."""
-    port: int = 8000
-    """Port to listen on (0: any free port)."""
-
-    def validate(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise InterplabError(f"--port {self.port} is not a port: use 0..65535 (0 picks a free one)")
-        if not (Path(self.site) / "index.html").is_file():
-            raise InterplabError(f"{self.site} is not a dashboard folder (no index.html); build one with "
-                                 "`interplab dashboard build --out SITE`")
 
 
 # Served with every file: no sniffing a .js as something else, no inline or foreign scripts (the pages need none:

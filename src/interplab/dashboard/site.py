@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from interplab.dashboard.configs import DashboardConfig
+from interplab.dashboard.data import build_dashboard_data
 from interplab.errors import InterplabError
 from interplab.fileio import join, write_url_atomic
-
-if TYPE_CHECKING:
-    from interplab.dashboard.data import DashboardConfig
+from interplab.models.hooked import HookedModel
+from interplab.sae.base import SparseAutoencoder
 
 ASSETS = Path(__file__).parent / "assets"
 """The page files shipped with the package (package data `dashboard/assets/*`)."""
@@ -56,15 +57,14 @@ def site_index(site: str) -> str:
     return join(site, "index.html")
 
 
-def build_site(cfg: DashboardConfig, *, model: Any = None, sae: Any = None) -> dict[str, Any]:
+def build_site(cfg: DashboardConfig, *, model: HookedModel | None = None,
+               sae: SparseAutoencoder | None = None) -> dict[str, Any]:
     """Compute the dashboard data for `cfg.sae` into `cfg.out`/data/, then write the pages beside it.
 
     `model` and `sae`, when given, are used instead of loading `cfg.model` and `cfg.sae` (e.g. by `interplab demo`,
     which holds both already). Returns the data builder's summary plus "index" (the index.html to open) and
     "assets" (the page files).
     """
-    from interplab.dashboard.data import build_dashboard_data
-
     summary = dict(build_dashboard_data(cfg, model=model, sae=sae))
     summary["assets"] = write_assets(cfg.out)
     summary["index"] = site_index(cfg.out)

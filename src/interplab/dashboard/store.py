@@ -27,6 +27,8 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from fsspec import AbstractFileSystem
+
 from interplab.errors import InterplabError
 from interplab.fileio import join, open_url, read_url, write_url_atomic
 
@@ -146,7 +148,8 @@ def _check_chunk(chunk: int, latents: Sequence[Mapping[str, Any]], meta: Mapping
         )
 
 
-def _iter_chunks(latents_by_chunk: Any) -> Iterator[Sequence[Mapping[str, Any]]]:
+def _iter_chunks(latents_by_chunk: Iterable[Sequence[Mapping[str, Any]]] | Mapping[int, Sequence[Mapping[str, Any]]],
+                 ) -> Iterator[Sequence[Mapping[str, Any]]]:
     if isinstance(latents_by_chunk, Mapping):
         for c in sorted(latents_by_chunk):
             yield latents_by_chunk[c]
@@ -196,7 +199,7 @@ def write_site_data(
     return meta
 
 
-def _remove_stale_chunks(fs: Any, out_path: str, n_chunks: int) -> None:
+def _remove_stale_chunks(fs: AbstractFileSystem, out_path: str, n_chunks: int) -> None:
     fs.invalidate_cache(out_path)
     for entry in fs.ls(out_path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]

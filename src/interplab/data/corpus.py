@@ -11,17 +11,16 @@ from __future__ import annotations
 import hashlib
 import numbers
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Int
 
 from interplab.data.files import is_saved_dataset, read_path, read_saved_dataset
-from interplab.data.packing import pack_tokens
+from interplab.data.packing import Tokenizer, pack_tokens
 from interplab.data.python_docs import python_docs_documents
 from interplab.errors import InterplabError
-
-if TYPE_CHECKING:
-    import torch
 
 _VALID_SPECS = (
     "'python-docs' (built in, offline), a .txt/.jsonl/.parquet file or a folder of them, "
@@ -65,7 +64,7 @@ def iter_documents(
 
 def iter_contexts(
     corpus: str,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     ctx_len: int,
     *,
     split: str = "train",
@@ -73,7 +72,7 @@ def iter_contexts(
     test_fraction: float = 0.05,
     text_field: str = "text",
     prepend_bos: bool | None = None,
-) -> Iterator[torch.Tensor]:
+) -> Iterator[Int[torch.Tensor, " ctx_len"]]:
     """Packed int64 contexts of shape [ctx_len] from a corpus: `iter_documents` followed by `pack_tokens`."""
     docs = iter_documents(corpus, split=split, test_fraction=test_fraction, seed=seed, text_field=text_field)
     return pack_tokens(docs, tokenizer, ctx_len, prepend_bos=prepend_bos)
@@ -129,7 +128,7 @@ def _iter_hub(corpus: str, *, split: str, test_fraction: float, seed: int, text_
     config = parts[1] if len(parts) > 1 and parts[1] else None  # 'hf:NAME::SPLIT' leaves the config at its default
     hub_split = parts[2] if len(parts) > 2 and parts[2] else "train"
 
-    import datasets
+    import datasets  # heavy (~0.6 s) and needed by hub corpora only: the package promises a light import
 
     try:
         dataset = datasets.load_dataset(name, config, split=hub_split, streaming=True)
@@ -143,7 +142,7 @@ def _iter_hub(corpus: str, *, split: str, test_fraction: float, seed: int, text_
 
 
 def _hub_documents(
-    rows: Iterable[dict[str, Any]], corpus: str, *, split: str, test_fraction: float, text_field: str
+    rows: Iterable[Mapping[str, object]], corpus: str, *, split: str, test_fraction: float, text_field: str
 ) -> Iterator[str]:
     for row in rows:
         if text_field not in row:

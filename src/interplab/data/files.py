@@ -52,7 +52,7 @@ def read_file(path: Path, text_field: str) -> list[str]:
 
 def read_saved_dataset(folder: Path, text_field: str, dataset_split: str | None) -> list[str]:
     """Documents of a `save_to_disk` folder; for a DatasetDict, of `dataset_split` (default 'train')."""
-    import datasets
+    import datasets  # heavy (~0.6 s) and needed by saved datasets only: the package promises a light import
 
     try:
         dataset = datasets.load_from_disk(str(folder))
@@ -110,6 +110,7 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
 
 
 def _read_parquet(path: Path, text_field: str) -> list[str]:
+    # Needed by .parquet files only; imported here like `datasets`, which the package does not import up front.
     import pyarrow
     import pyarrow.parquet as pq
 

@@ -14,22 +14,33 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 import torch
+from jaxtyping import Int
 
 from interplab.errors import InterplabError
 
 
+class Tokenizer(Protocol):
+    """What packing needs of a tokenizer: a Hugging Face (fast) tokenizer, or interplab's byte tokenizer. Its
+    optional `bos_token_id` and `eos_token_id` set BOS and the separator."""
+
+    def __call__(self, texts: list[str], *, add_special_tokens: bool, return_attention_mask: bool,
+                 verbose: bool) -> Mapping[str, Sequence[Sequence[int]]]:
+        """Token ids of each text, under "input_ids"."""
+        ...
+
+
 def pack_tokens(
     docs: Iterable[str],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     ctx_len: int,
     *,
     prepend_bos: bool | None = None,
     docs_per_batch: int = 256,
-) -> Iterator[torch.Tensor]:
+) -> Iterator[Int[torch.Tensor, " ctx_len"]]:
     """Yield int64 tensors of shape [ctx_len]: the packed token stream, no padding.
 
     Args:
@@ -62,7 +73,7 @@ def _is_int(value: object) -> bool:
 
 
 def _token_stream(
-    docs: Iterable[str], tokenizer: Any, separator: int | None, docs_per_batch: int
+    docs: Iterable[str], tokenizer: Tokenizer, separator: int | None, docs_per_batch: int
 ) -> Iterator[list[int]]:
     """The stream in pieces: one list of token ids per batch of documents, separators included."""
     docs = iter(docs)

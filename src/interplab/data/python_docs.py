@@ -25,6 +25,8 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pydoc_data.topics import topics
+
 from interplab.fileio import write_url_atomic
 
 MIN_DOCSTRING_CHARS = 200
@@ -77,8 +79,6 @@ def load_or_build(path: Path, build: Callable[[], list[str]]) -> list[str]:
 
 def build_python_docs() -> list[str]:
     """Extract the corpus from scratch (a few seconds): pydoc topics, then stdlib docstrings, duplicates dropped."""
-    from pydoc_data.topics import topics
-
     docs = [topics[name] for name in sorted(topics)]
     for source_file in _stdlib_sources(Path(sysconfig.get_paths()["stdlib"])):
         docs.extend(_docstrings(source_file))

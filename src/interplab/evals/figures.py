@@ -13,8 +13,10 @@ import posixpath
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from interplab.errors import InterplabError
+from interplab.fileio import read_url
 from interplab.plotting import new_figure, num, save_figure
 
 KL_FLOOR = 1e-8
@@ -25,8 +27,7 @@ _COLORS = {"sae": "tab:red", "epsilon_random": "tab:blue", "sae_norm_patch": "ta
 _LABELS = {"sae": "SAE", "epsilon_random": "ε-random", "sae_norm_patch": "SAE-norm patch"}
 
 
-
-def kl_histograms(kl_by_variant: Mapping[str, Any], path: str, bins: int = 60) -> str:
+def kl_histograms(kl_by_variant: Mapping[str, np.ndarray], path: str, bins: int = 60) -> str:
     """Overlaid log-x histograms of per-token KL(clean ‖ variant), one per variant (SAE, ε-random, SAE-norm patch...),
     with each variant's mean as a dashed line. Values below KL_FLOOR are drawn at KL_FLOOR."""
     fig, ax = new_figure(7, 4.5)
@@ -68,7 +69,7 @@ def kl_gap_vs_frequency(bins: Sequence[Mapping[str, Any]], path: str, corr: floa
         x = np.array([num(b.get("log10_freq_mean", None)) if b.get("log10_freq_mean") is not None
                       else (num(b["log10_freq_lo"]) + num(b["log10_freq_hi"])) / 2 for b in rows])
         y = np.array([num(b["mean_gap"]) for b in rows])
-        e = np.nan_tonum(np.array([num(b.get("sem_gap")) for b in rows]), nan=0.0)
+        e = np.nan_to_num(np.array([num(b.get("sem_gap")) for b in rows]), nan=0.0)
         ax.errorbar(x, y, yerr=e, fmt="o-", capsize=4, color="tab:purple", label="mean gap ± SEM")
         for xi, yi, b in zip(x, y, rows):
             ax.annotate(f"n={b['n_tokens']:,}", (xi, yi), textcoords="offset points", xytext=(0, 8), ha="center",
@@ -109,8 +110,6 @@ def pareto(points: Sequence[Mapping[str, Any]], path: str) -> str:
                     label="without massive-norm tokens")
             ax.legend(fontsize=8)
         if shown and min(p[0] for p in shown) > 0:
-            from matplotlib.ticker import NullFormatter, ScalarFormatter
-
             ax.set_xscale("log")
             ax.set_xticks(sorted({p[0] for p in shown}))  # a sweep rarely spans a decade: tick the SAEs' own L0s
             ax.xaxis.set_major_formatter(ScalarFormatter())  # 16, 64 rather than 1.6×10¹
@@ -143,8 +142,6 @@ def point_from_metrics(result: Mapping[str, Any], label: str | None = None) -> d
 
 def pareto_from_metrics(paths: Sequence[str], out_png: str) -> str:
     """Read several metrics.json files written by `interplab sae eval --out` and draw their Pareto plot."""
-    from interplab.fileio import read_url
-
     points = []
     for p in paths:
         data = read_url(p)

@@ -24,7 +24,7 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -32,81 +32,34 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interplab.data.corpus import iter_contexts
 from interplab.errors import InterplabError
+from interplab.evals.configs import TARGET_KINDS, PerturbConfig
 from interplab.evals.controls import error_covariance_factor, random_unit_vectors
 from interplab.evals.metrics import kl_per_token
+from interplab.evals.perturb_figures import perturbation_curves
 from interplab.evals.perturb_stats import curve_summary, plateau_summary
+from interplab.fileio import join, write_url_atomic
 from interplab.models.hooked import HookedModel, Prefix
 from interplab.models.hooks import parse_block_hook
+from interplab.models.load import load_model
+from interplab.sae.base import SparseAutoencoder
+from interplab.sae.loading import load_sae_and_model
 
-TARGET_KINDS = ("isotropic", "mean_cov", "real", "sae_decoder")
+__all__ = ["STARTS", "format_summary", "perturbation_sweep"]
+
 STARTS = ("real", "synthetic")
 
 
-@dataclass
-class PerturbConfig:
-    """Move real activations toward targets; record KL and a later layer's change along the way (plateaus)."""
-
-    model: str = "smollm2-135m"
-    """Model spec: 'smollm2-135m', a .gguf file, a local HF or toy-model folder, or an HF hub id."""
-    hook: str = "blocks.6.hook_resid_post"
-    """Hook point whose activation (at the last position of each context) is perturbed."""
-    sae: str | None = None
-    """SAE folder whose decoder rows give the sae_decoder directions (must be trained at --hook)."""
-    targets: list[str] = field(default_factory=lambda: list(TARGET_KINDS))
-    """Target kinds: isotropic, mean_cov, real, sae_decoder (the last needs --sae; skipped with a note without)."""
-    corpus: str = "python-docs"
-    """Text corpus (see `interplab harvest --help`)."""
-    split: str = "test"
-    """Corpus split: test (held out, the default), train or all."""
-    test_fraction: float = 0.05
-    """Share of documents held out as the test split (decided by a hash of each text)."""
-    n_contexts: int = 64
-    """Contexts, i.e. perturbed activations (pairs) per target kind and start."""
-    ctx_len: int = 32
-    """Tokens per context (BOS included); the last position is perturbed."""
-    batch_size: int = 16
-    """Contexts per suffix pass."""
-    n_steps: int = 21
-    """Step lengths per path, evenly from 0 to --max-step (>= 2)."""
-    max_step: float = 1.0
-    """Longest step, in units of the median ‖x‖ of the sampled non-BOS activations (recorded as step_unit)."""
-    kl_threshold: float = 0.1
-    """KL (nats) whose first crossing marks the end of a pair's plateau."""
-    later_hook: str | None = None
-    """Later hook whose change is measured (default: the last block's hook_resid_post, else ln_final)."""
-    seed: int = 0
-    """Seed of the corpus shuffle, the synthetic activations and the random directions."""
-    device: str | None = None
-    """Device to run on (default: cuda if available, else cpu)."""
-    out: str | None = None
-    """Where to write the result JSON (local path or fsspec URL); not written if omitted."""
-    figures: str | None = None
-    """Folder to write perturbation_curves.png to; none if omitted."""
-
-
 # ---- input checks, all before the first forward pass -----------------------------------------------------------
-def _check_config(cfg: PerturbConfig, has_sae: bool) -> list[str]:
-    """Model-free checks; return the target kinds to run (sae_decoder dropped, with a note, without an SAE)."""
-    unknown = [k for k in cfg.targets if k not in TARGET_KINDS]
-    if unknown:
-        raise InterplabError(f"unknown target kind(s) {unknown}; valid kinds: {', '.join(TARGET_KINDS)}")
+def _kinds_to_run(cfg: PerturbConfig, has_sae: bool) -> list[str]:
+    """The target kinds to run, each once (sae_decoder dropped, with a note, without an SAE)."""
     kinds = list(dict.fromkeys(cfg.targets))  # dedupe, keep order
     if "sae_decoder" in kinds and not has_sae:
         print("note: target sae_decoder skipped: it needs --sae")
         kinds.remove("sae_decoder")
     if not kinds:
         raise InterplabError(f"no target kinds to run; choose from {', '.join(TARGET_KINDS)}")
-    checks = [(cfg.n_steps >= 2, f"--n-steps must be >= 2 (0 and at least one step), got {cfg.n_steps}"),
-              (cfg.max_step > 0, f"--max-step must be > 0, got {cfg.max_step}"),
-              (cfg.kl_threshold > 0, f"--kl-threshold must be > 0, got {cfg.kl_threshold}"),
-              (cfg.n_contexts >= 2, f"--n-contexts must be >= 2 (real targets need another context), "
-                                    f"got {cfg.n_contexts}"),
-              (cfg.ctx_len >= 2, f"--ctx-len must be >= 2 (BOS plus the perturbed position), got {cfg.ctx_len}"),
-              (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")]
-    for ok, message in checks:
-        if not ok:
-            raise InterplabError(message)
     return kinds
 
 
@@ -116,11 +69,9 @@ def _layer(name: str) -> float:
     return parsed[0] if parsed else (math.inf if name.startswith("ln_final") else -1)
 
 
-def _resolve(cfg: PerturbConfig, model: HookedModel, sae: Any, kinds: list[str]) -> PerturbConfig:
+def _resolve(cfg: PerturbConfig, model: HookedModel, kinds: list[str]) -> PerturbConfig:
     """Model-dependent checks; fill in the later hook and the kinds actually run."""
-    model.check_hook_names([cfg.hook])
-    width = model.hook_dim(cfg.hook)
-    if width is None:
+    if model.hook_dim(cfg.hook) is None:  # hook_dim also checks the name
         raise InterplabError(f"cannot perturb {cfg.hook}: attention patterns are not one vector per token")
     later = cfg.later_hook
     if later is None:  # the last residual if it comes after the hook (it need not, e.g. at the last block)
@@ -132,12 +83,6 @@ def _resolve(cfg: PerturbConfig, model: HookedModel, sae: Any, kinds: list[str])
     # A later BLOCK (not just a later point in the same block): the suffix pass reaches it whatever the hook kind.
     if not _layer(later) > _layer(cfg.hook):
         raise InterplabError(f"--later-hook {later} must lie in a later layer than --hook {cfg.hook}")
-    if sae is not None:
-        if sae.cfg.d_in != width:
-            raise InterplabError(f"SAE d_in {sae.cfg.d_in} does not match the width {width} of {cfg.hook} in "
-                                 f"{model.info.spec}")
-        if sae.cfg.hook_name and sae.cfg.hook_name != cfg.hook:
-            raise InterplabError(f"the SAE was trained at {sae.cfg.hook_name}, not at --hook {cfg.hook}")
     if cfg.ctx_len > model.info.n_ctx:
         raise InterplabError(f"--ctx-len {cfg.ctx_len} is longer than {model.info.spec} allows ({model.info.n_ctx})")
     if model.tokenizer is None:
@@ -204,7 +149,8 @@ def sample_directions(kind: str, base: Float[Tensor, "n d"], gen: torch.Generato
     return (delta / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()
 
 
-def alive_decoder_directions(sae: Any, acts: Float[Tensor, "n d"], chunk: int = 1024) -> Float[Tensor, "k d"]:
+def alive_decoder_directions(sae: SparseAutoencoder, acts: Float[Tensor, "n d"],
+                             chunk: int = 1024) -> Float[Tensor, "k d"]:
     """Unit-normalised W_dec rows of the latents that fire (≠ 0) on at least one row of `acts`."""
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=acts.device)
     for rows in acts.split(chunk):  # chunks: [n, d_sae] at once can be large
@@ -269,7 +215,7 @@ class Sweep(NamedTuple):
 @torch.no_grad()
 def sweep(model: HookedModel, prefixes: Sequence[Prefix], base: Float[Tensor, "n d"],
           directions: Float[Tensor, "n d"], steps: Float[Tensor, " s"] | Float[Tensor, "n s"], later_hook: str, *,
-          references: Sequence[Reference] | None = None, bar: Any = None) -> Sweep:
+          references: Sequence[Reference] | None = None, bar: tqdm | None = None) -> Sweep:
     """KL and later-layer change along x' = x + s·d̂ for every pair (row) and step s (absolute units).
 
     `prefixes` hold the contexts in order (their batch sizes sum to n); row i of `base` is spliced at the last
@@ -301,15 +247,15 @@ def sweep(model: HookedModel, prefixes: Sequence[Prefix], base: Float[Tensor, "n
     return Sweep(kl, l2, later_norm)
 
 
-def _seed(*parts: Any) -> int:
+def _seed(*parts: object) -> int:
     """A generator seed per purpose, stable across runs and independent of which other kinds run."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
 # ---- the command ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def perturbation_sweep(cfg: PerturbConfig, *, model: HookedModel | None = None, sae: Any = None,
-                       progress: bool = True) -> dict[str, Any]:
+def perturbation_sweep(cfg: PerturbConfig, *, model: HookedModel | None = None,
+                       sae: SparseAutoencoder | None = None, progress: bool = True) -> dict[str, Any]:
     """Run every (target kind, start) sweep and return the JSON-able result (also written to cfg.out, and the figure
     to cfg.figures, if set). `model` and `sae` may be passed already loaded (cfg.model / cfg.sae then only label).
 
@@ -318,18 +264,15 @@ def perturbation_sweep(cfg: PerturbConfig, *, model: HookedModel | None = None, 
         curves[kind][start]         start ∈ {real, synthetic}: "kl", "l2", "l2_relative", each {mean, sem, p10..p90}
         plateau[kind][start]        plateau_summary: median, mean ± sem over crossing pairs, fraction_never_crossing
     """
-    from interplab.data import iter_contexts
-
-    kinds = _check_config(cfg, has_sae=sae is not None or bool(cfg.sae))
-    if sae is None and cfg.sae:
-        from interplab.sae import load_sae
-
-        sae = load_sae(cfg.sae)
-    if model is None:
-        from interplab.models import load_model
-
+    cfg.validate()
+    kinds = _kinds_to_run(cfg, has_sae=sae is not None or bool(cfg.sae))
+    if sae is not None or cfg.sae:  # the SAE must read --hook of this model
+        loaded = load_sae_and_model(cfg.sae or "", cfg.model, cfg.hook, cfg.device, loaded_sae=sae,
+                                    loaded_model=model, same_hook=True)
+        sae, model = loaded.sae, loaded.model
+    elif model is None:
         model = load_model(cfg.model, device=cfg.device)
-    cfg = _resolve(cfg, model, sae, kinds)
+    cfg = _resolve(cfg, model, kinds)
     later_hook = cfg.later_hook
     assert later_hook is not None
 
@@ -348,7 +291,8 @@ def perturbation_sweep(cfg: PerturbConfig, *, model: HookedModel | None = None, 
     stats = activation_stats(non_bos)
     sae_dirs = None
     if "sae_decoder" in cfg.targets:
-        sae = sae.to(model.device).float().eval()
+        assert sae is not None  # _kinds_to_run drops sae_decoder without an SAE
+        sae = sae.float()
         sae_dirs = alive_decoder_directions(sae, non_bos).cpu()
 
     steps = torch.linspace(0.0, cfg.max_step, cfg.n_steps, dtype=torch.float64)            # in step units
@@ -377,14 +321,9 @@ def perturbation_sweep(cfg: PerturbConfig, *, model: HookedModel | None = None, 
         "steps": steps.tolist(), "curves": curves, "plateau": plateau,
     }
     if cfg.figures:
-        from interplab.fileio import join
-        from interplab.evals.perturb_figures import perturbation_curves
-
         result["figures"] = {"perturbation_curves": perturbation_curves(
             result, join(cfg.figures, "perturbation_curves.png"))}
     if cfg.out:
-        from interplab.fileio import write_url_atomic
-
         write_url_atomic(cfg.out, (json.dumps(result, indent=2) + "\n").encode())
     return result
 

@@ -6,7 +6,7 @@ written atomically with `write_url_atomic`, the path returned.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -20,7 +20,7 @@ _COLORS = {"isotropic": "tab:blue", "mean_cov": "tab:green", "real": "tab:red", 
 _STYLES = {"real": "-", "synthetic": "--"}
 
 
-def _arr(values: Any) -> np.ndarray:
+def _arr(values: Sequence[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 

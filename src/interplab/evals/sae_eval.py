@@ -30,25 +30,30 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interplab.data.corpus import iter_contexts
 from interplab.errors import InterplabError
 from interplab.evals import controls as C
+from interplab.evals.configs import EvalConfig
 from interplab.evals.eval_summary import Moments, format_summary, scale_tuning_summary, summarise
-from interplab.evals.metrics import (
-    clean_log_probs,
-    firing_counts,
-    kl_and_ce_per_token,
-)
-from interplab.evals.scale_tune import SCALE_PER, ScaleTuneResult, decode_scaled, tune_decoder_scale
+from interplab.evals.figures import kl_gap_vs_frequency, kl_histograms
+from interplab.evals.metrics import clean_log_probs, firing_counts, kl_and_ce_per_token
+from interplab.evals.scale_tune import ScaleTuneResult, decode_scaled, tune_decoder_scale
 from interplab.evals.token_analysis import per_token_analysis
+from interplab.fileio import join, write_url_atomic
+from interplab.models.hooked import HookedModel
+from interplab.sae.base import SparseAutoencoder
+from interplab.sae.loading import load_sae_and_model
 
-__all__ = ["PER_TOKEN_VARIANTS", "TUNED_VARIANTS", "VARIANTS", "EvalConfig", "evaluate", "format_summary"]
+__all__ = ["PER_TOKEN_VARIANTS", "TUNED_VARIANTS", "VARIANTS", "evaluate", "format_summary"]
 
 VARIANTS = ("sae", "zero_ablation", "mean_ablation", "epsilon_random", "sae_norm_patch",
             "sae_output_at_original_norm", "covariance_matched")
@@ -63,48 +68,6 @@ PER_TOKEN_VARIANTS = ("sae", "epsilon_random", "sae_norm_patch")
 """The variants whose per-token KL the per-token analysis and the KL histograms use."""
 
 
-@dataclass
-class EvalConfig:
-    """Evaluate an SAE spliced into its model, with controls (ε-random, norm-matched, covariance-matched, ablations)."""
-
-    sae: str = ""
-    """SAE folder (SAELens layout or sparsify hookpoint folder). Required."""
-    model: str | None = None
-    """Model spec (default: the model recorded in the SAE's cfg.json)."""
-    hook: str | None = None
-    """Hook point to splice at (default: the SAE's cfg.hook_name)."""
-    corpus: str = "python-docs"
-    """Text corpus (see `interplab harvest --help`)."""
-    split: str = "test"
-    """Corpus split: test (held out, the default), train or all."""
-    test_fraction: float = 0.05
-    """Share of documents held out as the test split (decided by a hash of each text; same value to harvest, train
-    and evaluate, so the splits stay disjoint)."""
-    tokens: int = 65_536
-    """Tokens to evaluate on (rounded down to whole contexts)."""
-    ctx_len: int = 128
-    """Tokens per context (BOS included)."""
-    batch_size: int = 8
-    """Contexts per forward pass."""
-    seed: int = 0
-    """Seed of the corpus shuffle and of the random controls."""
-    device: str | None = None
-    """Device to run on (default: cuda if available, else cpu)."""
-    out: str | None = None
-    """Where to write the metrics JSON (local path or fsspec URL); not written if omitted."""
-    figures: str | None = None
-    """Folder to write the PNG figures to (kl_histograms.png, kl_gap_vs_frequency.png); none if omitted."""
-    scale_tune: str = "none"
-    """Decoder-scale fine-tuning before the evaluation: none, latent (one scale per latent) or output (one per
-    output dimension); fitted on the train split, it adds the variants sae_scale_tuned and its own ε-random."""
-    scale_tune_tokens: int = 16_384
-    """Train-split tokens the decoder scales are fitted on."""
-    scale_tune_epochs: int = 4
-    """Passes of Adam over those tokens."""
-    scale_tune_lr: float = 0.01
-    """Adam learning rate of the scales."""
-
-
 def _finite(v: Any) -> Any:
     """NaN/inf → None, so the JSON stays standard."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -116,40 +79,16 @@ def _finite(v: Any) -> Any:
     return v
 
 
-def _resolve(cfg: EvalConfig, sae: Any, model: Any) -> EvalConfig:
-    """Fill model and hook from the SAE, and check every input before the first forward pass."""
-    hook = cfg.hook or sae.cfg.hook_name
-    if not hook:
-        raise InterplabError(f"{cfg.sae} records no hook name (cfg.hook_name); pass --hook")
-    model.check_hook_names([hook])  # lists the valid names
-    width = model.hook_dim(hook)
-    if width is None:
-        raise InterplabError(f"cannot splice an SAE at {hook}: attention patterns are not one vector per token")
-    if sae.cfg.d_in != width:
-        raise InterplabError(f"SAE d_in {sae.cfg.d_in} does not match the width {width} of {hook} in "
-                             f"{model.info.spec}")
-    if cfg.ctx_len < 3:
-        raise InterplabError(f"--ctx-len {cfg.ctx_len} is too short: need >= 3 (BOS plus two predicted tokens)")
+def _check_model(cfg: EvalConfig, model: HookedModel) -> None:
+    """The checks that need the model (hook and width are checked by `load_sae_and_model`)."""
     if cfg.ctx_len > model.info.n_ctx:
         raise InterplabError(f"--ctx-len {cfg.ctx_len} is longer than {model.info.spec} allows ({model.info.n_ctx})")
-    if cfg.tokens < cfg.ctx_len:
-        raise InterplabError(f"--tokens {cfg.tokens} is less than one context (--ctx-len {cfg.ctx_len})")
-    if cfg.batch_size < 1:
-        raise InterplabError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if model.tokenizer is None:
         raise InterplabError(f"{model.info.spec} has no tokenizer, so it cannot read a text corpus")
-    if cfg.scale_tune not in ("none", *SCALE_PER):
-        raise InterplabError(f"--scale-tune {cfg.scale_tune!r} is not valid; valid: none, {', '.join(SCALE_PER)}")
-    if cfg.scale_tune != "none" and cfg.scale_tune_tokens < cfg.ctx_len:
-        raise InterplabError(f"--scale-tune-tokens {cfg.scale_tune_tokens} is less than one context "
-                             f"(--ctx-len {cfg.ctx_len})")
-    return replace(cfg, hook=hook)
 
 
-def _tune(cfg: EvalConfig, sae: Any, model: Any, progress: bool) -> ScaleTuneResult:
+def _tune(cfg: EvalConfig, sae: SparseAutoencoder, model: HookedModel, progress: bool) -> ScaleTuneResult:
     """Fit the decoder scales on train-split contexts (held out from a test-split evaluation)."""
-    from interplab.data import iter_contexts
-
     contexts = list(itertools.islice(iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split="train",
                                                    seed=cfg.seed + 1, test_fraction=cfg.test_fraction),
                                      cfg.scale_tune_tokens // cfg.ctx_len))
@@ -158,26 +97,17 @@ def _tune(cfg: EvalConfig, sae: Any, model: Any, progress: bool) -> ScaleTuneRes
 
 
 @torch.no_grad()
-def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: bool = True) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig, *, sae: SparseAutoencoder | None = None, model: HookedModel | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """Run the evaluation; return {"config", "sae_config", "n_tokens", "n_contexts", "metrics"} (also written to
     cfg.out as JSON if set). `sae` and `model` may be passed already loaded (then cfg.sae / cfg.model only label)."""
-    from interplab.data import iter_contexts
-    from interplab.sae import load_sae
-
-    if sae is None:
-        if not cfg.sae:
-            raise InterplabError("--sae is required: the folder of the SAE to evaluate")
-        sae = load_sae(cfg.sae)
-    model_spec = cfg.model or sae.cfg.model
-    if model is None:
-        if not model_spec:
-            raise InterplabError(f"{cfg.sae} records no model (cfg.model); pass --model")
-        from interplab.models import load_model
-
-        model = load_model(model_spec, device=cfg.device)
-    cfg = _resolve(replace(cfg, model=model_spec or model.info.spec), sae, model)
-    sae = sae.to(model.device).float().eval()
-    hook = cfg.hook
+    cfg.validate()
+    loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device, loaded_sae=sae, loaded_model=model)
+    model = loaded.model
+    _check_model(cfg, model)
+    cfg = replace(cfg, model=loaded.model_spec, hook=loaded.hook)
+    sae = loaded.sae.float()
+    hook = loaded.hook
     tuned = _tune(cfg, sae, model, progress) if cfg.scale_tune != "none" else None
     variants = VARIANTS + (TUNED_VARIANTS if tuned is not None else ())
 
@@ -268,16 +198,13 @@ def evaluate(cfg: EvalConfig, *, sae: Any = None, model: Any = None, progress: b
         result["figures"] = _write_figures(cfg.figures, per_token_kl, metrics["per_token"])
     result = _finite(result)
     if cfg.out:
-        from interplab.fileio import write_url_atomic
-
         write_url_atomic(cfg.out, (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 
-def _write_figures(folder: str, per_token_kl: dict[str, Any], per_token: dict[str, Any]) -> dict[str, str]:
-    from interplab.fileio import join
-    from interplab.evals.figures import kl_gap_vs_frequency, kl_histograms
-
+def _write_figures(folder: str, per_token_kl: Mapping[str, np.ndarray],
+                   per_token: dict[str, Any]) -> dict[str, str]:
+    """Draw kl_histograms.png and kl_gap_vs_frequency.png into `folder`; return {figure name: path}."""
     return {
         "kl_histograms": kl_histograms(per_token_kl, join(folder, "kl_histograms.png")),
         "kl_gap_vs_frequency": kl_gap_vs_frequency(per_token["bins"], join(folder, "kl_gap_vs_frequency.png"),

@@ -16,7 +16,7 @@ evaluation then reports for the tuned SAE is a held-out figure, and the gap it c
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from jaxtyping import Float
@@ -24,11 +24,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interplab.errors import InterplabError
+from interplab.evals.configs import SCALE_PER
 from interplab.evals.metrics import CleanLogProbs, clean_log_probs
-
-SCALE_PER = ("latent", "output")
-"""What one learned scale multiplies: each latent's code, or each output dimension of f W_dec."""
-
+from interplab.models.hooked import HookedModel, Prefix
+from interplab.sae.base import SparseAutoencoder
 
 class ScaleTuneResult(NamedTuple):
     """Learned decoder scales and the KL on the tuning tokens before and after."""
@@ -46,7 +45,8 @@ class ScaleTuneResult(NamedTuple):
     """Tuning tokens (BOS excluded)."""
 
 
-def decode_scaled(sae: Any, f: Float[Tensor, "... d_sae"], scale: Tensor, per: str) -> Float[Tensor, "... d_in"]:
+def decode_scaled(sae: SparseAutoencoder, f: Float[Tensor, "... d_sae"], scale: Tensor,
+                  per: str) -> Float[Tensor, "... d_in"]:
     """x̂_s for codes `f` (see the module docstring); s = 1 gives `sae.decode(f)` exactly."""
     if per == "latent":
         return sae.decode(f * scale)
@@ -56,7 +56,7 @@ def decode_scaled(sae: Any, f: Float[Tensor, "... d_sae"], scale: Tensor, per: s
     raise InterplabError(f"scale per {per!r} is not valid; valid: {', '.join(SCALE_PER)}")
 
 
-def _mean_kl(model: Any, prefix: Any, clean: CleanLogProbs, x_hat: Tensor) -> Tensor:
+def _mean_kl(model: HookedModel, prefix: Prefix, clean: CleanLogProbs, x_hat: Tensor) -> Tensor:
     """Mean KL(clean ‖ spliced) over non-BOS positions, x̂ spliced after the clean BOS activation; differentiable
     (unlike `kl_and_ce_per_token`, which works in place): KL = Σ_v p_v log p_v − Σ_v p_v log q_v."""
     spliced = torch.cat([prefix.act[:, :1], x_hat.to(prefix.act.dtype)], dim=1)
@@ -65,8 +65,8 @@ def _mean_kl(model: Any, prefix: Any, clean: CleanLogProbs, x_hat: Tensor) -> Te
     return kl[:, 1:].mean()
 
 
-def tune_decoder_scale(model: Any, sae: Any, hook: str, contexts: Sequence[Tensor], *, per: str = "latent",
-                       epochs: int = 4, lr: float = 0.01, batch_size: int = 8, seed: int = 0,
+def tune_decoder_scale(model: HookedModel, sae: SparseAutoencoder, hook: str, contexts: Sequence[Tensor], *,
+                       per: str = "latent", epochs: int = 4, lr: float = 0.01, batch_size: int = 8, seed: int = 0,
                        progress: bool = True) -> ScaleTuneResult:
     """Learn the decoder scales by Adam on KL(clean ‖ spliced x̂_s), one step per batch of `contexts` ([T] token ids).
 

@@ -20,6 +20,7 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from interplab.errors import InterplabError
 
@@ -29,14 +30,14 @@ N_BINS = 8
 TOKEN_CHOICE = "input token at the predicting position (the token whose activation was replaced)"
 
 
-def _1d(a: Any, name: str) -> np.ndarray:
+def _1d(a: ArrayLike, name: str) -> np.ndarray:
     arr = np.asarray(a).reshape(-1)
     if arr.size == 0:
         raise InterplabError(f"{name} must be non-empty")
     return arr
 
 
-def token_frequencies(token_ids: Any) -> np.ndarray:
+def token_frequencies(token_ids: ArrayLike) -> np.ndarray:
     """For each position, how many evaluated positions carry the same token id (int64, same length)."""
     ids = _1d(token_ids, "token_ids").astype(np.int64)
     _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
@@ -52,7 +53,7 @@ def mean_sem(values: np.ndarray) -> tuple[float, float]:
     return float(v.mean()), sem
 
 
-def pearson(a: Any, b: Any) -> float:
+def pearson(a: ArrayLike, b: ArrayLike) -> float:
     """Pearson correlation coefficient of paired samples; NaN if n < 2 or either sample is constant."""
     x, y = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
     if x.shape != y.shape:
@@ -72,7 +73,7 @@ def bin_edges(log10_freq: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
     return np.linspace(lo, hi, n_bins + 1)
 
 
-def frequency_bins(gap: Any, log10_freq: Any, n_bins: int = N_BINS,
+def frequency_bins(gap: ArrayLike, log10_freq: ArrayLike, n_bins: int = N_BINS,
                    extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Bin positions by log10 frequency; per bin the mean gap ± SEM and the counts.
 
@@ -110,7 +111,7 @@ def frequency_bins(gap: Any, log10_freq: Any, n_bins: int = N_BINS,
     return out
 
 
-def per_token_analysis(kl_by_variant: Mapping[str, Any], token_ids: Any, n_bins: int = N_BINS,
+def per_token_analysis(kl_by_variant: Mapping[str, ArrayLike], token_ids: ArrayLike, n_bins: int = N_BINS,
                        a: str = "sae", b: str = "epsilon_random") -> dict[str, Any]:
     """The KL gap `a − b` per position against log10 token frequency (counted among the evaluated positions).
 

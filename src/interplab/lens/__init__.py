@@ -6,7 +6,7 @@
 
 - evaluate.py: the residual stream at every layer, read out through the final norm and W_U; KL per layer.
 - tuned.py: `TunedLens`, trained per layer to minimise KL to the model's own final distribution.
-- run.py, figures.py: `interplab lens` (numbers, KL curves, a prediction grid).
+- run.py, figures.py, configs.py: `interplab lens` (numbers, KL curves, a prediction grid; its config).
 """
 
 import lazy_loader
@@ -14,6 +14,7 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
+        "configs": ["LensConfig"],
         "evaluate": ["evaluate_lenses", "layer_residuals", "readout"],
         "tuned": ["TunedLens", "train_tuned_lens"],
     },

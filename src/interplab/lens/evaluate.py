@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.errors import InterplabError
+from interplab.models.hooked import HookedModel
 
 Translate = Callable[[Tensor, int], Tensor]
 """`translate(resid, layer) -> resid'`: how a lens maps layer `layer`'s residual before the readout."""
@@ -42,7 +43,7 @@ def resid_hooks(n_layers: int) -> list[str]:
 
 
 def layer_residuals(
-    model: Any, tokens: Int[Tensor, "batch pos"], *, logits: bool = True
+    model: HookedModel, tokens: Int[Tensor, "batch pos"], *, logits: bool = True
 ) -> tuple[Float[Tensor, "layer batch pos d_model"], Float[Tensor, "batch pos d_vocab"] | None]:
     """Every layer's residual stream (one forward pass) and the model's logits (None unless `logits`: the pass then
     stops at the last block, and `readout` of the last residual gives the same logits)."""
@@ -51,7 +52,7 @@ def layer_residuals(
     return torch.stack([result.cache[name] for name in names]), result.logits
 
 
-def readout(model: Any, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+def readout(model: HookedModel, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
     """unembed(final_norm(resid)): the model's own last two steps, applied to any residual."""
     return model._unembed(model._final_norm(resid))
 
@@ -103,7 +104,7 @@ def kl_to_final(lens_logits: Float[Tensor, "token d_vocab"], final: FinalDist) -
 
 
 def lens_logits(
-    model: Any, resid: Float[Tensor, "layer batch pos d_model"], translate: Translate | None = None
+    model: HookedModel, resid: Float[Tensor, "layer batch pos d_model"], translate: Translate | None = None
 ) -> Float[Tensor, "layer batch pos d_vocab"]:
     """The lens logits of every layer (translated first if `translate` is given)."""
     outs = [readout(model, resid[layer] if translate is None else translate(resid[layer], layer))
@@ -153,7 +154,7 @@ class LensEval:
 
 @torch.no_grad()
 def evaluate_lenses(
-    model: Any,
+    model: HookedModel,
     batches: Iterable[Int[Tensor, "batch pos"]],
     translate: Translate | None = None,
     *,
@@ -202,7 +203,7 @@ def _score(scores: LensScores, layer: int, z: Tensor, final: FinalDist, top: Ten
 # ---- top predictions for one prompt --------------------------------------------------------------------------
 @torch.no_grad()
 def top_predictions(
-    model: Any, tokens: Int[Tensor, " pos"], translate: Translate | None = None, k: int = 5
+    model: HookedModel, tokens: Int[Tensor, " pos"], translate: Translate | None = None, k: int = 5
 ) -> tuple[Int[Tensor, "layer pos k"], Float[Tensor, "layer pos k"]]:
     """Each layer's top-k next-token ids and probabilities at every position of one prompt (float32)."""
     resid, _ = layer_residuals(model, tokens[None])
@@ -212,7 +213,7 @@ def top_predictions(
 
 
 def prediction_grid(
-    model: Any, tokens: Sequence[int], translate: Translate | None = None, k: int = 5
+    model: HookedModel, tokens: Sequence[int], translate: Translate | None = None, k: int = 5
 ) -> list[list[list[dict[str, Any]]]]:
     """[layer][position] → the top-k predictions as {"id", "token", "prob"} (token text if there is a tokenizer)."""
     ids, probs = top_predictions(model, torch.tensor(list(tokens), dtype=torch.long), translate, k)
@@ -221,7 +222,7 @@ def prediction_grid(
              for row_i, row_p in zip(layer_i, layer_p)] for layer_i, layer_p in zip(ids, probs)]
 
 
-def token_text(model: Any) -> Callable[[int], str]:
+def token_text(model: HookedModel) -> Callable[[int], str]:
     """Token id → its text (the id in angle brackets for models without a tokenizer)."""
     tok = getattr(model, "tokenizer", None)
     if tok is None:

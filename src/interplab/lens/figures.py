@@ -1,7 +1,7 @@
 """PNG figures of `interplab lens`: per-layer KL curves of the lenses, and a token × layer grid of top predictions.
 
-Both read the dict `interplab.lens.run.run_lens` returns (and writes to lens.json), so a saved lens.json can
-be redrawn without the model.
+Both read the dict `interplab.lens.run.run_lens` returns (and writes to OUT/metrics.json), so a saved run can be
+redrawn without the model.
 """
 
 from __future__ import annotations

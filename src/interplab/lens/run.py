@@ -3,94 +3,47 @@
     kind logit   decode every layer's residual stream through the model's final norm and unembedding
     kind tuned   also train (or load) one affine translator per layer and report both lenses side by side
 
-Writes OUT/lens.json (per-layer held-out KL(final ‖ lens) with its SEM and top-1 agreement, the context-free
-baselines, the top-k grid for one prompt), OUT/figures/*.png and, when a lens is trained, OUT/tuned_lens/.
-A re-run with the same OUT and the same training settings reuses OUT/tuned_lens instead of training again.
+Writes the run folder (`interplab.runs`): OUT/config.json, OUT/metrics.json (per-layer held-out KL(final ‖ lens)
+with its SEM and top-1 agreement, the context-free baselines, the top-k grid for one prompt), OUT/figures/*.png and,
+when a lens is trained, OUT/tuned_lens/. A complete run is reported as done; an interrupted one, resumed, reuses
+OUT/tuned_lens when it was trained with the same settings instead of training again.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
-from interplab.errors import InterplabError, check_int
+import torch
+from jaxtyping import Int
 
-KINDS = ("logit", "tuned")
+from interplab.data.corpus import iter_contexts
+from interplab.errors import InterplabError
+from interplab.lens.configs import LensConfig
+from interplab.lens.evaluate import evaluate_lenses, prediction_grid, token_text
+from interplab.lens.figures import kl_curves, prediction_grid_figure
+from interplab.lens.tuned import TrainSettings, TunedLens, train_from_batches
+from interplab.models.hooked import HookedModel
+from interplab.models.load import load_model
+from interplab.runs import JSONDict, Run
+
+KIND = "lens"
+"""The command, as recorded in config.json and metrics.json."""
 MAX_PROMPT_TOKENS = 32
 
 
-@dataclass
-class LensConfig:
-    """Logit lens and tuned lens of every layer, scored on held-out tokens."""
-
-    model: str = "smollm2-135m"
-    """Model spec (see `interplab harvest --help`)."""
-    kind: str = "tuned"
-    """logit: the logit lens only; tuned: train (or load) a tuned lens and report both."""
-    corpus: str = "python-docs"
-    """Corpus of the training tokens (train split) and the held-out tokens (test split)."""
-    train_tokens: int = 16384
-    """Tokens the tuned lens is trained on (position 0 of each context, BOS, is not counted or used)."""
-    eval_tokens: int = 2048
-    """Held-out tokens both lenses are scored on."""
-    ctx_len: int = 128
-    """Tokens per context."""
-    batch_size: int = 8
-    """Contexts per forward pass of the model."""
-    epochs: int = 1
-    """Passes of tuned-lens training over its cached residuals."""
-    train_batch_tokens: int = 32
-    """Tokens per tuned-lens optimiser step."""
-    lr: float = 3e-3
-    """Peak AdamW learning rate of the tuned lens (10% warm-up, cosine decay)."""
-    train_dtype: str = "bfloat16"
-    """Compute dtype of the readout during tuned-lens training (float32 or bfloat16); scoring is always float32."""
-    layers: list[int] = field(default_factory=list)
-    """Layers whose translator is trained (default: all but the last, whose logit lens is already exact)."""
-    lens_path: str | None = None
-    """Folder of a saved tuned lens to use instead of training one."""
-    prompt: str = "The capital of France is Paris, and the capital of Germany is"
-    """Prompt of the token × layer grid of top predictions."""
-    top_k: int = 5
-    """Predictions kept per cell of the grid in lens.json."""
-    out: str = "lens"
-    """Output folder: lens.json, figures/, tuned_lens/."""
-    seed: int = 0
-    """Seed of the corpus order and the training order."""
-    device: str | None = None
-    """Device to run the model on (default: cuda if available, else cpu)."""
-
-    def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise InterplabError(f"--kind {self.kind!r} is not valid; choose from {', '.join(KINDS)}")
-        for name, minimum in (("train_tokens", 1), ("eval_tokens", 1), ("ctx_len", 2), ("batch_size", 1),
-                              ("epochs", 1), ("train_batch_tokens", 1), ("top_k", 1)):
-            check_int(f"--{name.replace('_', '-')}", getattr(self, name), minimum)
-        if not self.lr > 0:
-            raise InterplabError(f"--lr must be > 0, got {self.lr}")
-        if self.train_dtype not in ("float32", "bfloat16"):
-            raise InterplabError(f"--train-dtype {self.train_dtype!r} is not valid; choose float32 or bfloat16")
-        if not self.prompt.strip():
-            raise InterplabError("--prompt is empty; give a text for the grid of top predictions")
-        if self.lens_path and self.kind != "tuned":
-            raise InterplabError("--lens-path needs --kind tuned")
-
-    def settings(self) -> Any:
-        from interplab.lens.tuned import TrainSettings
-
-        return TrainSettings(epochs=self.epochs, batch_tokens=self.train_batch_tokens, lr=self.lr,
-                             dtype=self.train_dtype, seed=self.seed)
+def train_settings(cfg: LensConfig) -> TrainSettings:
+    """The tuned-lens training settings of `cfg`."""
+    return TrainSettings(epochs=cfg.epochs, batch_tokens=cfg.train_batch_tokens, lr=cfg.lr, dtype=cfg.train_dtype,
+                         seed=cfg.seed)
 
 
-def token_batches(cfg: LensConfig, tokenizer: Any, split: str, n_tokens: int) -> list[Any]:
+def token_batches(cfg: LensConfig, tokenizer: Any, split: str, n_tokens: int
+                  ) -> list[Int[torch.Tensor, "batch pos"]]:
     """Enough [batch_size, ctx_len] contexts of `split` for n_tokens scored tokens (ctx_len − 1 per context)."""
-    import torch
-
-    from interplab.data import iter_contexts
-
     n_contexts = -(-n_tokens // (cfg.ctx_len - 1))
     contexts = list(itertools.islice(iter_contexts(cfg.corpus, tokenizer, cfg.ctx_len, split=split, seed=cfg.seed),
                                      n_contexts))
@@ -111,23 +64,33 @@ def prompt_tokens(tokenizer: Any, prompt: str) -> tuple[list[int], int]:
     return ids, int(bos is not None)
 
 
-def run_lens(cfg: LensConfig, *, model: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Score the lenses on held-out tokens, draw the figures, write OUT/lens.json; return what it holds."""
-    from interplab.fileio import write_url_atomic
-    from interplab.models import load_model
-    from interplab.lens.figures import kl_curves, prediction_grid_figure
-    from interplab.lens.evaluate import evaluate_lenses, prediction_grid, token_text
-
+def run_lens(cfg: LensConfig, *, model: HookedModel | None = None, progress: bool = True) -> JSONDict:
+    """Score the lenses on held-out tokens, draw the figures, write OUT/metrics.json; return the metrics. A complete
+    run with the same config in OUT is reported as done, not recomputed."""
     cfg.validate()
-    model = model or load_model(cfg.model, device=cfg.device)
-    if model.tokenizer is None:
-        raise InterplabError(f"{model.info.spec} has no tokenizer; the lens reads a text corpus and a prompt")
-    root = cfg.out.rstrip("/")
+    with Run.open(cfg.out, KIND, asdict(cfg)) as run:
+        if run.metrics is not None:  # a complete run of this config: report it, do not recompute
+            return run.metrics
+        model = model or load_model(cfg.model, device=cfg.device)
+        if model.tokenizer is None:
+            raise InterplabError(f"{model.info.spec} has no tokenizer; the lens reads a text corpus and a prompt")
+        result = measure(cfg, model, run, progress)
+        result["figures"]["kl_curves"] = kl_curves(result, run.figure("lens_kl"))
+        for kind in ("logit_lens", "tuned_lens"):
+            if kind in result["prompt"]:
+                result["figures"][f"grid_{kind}"] = prediction_grid_figure(result["prompt"], kind,
+                                                                           run.figure(f"grid_{kind}"))
+        run.write_metrics(result)
+        return {"kind": KIND, **result}
+
+
+def measure(cfg: LensConfig, model: HookedModel, run: Run, progress: bool) -> dict[str, Any]:
+    """The lenses' held-out scores and the prompt's prediction grids (the tuned lens trained, reused or loaded)."""
     start = time.perf_counter()
     result: dict[str, Any] = {"config": asdict(cfg), "model": model.info.to_dict(), "figures": {}, "seconds": {}}
     lens, tuned_info = None, {}
     if cfg.kind == "tuned":
-        lens, tuned_info = obtain_tuned_lens(cfg, model, root, progress)
+        lens, tuned_info = obtain_tuned_lens(cfg, model, run.path("tuned_lens"), progress)
         result["seconds"]["tuned_lens"] = time.perf_counter() - start
     start = time.perf_counter()
     scores = evaluate_lenses(model, token_batches(cfg, model.tokenizer, "test", cfg.eval_tokens), lens)
@@ -137,7 +100,7 @@ def run_lens(cfg: LensConfig, *, model: Any = None, progress: bool = True) -> di
         lens.meta["heldout"] = {"corpus": cfg.corpus, "n_tokens": scores.n_tokens, "kl": scores.tuned["kl"],
                                 "logit_lens_kl": scores.logit["kl"]}
         if not tuned_info.get("loaded_from"):
-            lens.save(f"{root}/tuned_lens")
+            lens.save(run.path("tuned_lens"))
         result["tuned_lens"] = {**tuned_info, **scores.tuned}
     ids, first = prompt_tokens(model.tokenizer, cfg.prompt)
     decode = token_text(model)
@@ -145,47 +108,41 @@ def run_lens(cfg: LensConfig, *, model: Any = None, progress: bool = True) -> di
                         "logit_lens": prediction_grid(model, ids, None, cfg.top_k)}
     if lens is not None:
         result["prompt"]["tuned_lens"] = prediction_grid(model, ids, lens, cfg.top_k)
-    result["figures"]["kl_curves"] = kl_curves(result, f"{root}/figures/lens_kl.png")
-    for kind in ("logit_lens", "tuned_lens"):
-        if kind in result["prompt"]:
-            result["figures"][f"grid_{kind}"] = prediction_grid_figure(result["prompt"], kind,
-                                                                       f"{root}/figures/grid_{kind}.png")
-    write_url_atomic(f"{root}/lens.json", (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 
-def obtain_tuned_lens(cfg: LensConfig, model: Any, root: str, progress: bool) -> tuple[Any, dict[str, Any]]:
-    """The tuned lens of this run: loaded from --lens-path, reused from OUT/tuned_lens when it was trained with the
-    same settings, or trained now (and saved to OUT/tuned_lens)."""
-    from interplab.lens.tuned import TunedLens, train_from_batches
-
+def obtain_tuned_lens(cfg: LensConfig, model: HookedModel, folder: str, progress: bool
+                      ) -> tuple[TunedLens, dict[str, Any]]:
+    """The tuned lens of this run: loaded from --lens-path, reused from `folder` (OUT/tuned_lens) when it was
+    trained with the same settings, or trained now (and saved to `folder`)."""
     if cfg.lens_path:
         lens = TunedLens.load(cfg.lens_path, model)
         return lens, {"loaded_from": cfg.lens_path, "trained_layers": lens.trained_layers, "train": lens.meta}
     wanted = _training_record(cfg, model)
     try:
-        previous = TunedLens.load(f"{root}/tuned_lens", model)
+        previous = TunedLens.load(folder, model)
     except InterplabError:
         previous = None
     if previous is not None and previous.meta.get("record") == wanted:
-        return previous, {"reused": f"{root}/tuned_lens", "trained_layers": previous.trained_layers,
+        return previous, {"reused": folder, "trained_layers": previous.trained_layers,
                           "losses": previous.meta.get("losses", [])}
     start = time.perf_counter()
     batches = token_batches(cfg, model.tokenizer, "train", cfg.train_tokens)
-    lens, losses = train_from_batches(model, batches, cfg.settings(), layers=cfg.layers or None, progress=progress)
+    lens, losses = train_from_batches(model, batches, train_settings(cfg), layers=cfg.layers or None,
+                                      progress=progress)
     lens.meta.update({"record": wanted, "losses": losses})
-    lens.save(f"{root}/tuned_lens")  # now, so an interrupted evaluation does not lose the training
+    lens.save(folder)  # now, so an interrupted evaluation does not lose the training
     return lens, {"trained_layers": lens.trained_layers, "train_tokens": lens.meta["train_tokens"],
                   "steps": len(losses), "losses": losses, "train_s": time.perf_counter() - start}
 
 
-def _training_record(cfg: LensConfig, model: Any) -> dict[str, Any]:
+def _training_record(cfg: LensConfig, model: HookedModel) -> dict[str, Any]:
     """What decides a trained lens: if all of it matches, a saved lens can stand in for training again."""
     return {"model": model.info.spec, "corpus": cfg.corpus, "train_tokens": cfg.train_tokens, "ctx_len": cfg.ctx_len,
-            "layers": sorted(cfg.layers), "settings": asdict(cfg.settings())}
+            "layers": sorted(cfg.layers), "settings": asdict(train_settings(cfg))}
 
 
-def format_summary(result: dict[str, Any]) -> str:
+def format_summary(result: Mapping[str, Any]) -> str:
     """Per-layer table: held-out KL of each lens (nats), top-1 agreement, top token at the prompt's last position."""
     logit, tuned = result["logit_lens"], result.get("tuned_lens")
     tuned = tuned if tuned and "kl" in tuned else None

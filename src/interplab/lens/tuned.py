@@ -29,10 +29,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
+from interplab.fileio import open_url, write_url_atomic
 from interplab.lens.evaluate import FinalDist, kl_to_final, layer_residuals, readout
+from interplab.models.hooked import HookedModel
 
 WEIGHTS_FILE, CONFIG_FILE = "tuned_lens.safetensors", "config.json"
 MARKER = "interplab.tuned_lens"
@@ -61,7 +67,7 @@ class TunedLens(nn.Module):
         """What `save` writes beside the shapes: training settings, tokens, held-out KL per layer."""
 
     @classmethod
-    def for_model(cls, model: Any, trained_layers: Sequence[int] | None = None) -> "TunedLens":
+    def for_model(cls, model: HookedModel, trained_layers: Sequence[int] | None = None) -> "TunedLens":
         """An identity lens shaped for `model` on its device; trained_layers defaults to all but the last."""
         n = model.info.n_layers
         layers = list(range(n - 1)) if trained_layers is None else list(trained_layers)
@@ -81,7 +87,7 @@ class TunedLens(nn.Module):
 
     __call__ = translate  # a TunedLens is a `Translate`
 
-    def check_matches(self, model: Any) -> None:
+    def check_matches(self, model: HookedModel) -> None:
         """Raise an InterplabError naming what differs if this lens was not made for `model`'s shape."""
         n, d = self.A.shape[0], self.A.shape[1]
         got = (model.info.n_layers, model.info.d_model)
@@ -93,10 +99,6 @@ class TunedLens(nn.Module):
     def save(self, folder: str) -> None:
         """Write `tuned_lens.safetensors` and `config.json` into `folder`, each atomically (weights first, so a
         config.json is only ever beside the weights it describes)."""
-        from safetensors.torch import save
-
-        from interplab.fileio import write_url_atomic
-
         root = folder.rstrip("/")
         tensors = {name: t.detach().float().cpu().contiguous() for name, t in
                    (("A", self.A), ("b", self.b), ("scale", self.scale))}
@@ -106,12 +108,8 @@ class TunedLens(nn.Module):
         write_url_atomic(f"{root}/{CONFIG_FILE}", (json.dumps(config, indent=2) + "\n").encode())
 
     @classmethod
-    def load(cls, folder: str, model: Any | None = None) -> "TunedLens":
+    def load(cls, folder: str, model: HookedModel | None = None) -> "TunedLens":
         """Read a folder written by `save`; with `model`, check it fits that model and move it to its device."""
-        from safetensors.torch import load as load_bytes
-
-        from interplab.fileio import open_url
-
         root = folder.rstrip("/")
         fs, path = open_url(root)
         if not fs.exists(f"{path}/{CONFIG_FILE}") or not fs.exists(f"{path}/{WEIGHTS_FILE}"):
@@ -158,7 +156,7 @@ class TrainSettings:
 
 @torch.no_grad()
 def cache_residuals(
-    model: Any, batches: Sequence[Int[Tensor, "batch pos"]], progress: Callable[[int], None] | None = None
+    model: HookedModel, batches: Sequence[Int[Tensor, "batch pos"]], progress: Callable[[int], None] | None = None
 ) -> Float[Tensor, "token layer d_model"]:
     """Every layer's residual at positions >= 1 of every context, on the model's device in float32
     ([tokens, n_layers, d_model]: 16k SmolLM2 tokens take 1.1 GB). The last layer's gives the model's p."""
@@ -182,7 +180,7 @@ def lr_at(step: int, total: int, peak: float) -> float:
 
 
 def train_tuned_lens(
-    model: Any,
+    model: HookedModel,
     lens: TunedLens,
     resid: Float[Tensor, "token layer d_model"],
     settings: TrainSettings,
@@ -195,10 +193,6 @@ def train_tuned_lens(
     The optimiser holds copies of the trained layers' A_l, b_l only (written back at the end), so untrained layers
     cost nothing: no optimiser state, no gradient of the full [n_layers, d, d] stack at every layer.
     """
-    from tqdm.auto import tqdm
-
-    from interplab.dtypes import DTYPES
-
     lens.check_matches(model)
     if settings.dtype not in ("float32", "bfloat16"):
         raise InterplabError(f"tuned-lens training dtype {settings.dtype!r} is not float32 or bfloat16")
@@ -239,7 +233,7 @@ def train_tuned_lens(
     return losses
 
 
-def _step(model: Any, translated: Float[Tensor, "token k d_model"], last: Float[Tensor, "token d_model"]) -> float:
+def _step(model: HookedModel, translated: Float[Tensor, "token k d_model"], last: Float[Tensor, "token d_model"]) -> float:
     """Backpropagate Σ_l mean KL(p ‖ lens_l) into `translated` (the k trained layers' translated residuals).
 
     The readout runs one layer at a time behind a detached copy (memory: one [token, d_vocab] block at a time),
@@ -262,7 +256,7 @@ def _step(model: Any, translated: Float[Tensor, "token k d_model"], last: Float[
 
 
 def train_from_batches(
-    model: Any,
+    model: HookedModel,
     batches: Sequence[Int[Tensor, "batch pos"]],
     settings: TrainSettings,
     *,

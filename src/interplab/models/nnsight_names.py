@@ -17,15 +17,14 @@ Two hook points are not one module's input or output in both directions:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from transformers import PretrainedConfig
 
 from interplab.errors import InterplabError
 from interplab.models.hf import ARCHS, HFArch
 from interplab.models.hooked import HookedModel, ModelInfo
 from interplab.models.hooks import hook_names_for, parse_block_hook
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
 
 # The norm in front of each block's MLP, whose input is the residual stream after attention (hook_resid_mid).
 _MLP_NORM = {"llama": "post_attention_layernorm", "mistral": "post_attention_layernorm",
@@ -67,8 +66,6 @@ _STEP = re.compile(r"([A-Za-z_]\w*)|\[(\d+)\]")
 
 def _check_hook(model: HookedModel | ModelInfo | PretrainedConfig, hook: str) -> str:
     """Raise unless `hook` is a hook point of `model`; return its architecture name."""
-    from transformers import PretrainedConfig
-
     if isinstance(model, HookedModel):
         arch_name, spec, n_layers, resid_mid = model.info.arch, model.info.spec, model.info.n_layers, None
     elif isinstance(model, ModelInfo):

@@ -2,7 +2,8 @@
 
 Weights use the TransformerLens layout (`x @ W`): W_Q/W_K/W_V [head, d_model, d_head], W_O [head, d_head, d_model],
 W_in [d_model, d_mlp], W_out [d_mlp, d_model], W_E [d_vocab, d_model], W_pos [n_ctx, d_model], W_U [d_model, d_vocab].
-Saved as `config.json` + `model.safetensors`.
+Saved as `config.json` (the marker `load_model` recognises, the `ToyConfig`, and any extra keys of whoever built the
+model) + `model.safetensors` (the state dict).
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
+from safetensors.torch import load_file, save
 from torch import nn
 
 from interplab.errors import InterplabError
+from interplab.fileio import write_url_atomic
 from interplab.models.hooked import HookedModel, ModelInfo
-from interplab.models.hooks import ActFn, hook_module_output, hook_names_for
+from interplab.models.hooks import ActFn, Handle, hook_module_output, hook_names_for
+from interplab.models.tokens import ByteTokenizer
+from interplab.runs import JSONDict
 
 TOY_MARKER = "interplab.toy_transformer"
 ACTIVATIONS = {"gelu": nn.functional.gelu, "relu": torch.relu, "silu": nn.functional.silu}
@@ -133,7 +137,9 @@ class ToyTransformer(nn.Module, HookedModel):
     def __init__(self, cfg: ToyConfig, spec: str = "toy"):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = None
+        self.tokenizer: ByteTokenizer | None = None
+        self.extra_config: JSONDict = {}
+        """config.json keys beyond the model's own (e.g. what built it), written by `save` and kept by `load`."""
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -193,41 +199,46 @@ class ToyTransformer(nn.Module, HookedModel):
     ) -> Float[torch.Tensor, "batch pos d_vocab"]:
         return normalized @ self.W_U + self.b_U
 
-    def _attach(self, name: str, fn: ActFn) -> list[Any]:
+    def _attach(self, name: str, fn: ActFn) -> list[Handle]:
         module_path = {"hook_embed": "hook_embed", "hook_pos_embed": "hook_pos_embed",
                        "ln_final.hook_normalized": "hook_normalized"}.get(name, name)
         return [hook_module_output(self.get_submodule(module_path), name, fn)]
 
     # ---- files ---------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write `config.json` + `model.safetensors` into the folder `path` (each file written atomically)."""
-        from safetensors.torch import save
-
-        from interplab.fileio import write_url_atomic
-
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        write_url_atomic(f"{path}/model.safetensors", save(state, metadata={"format": "pt"}))
-        write_url_atomic(f"{path}/config.json", json.dumps(self._config_json(), indent=2).encode())
-
     marker = TOY_MARKER
     """What `config.json` carries so that `load_model` knows which class rebuilds the folder."""
     config_class: type = ToyConfig
     """The dataclass `config.json` holds, passed to the constructor."""
+    config_key = "config"
+    """The `config.json` key holding that dataclass."""
 
-    def _config_json(self) -> dict[str, Any]:
-        """What `config.json` holds: the marker `load_model` recognises, and the config that rebuilds the model."""
-        return {"interplab_model": self.marker, "config": asdict(self.cfg)}
+    def save(self, path: str | Path) -> None:
+        """Write `config.json` + `model.safetensors` into the folder `path` (each file written atomically)."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        write_url_atomic(f"{path}/model.safetensors", save(state, metadata={"format": "pt"}))
+        write_url_atomic(f"{path}/config.json", json.dumps(self._config_json(), indent=2).encode())
+
+    def _config_json(self) -> JSONDict:
+        """What `config.json` holds: the marker `load_model` recognises, the config that rebuilds the model, and the
+        `extra_config` keys of whoever built it."""
+        extra = {k: v for k, v in self.extra_config.items() if k not in ("interplab_model", self.config_key)}
+        return {"interplab_model": self.marker, **extra, self.config_key: asdict(self.cfg)}
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ToyTransformer:
         """Load a folder written by `save` (unknown config keys, e.g. from a newer version, are ignored)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         if config.get("interplab_model") != cls.marker:
             raise InterplabError(f"{path} does not hold an {cls.__name__} (config.json lacks the marker {cls.marker})")
+        state = load_file(path / "model.safetensors")
+        cls._check_saved(path, config, state)
         known = {f.name for f in fields(cls.config_class)}
-        model = cls(cls.config_class(**{k: v for k, v in config["config"].items() if k in known}), spec=str(path))
-        model.load_state_dict(load_file(path / "model.safetensors"))
+        model = cls(cls.config_class(**{k: v for k, v in config[cls.config_key].items() if k in known}), spec=str(path))
+        model.extra_config = {k: v for k, v in config.items() if k not in ("interplab_model", cls.config_key)}
+        model.load_state_dict(state)
         return model.to(device).eval()
+
+    @classmethod
+    def _check_saved(cls, path: Path, config: JSONDict, state: dict[str, torch.Tensor]) -> None:
+        """Raise an InterplabError if the folder is of an outdated layout (nothing to check for plain toy models)."""

@@ -9,18 +9,19 @@
 - steer.py: directional ablation and activation addition as hooks; orthogonalize.py: the same ablation written into
   the weights of a new HF model folder.
 - refusal.py, refusal_select.py: the refusal direction (Arditi et al. 2024), `interplab refusal`.
-- probe_run.py: `interplab probe`.
+- probe_run.py: `interplab probe`; configs.py: the configs of both commands (standard library only).
 """
 import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
+        "configs": ["ProbeConfig", "RefusalConfig"],
         "data": ["LabelledActivations", "LabelledTexts", "cached_activations", "collect_activations", "label_texts", "load_labelled", "vocabulary_dataset"],
         "ksparse": ["KSparseResult", "KSparseRow", "ksparse_curve", "ksparse_probe", "planted_recall"],
         "linear": ["Control", "DiffMeansResult", "LogisticResult", "diff_of_means", "logistic_probe", "projection_histogram", "roc_auc"],
         "orthogonalize": ["orthogonalize_weights", "save_orthogonalized"],
-        "probe_run": ["ProbeConfig", "run_probe"],
-        "refusal": ["RefusalConfig", "run_refusal"],
+        "probe_run": ["run_probe"],
+        "refusal": ["run_refusal"],
         "steer": ["ablation_hooks", "addition_hooks", "directional_component"],
     },
 )

@@ -36,11 +36,14 @@ from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from interplab.data.files import jsonl_objects
 from interplab.errors import InterplabError, check_int
 from interplab.fileio import join, read_url, sha256_hex, write_url_atomic
+from interplab.models.hooked import HookedModel
 
 Position = Union[Literal["last", "mean"], int]
 """Where each example is read: the last text token, the mean over the text tokens, or a token index."""
@@ -200,8 +203,6 @@ class LabelledActivations(NamedTuple):
 
     def save(self, url: str) -> str:
         """Write `url/activations.safetensors` then `url/labelled.json` (which commits it: it records the sha256)."""
-        from safetensors.torch import save as save_safetensors
-
         n = len(self.texts)
         if self.acts.ndim != 2 or self.acts.shape[0] != n or tuple(self.labels.shape) != (n,):
             raise InterplabError(f"acts [n, d] and labels [n] must match the {n} texts, got "
@@ -217,8 +218,6 @@ class LabelledActivations(NamedTuple):
     @classmethod
     def load(cls, url: str) -> "LabelledActivations":
         """Read what `save` wrote, checking the tensors against the recorded sha256."""
-        from safetensors.torch import load as load_safetensors
-
         raw = read_url(join(url, META_NAME))
         if raw is None:
             raise InterplabError(f"{url} holds no saved labelled activations ({META_NAME} is missing)")
@@ -262,7 +261,7 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 @torch.no_grad()
-def collect_activations(model: Any, data: LabelledTexts, hook: str, position: Position | None = None, *,
+def collect_activations(model: HookedModel, data: LabelledTexts, hook: str, position: Position | None = None, *,
                         batch_size: int = 32, prepend_bos: bool | None = None) -> LabelledActivations:
     """Run each example through `model` (a HookedModel) and read `hook` at `position` (see the module docstring).
 
@@ -318,7 +317,7 @@ def collect_activations(model: Any, data: LabelledTexts, hook: str, position: Po
                                list(data.texts), meta)
 
 
-def _collection_meta(model: Any, data: LabelledTexts, hook: str, position: Position | None,
+def _collection_meta(model: HookedModel, data: LabelledTexts, hook: str, position: Position | None,
                      prepend_bos: bool) -> dict[str, Any]:
     """What decides the activations besides the texts and labels (JSON-able, compared by `cached_activations`)."""
     meta: dict[str, Any] = {"model": model.info.spec, "hook": hook, "prepend_bos": prepend_bos}
@@ -331,7 +330,7 @@ def _collection_meta(model: Any, data: LabelledTexts, hook: str, position: Posit
     return meta
 
 
-def cached_activations(url: str, model: Any, data: LabelledTexts, hook: str, position: Position | None = None, *,
+def cached_activations(url: str, model: HookedModel, data: LabelledTexts, hook: str, position: Position | None = None, *,
                        batch_size: int = 32, prepend_bos: bool | None = None) -> LabelledActivations:
     """`LabelledActivations.load(url)` if it was collected from the same model, hook, position, BOS choice, texts
     and labels; otherwise `collect_activations(...)`, saved to `url` (replacing what was there)."""

@@ -44,11 +44,17 @@ import warnings
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+import sklearn
 import torch
 from jaxtyping import Float, Int
+from sklearn import metrics as skm
+from sklearn.feature_selection import f_classif, mutual_info_classif
+from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
 from interplab.errors import InterplabError, check_int
+from interplab.plotting import new_figure, save_figure
+from interplab.probes.linear import check_binary, split
 from interplab.synth.sparse import derive_seed
 
 METHODS = ("mean_diff", "f_stat", "mutual_info", "l1_path")
@@ -131,18 +137,8 @@ class KSparseResult(NamedTuple):
                 "chance_f1": self.chance_f1, "seed": self.seed}
 
 
-def _sklearn() -> None:
-    try:
-        import sklearn  # noqa: F401
-    except ImportError as e:  # not a hard dependency of interplab
-        raise InterplabError("k-sparse probing needs scikit-learn: pip install scikit-learn") from e
-
-
-def _logreg(C: float, l1: bool, seed: int) -> Any:
+def _logreg(C: float, l1: bool, seed: int) -> LogisticRegression:
     """A balanced logistic regression; L1 via `l1_ratio` on scikit-learn >= 1.8, where `penalty` is deprecated."""
-    import sklearn
-    from sklearn.linear_model import LogisticRegression
-
     if not l1:
         return LogisticRegression(C=C, class_weight="balanced", max_iter=1000)
     new = tuple(int(p) for p in sklearn.__version__.split(".")[:2]) >= (1, 8)
@@ -152,8 +148,6 @@ def _logreg(C: float, l1: bool, seed: int) -> Any:
 
 def check_data(acts: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     """acts as float64 [n, d] and labels as int64 [n] with values 0/1 and both classes, or an InterplabError."""
-    from interplab.probes.linear import check_binary
-
     x, y = check_binary(torch.as_tensor(acts), torch.as_tensor(labels))
     return x.numpy(), y.numpy()
 
@@ -167,19 +161,14 @@ def neuron_scores(acts: Any, labels: Any, method: str, *, seed: int = 0, mi_max_
     """
     if method not in METHODS:
         raise InterplabError(f"unknown ranking method {method!r}; valid: {', '.join(METHODS)}")
-    _sklearn()
     x, y = check_data(acts, labels)
     if method == "mean_diff":
         s = np.abs(x[y == 1].mean(0) - x[y == 0].mean(0))
     elif method == "f_stat":
-        from sklearn.feature_selection import f_classif
-
         with warnings.catch_warnings():  # a constant column gives 0/0: scored 0 below
             warnings.simplefilter("ignore")
             s = f_classif(x, y)[0]
     elif method == "mutual_info":
-        from sklearn.feature_selection import mutual_info_classif
-
         check_int("mi_max_rows", mi_max_rows, 2)
         if len(y) > mi_max_rows:  # uniform subsample, seeded: the k-NN estimate costs O(n log n) per neuron
             keep = np.sort(np.random.default_rng(derive_seed(seed, _MI)).permutation(len(y))[:mi_max_rows])
@@ -233,8 +222,6 @@ def random_rotation(d: int, seed: int = 0) -> Float[Tensor, "d d"]:
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Per class c: round(test_fraction · n_c) rows to test, clipped so test gets >= 1 and train >= 2 of each class
     (two to rank and fit)."""
-    from interplab.probes.linear import split
-
     if not 0 < test_fraction < 1:
         raise InterplabError(f"test_fraction must be in (0, 1), got {test_fraction}")
     train, test = split(torch.as_tensor(labels), test_fraction, derive_seed(seed, _SPLIT), min_train=2)
@@ -248,8 +235,6 @@ def default_ks(d: int, max_k: int = 64) -> tuple[int, ...]:
 
 
 def _metrics(y: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict[str, float]:
-    from sklearn import metrics as skm
-
     return {"f1": float(skm.f1_score(y, pred, zero_division=0)), "mcc": float(skm.matthews_corrcoef(y, pred)),
             "precision": float(skm.precision_score(y, pred, zero_division=0)),
             "recall": float(skm.recall_score(y, pred, zero_division=0)),
@@ -298,7 +283,6 @@ def ksparse_probe(acts: Float[Tensor, "n d"] | np.ndarray, labels: Int[Tensor, "
     if ks[-1] > len(train):
         raise InterplabError(f"k={ks[-1]} is more neurons than training examples: the split leaves {len(train)} "
                              f"train rows (n={n}, test_fraction={test_fraction}); use k <= {len(train)} or more data")
-    _sklearn()
     kw = {"seed": seed, "mi_max_rows": mi_max_rows, "l1_grid": l1_grid, "stop_after": ks[-1]}
 
     def zscore(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -350,8 +334,6 @@ def ksparse_curve(result: KSparseResult, path: str, metric: str = "f1") -> str:
     """Test `metric` against k (log₂ axis): per method the plain curve (solid) and the rotated control (dashed); the
     shuffled-label control as a grey band (min–max over methods and shuffles) with its mean; the dense probe and
     the coin-flip chance F1 as horizontal lines. Returns the path written."""
-    from interplab.plotting import new_figure, save_figure
-
     if metric not in METRICS:
         raise InterplabError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
     fig, ax = new_figure(9.5, 4.5)

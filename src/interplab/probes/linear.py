@@ -35,12 +35,18 @@ import math
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.errors import InterplabError, check_int
 from interplab.evals.controls import random_unit_vectors
+from interplab.plotting import new_figure, save_figure
 
 CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 """Default inverse regularisation strengths of the logistic sweep."""
@@ -114,8 +120,6 @@ def split(labels: Int[Tensor, " n"], test_fraction: float, seed: int,
 
 def roc_auc(scores: Float[Tensor, "n ..."], labels: Int[Tensor, " n"]) -> Float[Tensor, "..."]:
     """AUC of each column of scores for labels in {0, 1}: the Mann–Whitney statistic with average ranks for ties."""
-    from scipy.stats import rankdata
-
     s = np.asarray(scores.detach().cpu().double())
     y = np.asarray(labels.cpu()).astype(bool)
     n1, n0 = int(y.sum()), int((~y).sum())
@@ -207,8 +211,6 @@ def diff_of_means(acts: Float[Tensor, "n d"], labels: Int[Tensor, " n"], *, test
 
 def projection_histogram(result: DiffMeansResult, path: str, bins: int = 40) -> str:
     """Overlaid histograms of the held-out projections of both classes on the direction, with the threshold."""
-    from interplab.plotting import new_figure, save_figure
-
     fig, ax = new_figure(7, 4.5)
     both = torch.cat([result.projections[0], result.projections[1]]).numpy()
     edges = np.linspace(float(both.min()), float(both.max()) + 1e-9, bins + 1)
@@ -249,11 +251,7 @@ class LogisticResult(NamedTuple):
     """The fitted scikit-learn Pipeline(StandardScaler, LogisticRegression), for predict / predict_proba."""
 
 
-def _pipeline(C: float, seed: int) -> Any:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+def _pipeline(C: float, seed: int) -> Pipeline:
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
 
 
@@ -265,8 +263,6 @@ def logistic_probe(acts: Float[Tensor, "n d"], labels: Int[Tensor, " n"], *, Cs:
                    test_fraction: float = 0.25, seed: int = 0, n_shuffles: int = 10,
                    n_random: int = 100) -> LogisticResult:
     """L2 logistic regression on standardised activations, C picked by CV on train, scored held out, with controls."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-
     check_int("n_shuffles", n_shuffles, 1)
     check_int("n_random", n_random, 1)
     Cs = [float(c) for c in Cs]

@@ -31,10 +31,12 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from interplab.errors import InterplabError
 from interplab.models.hf import HFHookedModel
 from interplab.models.hooked import HookedModel
+from interplab.models.load import load_model
 from interplab.probes.steer import unit_direction
 
 ATTN_OUT_PROJ: dict[str, str] = {
@@ -100,8 +102,6 @@ def save_orthogonalized(
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise InterplabError(f"output folder {out} already exists and is not empty; pass overwrite=True to replace it")
     if isinstance(model_spec_or_model, (str, os.PathLike)):
-        from interplab.models.load import load_model
-
         model = _require_hf(load_model(str(model_spec_or_model), device="cpu"), "save_orthogonalized")
     else:
         source = _require_hf(model_spec_or_model, "save_orthogonalized")
@@ -166,8 +166,6 @@ def _untie_embeddings(hf_model: nn.Module) -> None:
 
 def _output_axis(module: nn.Module, name: str) -> int:
     """The axis of `module.weight` that indexes the residual stream it writes to."""
-    from transformers.pytorch_utils import Conv1D
-
     if isinstance(module, nn.Linear):
         return 0  # [out, in]
     if isinstance(module, (Conv1D, nn.Embedding)):

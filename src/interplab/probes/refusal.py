@@ -10,78 +10,50 @@ is mediated by a single direction"), beside a random direction of the same norm.
    score means, for harmful baseline / ablated / random-ablated and harmless baseline / addition / random-addition;
    CE on a text corpus under ablation; the orthogonalised weights against the hook ablation.
 
-Outputs in `out`: refusal.json, direction.safetensors, report.md, refusal_by_layer.png, orthogonalized-model/.
+Outputs in `out` (a run folder, `interplab.runs`): config.json, metrics.json, direction.safetensors, report.md,
+figures/refusal_by_layer.png, orthogonalized-model/.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
+import interplab.probes.refusal_select as S
+from interplab.data.corpus import iter_contexts
 from interplab.data.files import jsonl_objects
 from interplab.errors import InterplabError
 from interplab.evals.controls import random_unit_vectors
-from interplab.probes import refusal_select as S
+from interplab.fileio import write_url_atomic
+from interplab.models.hooked import HookedModel
+from interplab.models.hooks import HookFn
+from interplab.models.load import load_model
+from interplab.plotting import new_figure, save_figure
+from interplab.probes.configs import RefusalConfig
+from interplab.probes.orthogonalize import save_orthogonalized
 from interplab.probes.refusal_select import REFUSAL_SUBSTRINGS, is_refusal
+from interplab.probes.steer import ablation_hooks, addition_hooks
+from interplab.runs import JSONDict, Run
 
-__all__ = ["PROMPT_FIELDS", "REFUSAL_SUBSTRINGS", "RefusalConfig", "format_summary", "is_refusal", "load_prompts",
+__all__ = ["KIND", "PROMPT_FIELDS", "REFUSAL_SUBSTRINGS", "format_summary", "is_refusal", "load_prompts",
            "run_refusal"]
 
+KIND = "refusal"
+"""The command, as recorded in config.json and metrics.json."""
 PROMPT_DIR = Path(__file__).parent / "prompts"
 PROMPT_FIELDS = ("instruction", "category", "split")
 SPLITS = ("train", "val", "test")
-@dataclass
-class RefusalConfig:
-    """Find the refusal direction (Arditi et al. 2024): difference-of-means candidates, selection by ablation /
-    addition / KL on validation prompts, and a test with generations against a random direction of the same norm."""
-
-    model: str = "smollm2-135m"
-    """Model spec (must have a tokenizer; its chat template is used, else SmolLM2's ChatML)."""
-    out: str = "refusal"
-    """Output folder (local): refusal.json, direction.safetensors, report.md, refusal_by_layer.png."""
-    harmful: str | None = None
-    """JSONL of harmful instructions with fields instruction, category, split (default: the packaged set)."""
-    harmless: str | None = None
-    """JSONL of harmless instructions, same fields (default: the packaged set)."""
-    layers: list[int] | None = None
-    """Layers to build candidates at (default: every --layer-stride-th layer from 0)."""
-    layer_stride: int = 2
-    """Stride over layers when --layers is not given."""
-    val_size: int = 16
-    """Validation prompts per set used for the selection (0: all)."""
-    test_size: int = 0
-    """Test prompts per set used for the evaluation (0: all)."""
-    kl_limit: float = 0.1
-    """Selection filter: mean KL(original ‖ ablated) on harmless val prompts (last position) must be below this."""
-    max_layer_fraction: float = 0.8
-    """Selection filter: candidates at layers >= this fraction of the model's depth are discarded."""
-    refusal_words: list[str] = field(default_factory=lambda: list(S.REFUSAL_START_WORDS))
-    """Words whose first token counts as a refusal start in the refusal score."""
-    max_new_tokens: int = 48
-    """Greedy generation length on the test prompts."""
-    n_examples: int = 3
-    """Example generations per condition in the report."""
-    corpus: str = "python-docs"
-    """Text corpus for the CE-loss change under ablation."""
-    ce_tokens: int = 4096
-    """Corpus tokens for the CE loss (0: skip)."""
-    ce_ctx_len: int = 128
-    """Tokens per corpus context."""
-    orthogonalize: bool = True
-    """Also write the orthogonalised weights to OUT/orthogonalized-model and compare them with the hook ablation."""
-    batch_size: int = 32
-    """Prompts per forward pass."""
-    seed: int = 0
-    """Seed of the random control direction and of the corpus shuffle."""
-    device: str | None = None
-    """Device (default: cuda if available, else cpu)."""
+FIGURE = "refusal_by_layer"
+"""The figure: OUT/figures/refusal_by_layer.png."""
 
 
 def load_prompts(path: str | Path | None, kind: str) -> list[dict[str, str]]:
@@ -115,35 +87,47 @@ def _pick(records: list[dict[str, str]], split: str, n: int) -> list[str]:
     return [chosen[i * len(chosen) // n] for i in range(n)]
 
 
-def _check(cfg: RefusalConfig, model: Any) -> list[int]:
+def _check(cfg: RefusalConfig, model: HookedModel) -> list[int]:
+    """The candidate layers, once the model says how many it has (`cfg.validate()` checked the rest)."""
     if model.tokenizer is None:
         raise InterplabError(f"{cfg.model} has no tokenizer; the refusal pipeline formats chat prompts")
     n_layers = model.info.n_layers
-    if cfg.layer_stride < 1:
-        raise InterplabError(f"--layer-stride must be >= 1, got {cfg.layer_stride}")
     layers = list(cfg.layers) if cfg.layers else list(range(0, n_layers, cfg.layer_stride))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise InterplabError(f"--layers {bad} out of range: {cfg.model} has layers 0..{n_layers - 1}")
-    if cfg.val_size < 0 or cfg.test_size < 0 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
-        raise InterplabError("--val-size and --test-size must be >= 0, --max-new-tokens and --batch-size >= 1")
-    if not 0 < cfg.max_layer_fraction <= 1:
-        raise InterplabError(f"--max-layer-fraction must lie in (0, 1], got {cfg.max_layer_fraction}")
-    if not cfg.refusal_words:
-        raise InterplabError("--refusal-words needs at least one word")
     return sorted(set(layers))
 
 
-def run_refusal(cfg: RefusalConfig, *, model: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Run the whole pipeline; write OUT/refusal.json, direction.safetensors, report.md and the figure; return the
-    result dict (as written to refusal.json). `model` may be passed already loaded (cfg.model then only labels)."""
-    from interplab.models import load_model
-    from interplab.probes.steer import ablation_hooks, addition_hooks
+def run_refusal(cfg: RefusalConfig, *, model: HookedModel | None = None, progress: bool = True) -> JSONDict:
+    """Run the whole pipeline; write OUT/metrics.json, direction.safetensors, report.md and the figure; return the
+    metrics. `model` may be passed already loaded (cfg.model then only labels). A complete run with the same config
+    in OUT is reported as done, not recomputed."""
+    cfg.validate()
+    prompts = {kind: load_prompts(path, kind) for kind, path in (("harmful", cfg.harmful), ("harmless", cfg.harmless))}
+    with Run.open(cfg.out, KIND, asdict(cfg)) as run:
+        if run.metrics is not None:  # a complete run of this config: report it, do not recompute
+            return run.metrics
+        t0 = time.time()
+        result, r, rand = measure(cfg, model or load_model(cfg.model, device=cfg.device), prompts, progress)
+        chosen = result["chosen"]
+        meta = {"model": cfg.model, "layer": str(chosen["layer"]), "position": str(chosen["position"]),
+                "hook": chosen["hook"], "norm": f"{chosen['norm']:.6g}",
+                "method": "difference of means (Arditi 2024)", "random_control_seed": str(cfg.seed)}
+        blob = save({"direction": r.detach().float().cpu().contiguous(),
+                     "random_control": rand.detach().float().cpu().contiguous()}, metadata=meta)
+        write_url_atomic(run.path("direction.safetensors"), blob)
+        result["figure"] = write_figure(result, run.figure(FIGURE))
+        result["seconds"] = time.time() - t0
+        write_report(run.path("report.md"), result)
+        run.write_metrics(result)
+        return {"kind": KIND, **result}
 
-    t0 = time.time()
-    harmful_recs, harmless_recs = load_prompts(cfg.harmful, "harmful"), load_prompts(cfg.harmless, "harmless")
-    if model is None:
-        model = load_model(cfg.model, device=cfg.device)
+
+def measure(cfg: RefusalConfig, model: HookedModel, prompts: Mapping[str, list[dict[str, str]]], progress: bool
+            ) -> tuple[dict[str, Any], Float[torch.Tensor, " d_model"], Float[torch.Tensor, " d_model"]]:
+    """Candidates, selection and test (steps 1-3 of the module docstring) on the loaded prompt records; returns the
+    result, the chosen direction r and the random control direction of the same norm."""
     layers = _check(cfg, model)
     tok, n_layers = model.tokenizer, model.info.n_layers
     fmt = S.chat_format(tok)
@@ -152,7 +136,7 @@ def run_refusal(cfg: RefusalConfig, *, model: Any = None, progress: bool = True)
     n_post, pad_id = len(fmt.post_ids), S.pad_id_of(tok)
     refusal_ids = S.refusal_token_ids(tok, cfg.refusal_words)
     text = {(kind, split): _pick(recs, split, {"train": 0, "val": cfg.val_size, "test": cfg.test_size}[split])
-            for kind, recs in (("harmful", harmful_recs), ("harmless", harmless_recs)) for split in SPLITS}
+            for kind, recs in prompts.items() for split in SPLITS}
     ids = {key: S.tokenize_prompts(tok, fmt, v) for key, v in text.items()}
     longest = max(len(p) for v in ids.values() for p in v) + cfg.max_new_tokens
     if longest > model.info.n_ctx:
@@ -193,7 +177,7 @@ def run_refusal(cfg: RefusalConfig, *, model: Any = None, progress: bool = True)
         model, ids["harmless", "test"], pad_id, hooks=ablation_hooks(model, r), batch_size=bs)[0]).mean())
 
     ce = _ce_metrics(cfg, model, ablation_hooks(model, r), ablation_hooks(model, rand)) if cfg.ce_tokens else None
-    orth = _orthogonalized(cfg, model, r, ids, pad_id, refusal_ids, ablation_hooks) if cfg.orthogonalize else None
+    orth = _orthogonalized(cfg, model, r, ids, pad_id, refusal_ids) if cfg.orthogonalize else None
 
     result = {
         "config": asdict(cfg), "model_info": model.info.to_dict(),
@@ -209,16 +193,14 @@ def run_refusal(cfg: RefusalConfig, *, model: Any = None, progress: bool = True)
         "chosen": {"layer": layer, "position": position,
                    "position_token": tok.decode([fmt.post_ids[position]]), "norm": alpha,
                    "hook": f"blocks.{layer}.hook_resid_pre", "selection": selection_note, "scores": best},
-        "test": test, "ce": ce, "orthogonalized": orth, "seconds": time.time() - t0,
+        "test": test, "ce": ce, "orthogonalized": orth,
     }
-    _write_outputs(cfg, result, r, rand)
-    result["seconds"] = time.time() - t0
-    return result
+    return result, r, rand
 
 
-def _ce_metrics(cfg: RefusalConfig, model: Any, abl_hooks: list, rand_hooks: list) -> dict[str, Any]:
-    from interplab.data import iter_contexts
-
+def _ce_metrics(cfg: RefusalConfig, model: HookedModel, abl_hooks: list[tuple[str, HookFn]],
+                rand_hooks: list[tuple[str, HookFn]]) -> dict[str, float | int | str]:
+    """Corpus CE loss without hooks, with the direction ablated, and with the random direction ablated."""
     n = max(1, cfg.ce_tokens // cfg.ce_ctx_len)
     contexts = list(itertools.islice(iter_contexts(cfg.corpus, model.tokenizer, cfg.ce_ctx_len, split="test",
                                                    seed=cfg.seed), n))
@@ -230,14 +212,12 @@ def _ce_metrics(cfg: RefusalConfig, model: Any, abl_hooks: list, rand_hooks: lis
             "random_ablated": rnd, "delta_ablated": abl - base, "delta_random_ablated": rnd - base}
 
 
-def _orthogonalized(cfg: RefusalConfig, model: Any, r: torch.Tensor, ids: dict, pad_id: int,
-                    refusal_ids: list[int], ablation_hooks: Any) -> dict[str, Any]:
+def _orthogonalized(cfg: RefusalConfig, model: HookedModel, r: Float[torch.Tensor, " d_model"],
+                    ids: Mapping[tuple[str, str], list[list[int]]], pad_id: int, refusal_ids: list[int]
+                    ) -> dict[str, Any]:
     """Weights with r̂ projected out of every matrix writing to the residual stream, against the hook ablation: the
     two should give the same logits up to float error. The hooked reference is computed before the weights are
     written, in case the writer edits the loaded model."""
-    from interplab.models import load_model
-    from interplab.probes.orthogonalize import save_orthogonalized
-
     prompts = ids["harmful", "test"] + ids["harmless", "test"]
     hooked = S.last_logits(model, prompts, pad_id, hooks=ablation_hooks(model, r), batch_size=cfg.batch_size)[0]
     folder = str(Path(cfg.out) / "orthogonalized-model")
@@ -251,29 +231,12 @@ def _orthogonalized(cfg: RefusalConfig, model: Any, r: torch.Tensor, ids: dict, 
             "harmful_refusal_score_mean": float(S.refusal_score(orth[:n_harm], refusal_ids).mean())}
 
 
-def _write_outputs(cfg: RefusalConfig, result: dict[str, Any], r: torch.Tensor, rand: torch.Tensor) -> None:
-    from safetensors.torch import save
-
-    from interplab.fileio import join, write_url_atomic
-
-    chosen = result["chosen"]
-    meta = {"model": cfg.model, "layer": str(chosen["layer"]), "position": str(chosen["position"]),
-            "hook": chosen["hook"], "norm": f"{chosen['norm']:.6g}", "method": "difference of means (Arditi 2024)",
-            "random_control_seed": str(cfg.seed)}
-    blob = save({"direction": r.detach().float().cpu().contiguous(),
-                 "random_control": rand.detach().float().cpu().contiguous()}, metadata=meta)
-    write_url_atomic(join(cfg.out, "direction.safetensors"), blob)
-    result["figure"] = write_figure(result, join(cfg.out, "refusal_by_layer.png"))
-    write_report(join(cfg.out, "report.md"), result)
-    write_url_atomic(join(cfg.out, "refusal.json"), (json.dumps(result, indent=2) + "\n").encode())
-
-
 # ---- report ----------------------------------------------------------------------------------------------------
-def _f(v: Any, fmt: str = ".3g") -> str:
+def _f(v: float | None, fmt: str = ".3g") -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def format_summary(result: dict[str, Any]) -> str:
+def format_summary(result: Mapping[str, Any]) -> str:
     """A few lines for the terminal: baseline refusal rates, the chosen direction, and its effect beside the random
     control."""
     t, c = result["test"], result["chosen"]
@@ -298,10 +261,8 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_figure(result: dict[str, Any], path: str) -> str:
+def write_figure(result: Mapping[str, Any], path: str) -> str:
     """Refusal score under ablation (harmful val) and addition (harmless val) per layer, at the chosen position."""
-    from interplab.plotting import new_figure, save_figure
-
     c = result["chosen"]
     rows = sorted((r for r in result["candidates"] if r["position"] == c["position"] and r["kl"] is not None),
                   key=lambda r: r["layer"])
@@ -321,9 +282,9 @@ def write_figure(result: dict[str, Any], path: str) -> str:
     return save_figure(fig, path)
 
 
-def write_report(path: str, result: dict[str, Any]) -> str:
-    from interplab.fileio import write_url_atomic
-
+def write_report(path: str, result: Mapping[str, Any]) -> str:
+    """report.md: the refusal rates per condition, the chosen direction and its selection, definitions, the
+    candidates at the chosen position, the figure and example generations."""
     t, c, cfg = result["test"], result["chosen"], result["config"]
     hb, lb = t["harmful_baseline"]["refusal_rate"], t["harmless_baseline"]["refusal_rate"]
     lines = ["# Refusal direction", "",
@@ -371,8 +332,8 @@ def write_report(path: str, result: dict[str, Any]) -> str:
             lines.append(f"| {r['layer']} | {_f(r['ablation_score'], '+.3f')} | {_f(r['addition_score'], '+.3f')} | "
                          f"{_f(r['kl'])} | {'yes' if r['passes'] else 'no'} |")
     lines += ["", f"Val baselines: harmful {result['val_baseline']['harmful']:+.3f}, harmless "
-              f"{result['val_baseline']['harmless']:+.3f}. All candidates are in refusal.json.", "",
-              "![refusal score per layer](refusal_by_layer.png)", "", "## Example generations", ""]
+              f"{result['val_baseline']['harmless']:+.3f}. All candidates are in metrics.json.", "",
+              f"![refusal score per layer](figures/{FIGURE}.png)", "", "## Example generations", ""]
     for name, v in t.items():
         if isinstance(v, dict):
             lines += [f"### {name}", ""]

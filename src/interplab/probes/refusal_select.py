@@ -28,18 +28,14 @@ from tqdm.auto import tqdm
 
 from interplab.errors import InterplabError
 from interplab.evals.metrics import ce_loss_per_token, kl_per_token
+from interplab.models.hooked import HookedModel
+from interplab.probes.configs import REFUSAL_START_WORDS
 from interplab.probes.data import pad_id_of  # noqa: F401  (re-exported: refusal.py pads with it)
+from interplab.probes.steer import ablation_hooks, addition_hooks
 
 CHATML = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
 """SmolLM2's ChatML format, used when the tokenizer carries no chat template."""
 _PLACEHOLDER = "INSTRUCTIONPLACEHOLDER"
-
-REFUSAL_START_WORDS = ("I", "Sorry", "As", "Unfortunately")
-"""Words whose FIRST token counts as a refusal start. Arditi et al. used "I" (and "As") for most chat models; for
-SmolLM2 "I", "Sorry", "As", "Unfortunately" are single tokens. "I" also starts compliant answers ("I'm glad you
-asked…"), so the score is a proxy measured on the first token only; the substring refusal rate is measured on
-generations."""
-
 
 class ChatFormat(NamedTuple):
     """How an instruction becomes a prompt."""
@@ -108,7 +104,7 @@ def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> Batch:
 
 
 @torch.no_grad()
-def last_logits(model: Any, prompts: Sequence[Sequence[int]], pad_id: int, *, hooks: Sequence = (),
+def last_logits(model: HookedModel, prompts: Sequence[Sequence[int]], pad_id: int, *, hooks: Sequence = (),
                 read: Sequence[str] = (), n_read: int = 1, batch_size: int = 32,
                 ) -> tuple[Float[torch.Tensor, "n d_vocab"], dict[str, Float[torch.Tensor, "n k d_model"]]]:
     """Logits at each prompt's last position (float32, on CPU), and the activations at hooks `read` at the last
@@ -155,7 +151,7 @@ def kl_last(base: Float[torch.Tensor, "n d_vocab"],
     return kl_per_token(base.double(), other.double()).float()
 
 
-def candidate_directions(model: Any, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]],
+def candidate_directions(model: HookedModel, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]],
                          layers: Sequence[int], n_post: int, pad_id: int, batch_size: int = 32,
                          ) -> Float[torch.Tensor, "layer post d_model"]:
     """r[i, j] = mean over harmful of resid_pre(layers[i]) at position j − n_post, minus the same over harmless.
@@ -169,15 +165,13 @@ def candidate_directions(model: Any, harmful: Sequence[Sequence[int]], harmless:
     return (means(harmful) - means(harmless)).float()
 
 
-def score_candidates(model: Any, directions: Float[torch.Tensor, "layer post d_model"], layers: Sequence[int],
+def score_candidates(model: HookedModel, directions: Float[torch.Tensor, "layer post d_model"], layers: Sequence[int],
                      harmful_val: Sequence[Sequence[int]], harmless_val: Sequence[Sequence[int]],
                      refusal_ids: Sequence[int], pad_id: int, batch_size: int = 32, progress: bool = True,
                      ) -> list[dict[str, Any]]:
     """For each candidate: mean refusal score on harmful val under ablation, on harmless val under addition at its
     layer (α = ‖r‖), and mean KL(original ‖ ablated) on harmless val. The harmful and harmless val prompts share one
     ablated forward pass."""
-    from interplab.probes.steer import ablation_hooks, addition_hooks
-
     n_harm = len(harmful_val)
     both = [*harmful_val, *harmless_val]
     base_harmless, _ = last_logits(model, harmless_val, pad_id, batch_size=batch_size)
@@ -247,7 +241,7 @@ def is_refusal(text: str) -> bool:
 
 
 @torch.no_grad()
-def generate(model: Any, prompts: Sequence[Sequence[int]], pad_id: int, hooks: Sequence, max_new_tokens: int,
+def generate(model: HookedModel, prompts: Sequence[Sequence[int]], pad_id: int, hooks: Sequence, max_new_tokens: int,
              batch_size: int, desc: str, progress: bool) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped), with `hooks` on for every generated token."""
     texts: list[str] = []
@@ -261,7 +255,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], pad_id: int, hooks: S
 
 
 @torch.no_grad()
-def corpus_ce(model: Any, contexts: list[torch.Tensor], hooks: Sequence, batch_size: int = 8) -> float:
+def corpus_ce(model: HookedModel, contexts: list[torch.Tensor], hooks: Sequence, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy over the contexts (BOS-position prediction included, every context alike)."""
     total, count = 0.0, 0
     for start in range(0, len(contexts), batch_size):

@@ -9,7 +9,8 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
+        "configs": ["ParetoConfig", "RunReportConfig"],
         "eval_report": ["write_eval_report"],
-        "run_reports": ["RunReportConfig", "write_run_reports"],
+        "run_reports": ["write_run_reports"],
     },
 )

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from interplab.errors import InterplabError
 from interplab.evals.figures import sae_label
+from interplab.fileio import write_url_atomic
 
 
 def _num(v: Any, fmt: str = ".4g") -> str:
@@ -78,8 +79,6 @@ def write_eval_report(path: str, evals: Sequence[Mapping[str, Any]], *, figures:
                       perturb: Mapping[str, Any] | None = None, title: str = "interplab evaluation",
                       preamble: Sequence[str] = ()) -> str:
     """Write the Markdown report to `path` (atomically) and return `path`. `evals[0]` is the main SAE."""
-    from interplab.fileio import write_url_atomic
-
     if not evals:
         raise InterplabError("a report needs at least one evaluation result")
     main = evals[0]

@@ -1,6 +1,9 @@
 """`interplab report runs`: one self-contained `report.html` per run folder, and one index linking them all.
 
-A run folder is recognised by the files its command writes:
+A run folder written through `interplab.runs` records its kind, the name of the command that wrote it ("probe",
+"toy train", "beliefs train", "weights svd", "lens", ...): the "kind" of its metrics.json, else of its config.json
+{"kind", "config"} (a run without metrics.json is incomplete, and says so). Folders that record no kind (written by
+older versions or other tools, and formats that are not run folders) are recognised by the files in them:
 
     demo              report.md beside a saes/ folder           sae train       train_config.json + metrics.json
     sae               cfg.json (one trained SAE)                sae eval        a JSON with "sae_config" + "metrics"
@@ -29,9 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from interplab.activations.store import RANK_DIR_RE
-from interplab.report.html import esc, fmt, href, kv_table, markdown_to_html, page
+from interplab.dashboard import store
 from interplab.errors import InterplabError
 from interplab.fileio import write_url_atomic
+from interplab.report.configs import RunReportConfig
+from interplab.report.html import esc, fmt, href, kv_table, markdown_to_html, page
+from interplab.runs import CONFIG, METRICS
 
 REPORT_NAME = "report.html"
 REPORT_MARKER = "<!-- interplab run report -->"
@@ -46,7 +52,11 @@ PRUNED_DIRS = {"checkpoints", "__pycache__", "node_modules"}
 NAMED_KINDS = (("toy inspect", "inspect.json"), ("probe", "probe.json"), ("refusal", "refusal.json"),
                ("synth tms", "tms.json"), ("weights svd", "svd.json"), ("weights outliers", "outliers.json"),
                ("lens", "lens.json"), ("beliefs msp", "msp.json"), ("synth bench", "bench.json"))
-HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
+HEADLINE_KEYS: dict[str, tuple[str, ...]] = {  # by kind: a command name, as recorded or recognised
+    "beliefs train": ("r2", "gap", "tokens"),
+    "beliefs regress": ("r2", "gap"),
+    "weights svd": ("proxies.kind_share.mean", "proxies.coherence.mean", "control.kind_share.mean"),
+    "perturb": ("step_unit", "n_pairs"),
     "sae": ("fvu", "l0", "dead_fraction", "mse"),
     "sae train": ("fvu", "l0", "dead_fraction"),
     "sae eval": ("reconstruction.fvu", "model_performance.ce_loss_score", "sparsity.l0", "kl_div_with_sae"),
@@ -65,20 +75,6 @@ HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass
-class RunReportConfig:
-    """Write report.html (config, metrics, figures) into every run folder under a root, and an index of them all."""
-
-    root: str = "."
-    """Folder searched recursively for run folders (local path)."""
-    out: str = ""
-    """Index page to write (default: ROOT/index.html)."""
-    headline: int = 12
-    """Scalars shown per result file in a report (the full JSON is one click away)."""
-    max_json_kb: int = 512
-    """A result JSON larger than this is linked rather than embedded in its report."""
-
-
-@dataclass
 class Run:
     path: Path
     kind: str
@@ -87,6 +83,8 @@ class Run:
     markdown: list[Path] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     children: list["Run"] = field(default_factory=list)
+    recorded: bool = False
+    """The kind was read from the folder's config.json / metrics.json (an `interplab.runs` run folder)."""
 
     @property
     def page(self) -> Path:
@@ -111,8 +109,23 @@ def _sniff(results: dict[str, Any]) -> str | None:
     return None
 
 
-def classify(folder: Path, files: set[str], dirs: set[str], results: dict[str, Any]) -> str | None:
-    """The kind of run `folder` holds (see the module docstring), or None if it is not a run folder."""
+def recorded_kind(folder: Path, files: set[str], results: dict[str, Any]) -> str | None:
+    """The kind an `interplab.runs` run folder records: "kind" of metrics.json, else of config.json when that is
+    {"kind": ..., "config": {...}}; None if the folder records none (e.g. a Hugging Face config.json)."""
+    metrics = results.get(METRICS)
+    if isinstance(metrics, dict) and isinstance(metrics.get("kind"), str) and metrics["kind"]:
+        return metrics["kind"]
+    if CONFIG in files:
+        config = _read_json(folder / CONFIG)
+        if (isinstance(config, dict) and isinstance(config.get("kind"), str) and config["kind"]
+                and isinstance(config.get("config"), dict)):
+            return config["kind"]
+    return None
+
+
+def sniff_kind(folder: Path, files: set[str], dirs: set[str], results: dict[str, Any]) -> str | None:
+    """The kind of a folder that records none, guessed from its file names (see the module docstring), or None if
+    it is not a run folder."""
     if "index.html" in files and (folder / "data" / "meta.js").is_file():
         return "dashboard"
     if "report.md" in files and "saes" in dirs:
@@ -140,11 +153,19 @@ def classify(folder: Path, files: set[str], dirs: set[str], results: dict[str, A
     return None
 
 
-def _load_run(folder: Path, kind: str, files: set[str], results: dict[str, Any]) -> Run:
-    run = Run(folder, kind)
+def classify(folder: Path, files: set[str], dirs: set[str], results: dict[str, Any]) -> str | None:
+    """The kind of run `folder` holds: the kind it records, else the one its file names suggest; None if it is not
+    a run folder."""
+    return recorded_kind(folder, files, results) or sniff_kind(folder, files, dirs, results)
+
+
+def _load_run(folder: Path, kind: str, files: set[str], results: dict[str, Any], recorded: bool) -> Run:
+    run = Run(folder, kind, recorded=recorded)
     for name in CONFIG_FILES:
         if name in files and isinstance(data := _read_json(folder / name), dict):
-            run.configs[name] = data
+            # a run folder's config.json is {"kind", "config"}: the kind is the title, the config is the table
+            inner = data.get("config") if recorded and name == CONFIG else None
+            run.configs[name] = inner if isinstance(inner, dict) else data
     for name, data in results.items():
         if isinstance(data, dict):
             for key in ("config", "sae_config"):
@@ -167,10 +188,11 @@ def find_runs(root: Path) -> list[Run]:
         files = set(filenames)
         results = {f: _read_json(folder / f) for f in sorted(files)
                    if f.endswith(".json") and f not in IGNORED_JSON and f not in CONFIG_FILES}
-        kind = classify(folder, files, set(dirnames), results)
+        recorded = recorded_kind(folder, files, results)
+        kind = recorded or sniff_kind(folder, files, set(dirnames), results)
         if kind is None:
             continue
-        runs.append(_load_run(folder, kind, files, results))
+        runs.append(_load_run(folder, kind, files, results, recorded is not None))
         if kind == "dashboard":
             dirnames[:] = []  # a site's data/ is the dashboard's business
     runs.sort(key=lambda r: r.path.parts)
@@ -227,20 +249,27 @@ def headline(kind: str, flat: dict[str, Any], n: int) -> dict[str, Any]:
     return {k: flat[k] for k in (chosen[:n] if n > 0 else chosen)}
 
 
+def metric_values(run: Run, data: dict[str, Any]) -> dict[str, Any]:
+    """A result JSON's metrics, flattened: without its configs and figures, and without the "kind" that names the
+    run (shown as the report's title)."""
+    return flatten({k: v for k, v in data.items()
+                    if k not in NOT_METRICS and not (k == "kind" and v == run.kind)})
+
+
 def run_headline(run: Run, n: int) -> dict[str, Any]:
     """The headline scalars of a run over all its result files (metrics without their configs)."""
     flat: dict[str, Any] = {}
+    if run.recorded and METRICS not in run.results:
+        flat["status"] = f"incomplete (no {METRICS})"
     for name, data in run.results.items():
         if isinstance(data, dict):
-            flat.update(flatten({k: v for k, v in data.items() if k not in NOT_METRICS}))
+            flat.update(metric_values(run, data))
     if run.kind == "dashboard":
         flat.update(_dashboard_meta(run.path))
     return headline(run.kind, flat, n)
 
 
 def _dashboard_meta(folder: Path) -> dict[str, Any]:
-    from interplab.dashboard import store
-
     try:
         meta = store.load_meta(str(folder))
     except InterplabError:
@@ -261,8 +290,7 @@ def render_report(run: Run, cfg: RunReportConfig, root: Path, index: Path) -> st
         if not isinstance(data, dict):
             body.append("<p>(not a JSON object; open the file)</p>")
             continue
-        flat = flatten({k: v for k, v in data.items() if k not in NOT_METRICS})
-        body.append(kv_table(headline(run.kind, flat, cfg.headline)))
+        body.append(kv_table(headline(run.kind, metric_values(run, data), cfg.headline)))
         if path.stat().st_size <= cfg.max_json_kb * 1024:
             body.append(f"<details><summary>full JSON</summary><pre>{esc(pretty_json(data))}</pre>"
                         "</details>")
@@ -315,7 +343,8 @@ def write_run_reports(cfg: RunReportConfig) -> dict[str, Any]:
     runs = find_runs(root)
     if not runs:
         raise InterplabError(
-            f"no run folders under {cfg.root}: looked for the result files of interplab commands (cfg.json, "
+            f"no run folders under {cfg.root}: looked for interplab run folders (a config.json or metrics.json that "
+            "records its kind) and the result files of interplab commands (cfg.json, "
             "metrics.json + train_config.json, train.json, regress.json, inspect.json, probe.json, refusal.json, "
             "tms.json, svd.json, outliers.json, lens.json, msp.json, bench.json, an sae-eval JSON, report.md + "
             "saes/, a dashboard's data/meta.js) or a config.json beside other *.json / *.png files")

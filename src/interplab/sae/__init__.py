@@ -17,12 +17,15 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "base": ["SparseAutoencoder", "TrainOutput", "load_sae", "make_sae"],
+        "base": ["SparseAutoencoder", "TrainOutput"],
         "batchtopk": ["BatchTopKSAE"],
         "config": ["ARCHS", "SAEConfig"],
+        "files": ["load_sae"],
         "jumprelu": ["JumpReLUSAE"],
+        "loading": ["SAEWithModel", "load_sae_and_model"],
         "matryoshka": ["MatryoshkaSAE"],
         "per_hook": ["train_hooks"],
+        "registry": ["make_sae"],
         "relu": ["ReLUSAE"],
         "sharded": ["ShardedTopKSAE"],
         "topk": ["TopKSAE"],

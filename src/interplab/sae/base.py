@@ -13,15 +13,20 @@ parallel to each row and `after_optimizer_step` renormalises, which together kee
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, ClassVar, NamedTuple
+import json
+from collections.abc import Mapping
+from typing import ClassVar, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float
+from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from interplab.errors import InterplabError
+from interplab.fileio import join, write_url_atomic
+from interplab.runs import JSONDict, JSONValue
 from interplab.sae.config import SAEConfig
+from interplab.sae.layout import CFG_FILE, FORMAT_VERSION, SAELENS_ARCH, SAELENS_FORMAT_VERSION, SAELENS_WEIGHTS
 
 
 class TrainOutput(NamedTuple):
@@ -41,8 +46,8 @@ class TrainOutput(NamedTuple):
     """Which latents were active on at least one token of the batch (for dead-latent tracking)."""
 
 
-_ARCH_MODULES = {"relu": "relu", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu",
-                 "matryoshka": "matryoshka"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
 
 
 class SparseAutoencoder(nn.Module):
@@ -52,14 +57,8 @@ class SparseAutoencoder(nn.Module):
     """The `SAEConfig.arch` this class implements."""
     decoder_constrained: ClassVar[bool] = True
     """Whether decoder rows are kept at unit norm during training."""
-    _registry: ClassVar[dict[str, type["SparseAutoencoder"]]] = {}
 
     cfg: SAEConfig
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.arch:
-            SparseAutoencoder._registry[cls.arch] = cls
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -175,18 +174,41 @@ class SparseAutoencoder(nn.Module):
         self.b_enc[idx] = 0.0
 
     # ---- files --------------------------------------------------------------------------------------------
-    def save(self, path: str, *, metadata: dict | None = None) -> None:
-        """Save in the SAELens layout (`cfg.json` + `sae_weights.safetensors`), loadable by sae_lens and us."""
-        from interplab.sae.files import save_sae
+    def save(self, path: str, *, metadata: Mapping[str, JSONValue] | None = None) -> None:
+        """Save in the SAELens layout (`cfg.json` + `sae_weights.safetensors`, see files.py), loadable by sae_lens
+        and by `interplab.sae.files.load_sae`. Each file is written atomically, the weights first: a folder whose
+        cfg.json exists is complete."""
+        cfg = self.cfg
+        tensors = {name: getattr(self, name).detach() for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+        if cfg.arch == "jumprelu":
+            tensors["threshold"] = self.threshold.detach()
+        elif cfg.arch in ("batchtopk", "matryoshka"):  # saved as the JumpReLU they are at inference
+            tensors["threshold"] = self.threshold.detach().to(self.b_enc.dtype).expand(cfg.d_sae)
+        tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
 
-        save_sae(self, path, metadata=metadata)
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> "SparseAutoencoder":
-        """Load a folder in the SAELens layout or a sparsify hookpoint folder, in eval mode (call .train() to train)."""
-        from interplab.sae.files import load_sae_folder
-
-        return load_sae_folder(path).eval()
+        meta: JSONDict = {"sae_lens_version": SAELENS_FORMAT_VERSION,
+                          "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+                          "hook_name": cfg.hook_name, "model_name": cfg.model}
+        meta.update(metadata or {})
+        ours: JSONDict = {"format": FORMAT_VERSION, **cfg.to_dict()}
+        if cfg.arch in ("batchtopk", "matryoshka"):
+            ours["threshold_updates"] = int(self.threshold_updates)
+        saved: JSONDict = {
+            "architecture": SAELENS_ARCH[cfg.arch],
+            "d_in": cfg.d_in,
+            "d_sae": cfg.d_sae,
+            "dtype": _DTYPE_NAMES.get(self.W_enc.dtype, "float32"),
+            "device": "cpu",
+            "apply_b_dec_to_input": cfg.subtract_b_dec,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": meta,
+            "interplab": ours,
+        }
+        if cfg.arch == "topk":
+            saved.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
+        write_url_atomic(join(path, SAELENS_WEIGHTS), save_safetensors(tensors))
+        write_url_atomic(join(path, CFG_FILE), json.dumps(saved, indent=2).encode())
 
     # ---- helpers for subclasses ---------------------------------------------------------------------------
     @staticmethod
@@ -250,15 +272,3 @@ def geometric_median(points: Float[Tensor, "n d"], iters: int = 20, eps: float =
             return y_new
         y = y_new
     return y
-
-
-def make_sae(cfg: SAEConfig) -> SparseAutoencoder:
-    """Validate `cfg` and build the SparseAutoencoder subclass for cfg.arch."""
-    cfg.validate()
-    importlib.import_module(f"interplab.sae.{_ARCH_MODULES[cfg.arch]}")
-    return SparseAutoencoder._registry[cfg.arch](cfg)
-
-
-def load_sae(path: str) -> SparseAutoencoder:
-    """Load a saved SAE (SAELens layout or sparsify hookpoint folder); same as SparseAutoencoder.from_pretrained."""
-    return SparseAutoencoder.from_pretrained(path)

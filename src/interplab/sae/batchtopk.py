@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interplab.distributed import all_reduce_min_
 from interplab.sae.config import SAEConfig
 from interplab.sae.selection import Selection, batchtopk_codes, encode_select
 from interplab.sae.topk import TopKSAE
@@ -62,8 +63,6 @@ class BatchTopKSAE(TopKSAE):
         positive = f[f > 0]
         smallest = positive.min() if positive.numel() else f.new_tensor(float("inf"))
         if self.batch_ranks > 1:  # the smallest kept activation of the whole data-parallel batch
-            from interplab.distributed import all_reduce_min_
-
             all_reduce_min_(smallest)
         if not bool(torch.isfinite(smallest)):
             return

@@ -20,11 +20,11 @@ then moved into place), so a run killed at any moment leaves the last checkpoint
 from __future__ import annotations
 
 import io
-import json
 import os
 import posixpath
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -32,6 +32,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from interplab.errors import InterplabError
 from interplab.fileio import join, open_url, write_url_atomic
+from interplab.runs import JSONDict, JSONValue, check_identity, folder_entries, read_json_object, write_json
+from interplab.sae.base import SparseAutoencoder
 
 CHECKPOINT = "checkpoint.pt"
 RUN_CONFIG = "train_config.json"
@@ -40,71 +42,44 @@ CHECKPOINT_FORMAT = "interplab.sae.checkpoint"
 CHECKPOINT_VERSION = 1
 _TMP_RE = re.compile(r".*\.tmp-[0-9a-f]{32}")
 
+Checkpoint = dict[str, Any]
+"""A loaded checkpoint.pt: the trainer's state (tensors, numbers, strings and containers of them; see
+`Trainer._checkpoint`)."""
+
 
 class RunFolder(NamedTuple):
     """What --out holds before a run starts."""
 
     status: str
     """'new' (empty or absent), 'partial' (started, not complete) or 'complete'."""
-    checkpoint: dict[str, Any] | None
+    checkpoint: Checkpoint | None
     """The latest checkpoint of a partial run (None if it has none yet)."""
-    summary: dict[str, Any] | None
+    summary: JSONDict | None
     """OUT/metrics.json of a complete run."""
 
 
-def inspect_run_folder(out: str, identity: dict[str, Any]) -> RunFolder:
-    """Read --out without writing anything; refuse a folder that holds something other than this run."""
-    fs, root = open_url(out)
-    if fs.exists(root) and not fs.isdir(root):
-        raise InterplabError(f"{out} is a file; --out needs a new or empty folder, or this run's folder")
-    fs.invalidate_cache(root)
-    names = [posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False)] if fs.exists(root) else []
-    names = [n for n in names if not _TMP_RE.fullmatch(n)]
-    if RUN_CONFIG not in names:
-        if names:
-            raise InterplabError(f"{out} is not empty and holds no interplab SAE run (found "
-                                 f"{', '.join(sorted(names)[:3])}); choose a new or empty --out")
+def inspect_run_folder(out: str, identity: Mapping[str, JSONValue]) -> RunFolder:
+    """Read --out without writing anything; refuse a folder that holds something other than this run (the same
+    check, and the same one-line message, as every other command's run folder: `interplab.runs.check_identity`)."""
+    if check_identity(out, RUN_CONFIG, identity, "SAE") is None:
         return RunFolder("new", None, None)
-    saved = _read_json(out, RUN_CONFIG)
-    differs = sorted(k for k in set(saved) | set(identity) if saved.get(k, _MISSING) != identity.get(k, _MISSING))
-    if differs:
-        raise InterplabError(f"{out} holds a different run (differs in: {', '.join(differs)}); "
-                             "choose another --out or delete it")
+    names = folder_entries(out)
     if SUMMARY in names:
-        return RunFolder("complete", None, _read_json(out, SUMMARY))
+        return RunFolder("complete", None, read_json_object(join(out, SUMMARY)))
     return RunFolder("partial", load_checkpoint(out) if CHECKPOINT in names else None, None)
-
-
-def _read_json(out: str, name: str) -> dict[str, Any]:
-    fs, root = open_url(out)
-    try:
-        data = json.loads(fs.cat_file(join(root, name)))
-    except ValueError as e:
-        raise InterplabError(f"{join(out, name)} is not valid JSON ({e}); delete {out} and train again") from None
-    if not isinstance(data, dict):
-        raise InterplabError(f"{join(out, name)} does not hold a JSON object; delete {out} and train again")
-    return data
-
-
-_MISSING = object()
-
-
-def write_json(url: str, data: dict[str, Any]) -> None:
-    """Write `data` as indented JSON, atomically."""
-    write_url_atomic(url, (json.dumps(data, indent=2) + "\n").encode())
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(out: str, state: dict[str, Any]) -> None:
+def save_checkpoint(out: str, state: Checkpoint) -> None:
     """Write OUT/checkpoint.pt atomically: the previous checkpoint stays until the new one is whole."""
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, buffer)
     write_url_atomic(join(out, CHECKPOINT), buffer.getvalue())
 
 
-def load_checkpoint(out: str) -> dict[str, Any]:
+def load_checkpoint(out: str) -> Checkpoint:
     """OUT/checkpoint.pt, loaded onto the CPU (tensors, numbers, strings and containers only)."""
     fs, root = open_url(out)
     try:
@@ -122,6 +97,7 @@ def load_checkpoint(out: str) -> dict[str, Any]:
 
 
 def delete_checkpoint(out: str) -> None:
+    """Remove OUT/checkpoint.pt (once the run is complete), if it is there."""
     fs, root = open_url(out)
     path = join(root, CHECKPOINT)
     if fs.exists(path):
@@ -131,7 +107,8 @@ def delete_checkpoint(out: str) -> None:
 # ---- final outputs ---------------------------------------------------------------------------------------------
 
 
-def save_sae_folder(out: str, name: str, sae: Any, *, metadata: dict[str, Any], files: dict[str, dict]) -> str:
+def save_sae_folder(out: str, name: str, sae: SparseAutoencoder, *, metadata: Mapping[str, JSONValue],
+                    files: Mapping[str, Mapping[str, JSONValue]]) -> str:
     """Save `sae` (SAELens layout) plus the JSON `files` as OUT/<name>, replacing any earlier copy; return its URL.
 
     The folder is written whole under a temporary name, then moved into place.

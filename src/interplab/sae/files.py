@@ -1,4 +1,4 @@
-"""Saving and loading dictionaries: the SAELens layout (read and written) and the sparsify layout (read).
+"""Loading dictionaries: the SAELens layout (written by `SparseAutoencoder.save`, base.py) and the sparsify layout.
 
 SAELens layout — a folder with
     cfg.json                   what `sae_lens.SAE.load_from_disk` needs: architecture ("standard" | "topk" |
@@ -20,72 +20,28 @@ from __future__ import annotations
 
 import json
 import posixpath
-from typing import Any
 
 import torch
+from fsspec import AbstractFileSystem
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from interplab.errors import InterplabError
-from interplab.fileio import join, list_files, open_url, write_url_atomic
-from interplab.sae.base import SparseAutoencoder, make_sae
+from interplab.fileio import join, list_files, open_url
+from interplab.runs import JSONDict
+from interplab.sae.base import SparseAutoencoder
 from interplab.sae.config import SAEConfig
-
-CFG_FILE = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SPARSIFY_WEIGHTS = "sae.safetensors"
-FORMAT_VERSION = 1
-SAELENS_FORMAT_VERSION = "6.0.0"
-"""The SAELens config version our cfg.json follows (older versions make SAELens rewrite the config)."""
-
-_SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
-                 "matryoshka": "jumprelu"}
-_FROM_SAELENS_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk",
-                      "matryoshka_batchtopk": "matryoshka"}
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-                torch.bfloat16: "bfloat16"}
+from interplab.sae.layout import CFG_FILE, FROM_SAELENS_ARCH, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS
+from interplab.sae.registry import make_sae
 
 
-# ---- SAELens layout: save -----------------------------------------------------------------------------------
-def save_sae(sae: SparseAutoencoder, path: str, *, metadata: dict | None = None) -> None:
-    """Write `sae` to the folder `path` in the SAELens layout; each file is written atomically."""
-    cfg = sae.cfg
-    tensors = {name: getattr(sae, name).detach() for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
-    if cfg.arch == "jumprelu":
-        tensors["threshold"] = sae.threshold.detach()
-    elif cfg.arch in ("batchtopk", "matryoshka"):
-        tensors["threshold"] = sae.threshold.detach().to(sae.b_enc.dtype).expand(cfg.d_sae)
-    tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
-
-    meta: dict[str, Any] = {"sae_lens_version": SAELENS_FORMAT_VERSION,
-                            "sae_lens_training_version": SAELENS_FORMAT_VERSION,
-                            "hook_name": cfg.hook_name, "model_name": cfg.model}
-    meta.update(metadata or {})
-    ours: dict[str, Any] = {"format": FORMAT_VERSION, **cfg.to_dict()}
-    if cfg.arch in ("batchtopk", "matryoshka"):
-        ours["threshold_updates"] = int(sae.threshold_updates)
-    saved = {
-        "architecture": _SAELENS_ARCH[cfg.arch],
-        "d_in": cfg.d_in,
-        "d_sae": cfg.d_sae,
-        "dtype": _DTYPE_NAMES.get(sae.W_enc.dtype, "float32"),
-        "device": "cpu",
-        "apply_b_dec_to_input": cfg.subtract_b_dec,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
-        "metadata": meta,
-        "interplab": ours,
-    }
-    if cfg.arch == "topk":
-        saved.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
-    # weights first: a folder whose cfg.json exists is complete
-    write_url_atomic(join(path, SAELENS_WEIGHTS), save_safetensors(tensors))
-    write_url_atomic(join(path, CFG_FILE), json.dumps(saved, indent=2).encode())
+def load_sae(path: str) -> SparseAutoencoder:
+    """Load a saved SAE, in eval mode (call .train() to train): a SAELens-layout folder (ours, or one SAELens
+    wrote) or a sparsify hookpoint folder. Saving is `SparseAutoencoder.save`."""
+    return _load_folder(path).eval()
 
 
-# ---- loading ------------------------------------------------------------------------------------------------
-def load_sae_folder(path: str) -> SparseAutoencoder:
-    """Load a SAELens-layout folder or a sparsify hookpoint folder."""
+def _load_folder(path: str) -> SparseAutoencoder:
+    """The SAE in `path` (train mode), or an InterplabError naming what the folder lacks."""
     fs, root = open_url(path)
     files = list_files(fs, root)
     if CFG_FILE in files and SAELENS_WEIGHTS in files:
@@ -109,11 +65,13 @@ def load_sae_folder(path: str) -> SparseAutoencoder:
     raise InterplabError(f"no SAE at {path}: missing {missing}; found {sorted(files) or 'no files'}")
 
 
-def _read(fs: Any, root: str, weights_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read(fs: AbstractFileSystem, root: str, weights_name: str) -> tuple[JSONDict, dict[str, torch.Tensor]]:
     try:
         cfg_dict = json.loads(fs.cat_file(join(root, CFG_FILE)))
     except json.JSONDecodeError as e:
         raise InterplabError(f"{join(root, CFG_FILE)} is not valid JSON: {e}") from e
+    if not isinstance(cfg_dict, dict):
+        raise InterplabError(f"{join(root, CFG_FILE)} holds JSON {type(cfg_dict).__name__}, not an object")
     try:
         tensors = load_safetensors(fs.cat_file(join(root, weights_name)))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
@@ -131,14 +89,14 @@ def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], w
     return t
 
 
-def _int_field(cfg_dict: dict, name: str, where: str) -> int:
+def _int_field(cfg_dict: JSONDict, name: str, where: str) -> int:
     value = cfg_dict.get(name)
     if not isinstance(value, int) or isinstance(value, bool):
         raise InterplabError(f"{where}: cfg.json needs an integer {name!r}, got {value!r}")
     return value
 
 
-def _from_saelens(cfg_dict: dict, tensors: dict[str, torch.Tensor], path: str) -> SparseAutoencoder:
+def _from_saelens(cfg_dict: JSONDict, tensors: dict[str, torch.Tensor], path: str) -> SparseAutoencoder:
     where = join(path, SAELENS_WEIGHTS)
     ours = cfg_dict.get("interplab")
     if isinstance(ours, dict):
@@ -177,14 +135,14 @@ def _from_saelens(cfg_dict: dict, tensors: dict[str, torch.Tensor], path: str) -
     return sae
 
 
-def _config_from_saelens(cfg_dict: dict, path: str) -> SAEConfig:
+def _config_from_saelens(cfg_dict: JSONDict, path: str) -> SAEConfig:
     """Our SAEConfig for a cfg.json written by SAELens itself (no "interplab" entry)."""
     where = join(path, CFG_FILE)
     arch_name = cfg_dict.get("architecture", "standard")
-    if arch_name not in _FROM_SAELENS_ARCH:
+    if arch_name not in FROM_SAELENS_ARCH:
         raise InterplabError(f"{where}: unknown SAE architecture {arch_name!r}; interplab loads "
-                             f"{', '.join(_FROM_SAELENS_ARCH)}")
-    arch = _FROM_SAELENS_ARCH[arch_name]
+                             f"{', '.join(FROM_SAELENS_ARCH)}")
+    arch = FROM_SAELENS_ARCH[arch_name]
     norm = cfg_dict.get("normalize_activations") or "none"
     if norm not in ("none", "expected_average_only_in", False):
         raise InterplabError(f"{where}: normalize_activations={norm!r} is not supported (only 'none', or "
@@ -213,7 +171,7 @@ def _config_from_saelens(cfg_dict: dict, path: str) -> SAEConfig:
     return cfg
 
 
-def _from_sparsify(cfg_dict: dict, tensors: dict[str, torch.Tensor], path: str) -> SparseAutoencoder:
+def _from_sparsify(cfg_dict: JSONDict, tensors: dict[str, torch.Tensor], path: str) -> SparseAutoencoder:
     where = join(path, SPARSIFY_WEIGHTS)
     cfg_where = join(path, CFG_FILE)
     d_in = _int_field(cfg_dict, "d_in", cfg_where)

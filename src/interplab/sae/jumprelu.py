@@ -25,11 +25,11 @@ compare with.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
 from interplab.sae.base import SparseAutoencoder, TrainOutput
 from interplab.sae.config import SAEConfig
@@ -39,7 +39,7 @@ class _JumpReLUWithL0(torch.autograd.Function):
     """(f, l0_per_token) = (pre · H(pre − θ), Σ_i H(pre_i − θ_i)) with the rectangle-kernel STE for θ."""
 
     @staticmethod
-    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+    def forward(ctx: FunctionCtx, pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
         active = pre > threshold                                     # [batch d_sae]
         f = pre * active
         l0 = active.sum(-1, dtype=pre.dtype)                         # [batch]
@@ -48,7 +48,7 @@ class _JumpReLUWithL0(torch.autograd.Function):
         return f, l0
 
     @staticmethod
-    def backward(ctx: Any, g_f: Tensor, g_l0: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx: FunctionCtx, g_f: Tensor, g_l0: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_pre = g_f * (pre > threshold) if ctx.needs_input_grad[0] else None
@@ -79,7 +79,7 @@ class _JumpReLULoss(torch.autograd.Function):
     """(loss, recon, mse, sparsity, l0, fired) of a batch; parameter gradients accumulated block by block."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+    def forward(ctx: FunctionCtx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
                 log_threshold: Tensor, l0_coef: float, bandwidth: float, subtract_b_dec: bool, want_grads: bool,
                 ) -> tuple[Tensor, ...]:
         batch, d_sae = x.shape[0], W_enc.shape[1]
@@ -134,7 +134,7 @@ class _JumpReLULoss(torch.autograd.Function):
         return mse + sparsity, recon, mse, sparsity, l0, fired
 
     @staticmethod
-    def backward(ctx: Any, g_loss: Tensor, g_recon: Tensor, g_mse: Tensor, g_sparsity: Tensor, *_: Any,
+    def backward(ctx: FunctionCtx, g_loss: Tensor, g_recon: Tensor, g_mse: Tensor, g_sparsity: Tensor, *_: Tensor,
                  ) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         no_extra = [None] * 4

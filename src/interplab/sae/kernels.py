@@ -22,13 +22,12 @@ matrix products over the subset beat the sparse kernels. selection.py chooses th
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 
 def _argsort(keys: Int[Tensor, " n"], bound: int) -> Int[Tensor, " n"]:
@@ -123,7 +122,7 @@ def _row_dots(codes: SparseCodes, grad: Float[Tensor, "batch d"], W: Float[Tenso
 
 class _SparseEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, codes: SparseCodes,
+    def forward(ctx: FunctionCtx, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, codes: SparseCodes,
                 values: Tensor | None, x_in: Tensor | None) -> Tensor:
         if x_in is None:
             x_in = x - b_dec if b_dec is not None else x  # [batch d_in]
@@ -137,7 +136,7 @@ class _SparseEncode(torch.autograd.Function):
         return values  # [nnz]
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
         x_in, W_enc = ctx.saved_tensors
         codes: SparseCodes = ctx.codes
         g = g.contiguous()
@@ -158,13 +157,13 @@ class _SparseEncode(torch.autograd.Function):
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, f: Tensor, W_dec: Tensor, codes: SparseCodes) -> Tensor:
+    def forward(ctx: FunctionCtx, f: Tensor, W_dec: Tensor, codes: SparseCodes) -> Tensor:
         ctx.codes = codes
         ctx.save_for_backward(f, W_dec)
         return F.embedding_bag(codes.cols, W_dec, codes.offsets, mode="sum", per_sample_weights=f)  # [batch d_in]
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
         f, W_dec = ctx.saved_tensors
         codes: SparseCodes = ctx.codes
         g = g.contiguous()
@@ -201,14 +200,14 @@ def sparse_decode(
 
 class _DenseSubsetEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_in: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, latents: Tensor,
+    def forward(ctx: FunctionCtx, x_in: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, latents: Tensor,
                 values: Tensor, mask: Tensor) -> Tensor:
         ctx.save_for_backward(x_in, W_enc, latents, mask)
         ctx.has_b_dec = b_dec is not None
         return values.clone()  # [batch n]
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
         x_in, W_enc, latents, mask = ctx.saved_tensors
         g = g * mask                                                          # only the chosen entries
         g_b_sub = g.sum(0)                                                    # [n]

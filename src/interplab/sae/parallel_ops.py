@@ -16,11 +16,10 @@ Outside a process group (or in a group of one) every function here is a no-op, s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from interplab.distributed import all_gather_cat, all_reduce_sum_
 
@@ -32,21 +31,21 @@ def _all_reduce_sum(t: Tensor) -> Tensor:
 
 class _CopyToRanks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
+    def forward(ctx: FunctionCtx, x: Tensor) -> Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:
+    def backward(ctx: FunctionCtx, g: Tensor) -> Tensor:
         return _all_reduce_sum(g)
 
 
 class _SumOverRanks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
+    def forward(ctx: FunctionCtx, x: Tensor) -> Tensor:
         return _all_reduce_sum(x)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:
+    def backward(ctx: FunctionCtx, g: Tensor) -> Tensor:
         return g
 
 

@@ -20,11 +20,10 @@ a gradient for x falls back to plain autograd on the same formulas.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from interplab.sae.base import SparseAutoencoder, TrainOutput
 
@@ -46,7 +45,7 @@ class _ReLUSAELoss(torch.autograd.Function):
     """(loss, recon, mse, l1_term, l0_count, f_colsum) of a batch; parameter gradients accumulated block by block."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, l1: float,
+    def forward(ctx: FunctionCtx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, l1: float,
                 subtract_b_dec: bool, want_grads: bool) -> tuple[Tensor, ...]:
         batch, d_sae = x.shape[0], W_enc.shape[1]
         x_in = x - b_dec if subtract_b_dec else x                               # [batch d_in]
@@ -91,7 +90,7 @@ class _ReLUSAELoss(torch.autograd.Function):
         return mse + l1_term, recon, mse, l1_term, l0_count, f_colsum
 
     @staticmethod
-    def backward(ctx: Any, g_loss: Tensor, g_recon: Tensor, g_mse: Tensor, g_l1: Tensor, *_: Any,
+    def backward(ctx: FunctionCtx, g_loss: Tensor, g_recon: Tensor, g_mse: Tensor, g_l1: Tensor, *_: Tensor,
                  ) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         if ctx.want_grads and not ctx.needs_input_grad[0] and not g_mse.any() and not g_l1.any() \

@@ -13,9 +13,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from interplab.distributed import all_reduce_sum_
-from interplab.sae.base import SparseAutoencoder, TrainOutput, make_sae
+from interplab.sae.base import SparseAutoencoder, TrainOutput
 from interplab.sae.config import SAEConfig
 from interplab.sae.data_parallel import reduce_gradients
+from interplab.sae.registry import make_sae
 
 ADAM_BETAS = (0.9, 0.999)
 RESAMPLE_ENC_FRACTION = 0.2

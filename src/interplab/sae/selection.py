@@ -7,12 +7,14 @@ kernels.py then attach gradients to just those entries.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from interplab.distributed import all_gather_cat
 from interplab.sae.kernels import SparseCodes
 
 ENCODE_CHUNK = 512
@@ -97,7 +99,7 @@ def encode_select(
     else:
         codes, values = SparseCodes.fixed_k(idx, d_sae), vals.reshape(-1)
     if dense_aux:
-        aux: Any = DenseAux(dead, aux_block, aux_mask)
+        aux: tuple[SparseCodes, Float[Tensor, " nnz_aux"]] | DenseAux | None = DenseAux(dead, aux_block, aux_mask)
     else:
         aux = (SparseCodes.fixed_k(dead[aux_idx], d_sae), aux_vals.reshape(-1)) if k_aux else None
     return Selection(codes, values, aux)
@@ -146,8 +148,6 @@ def _batch_level(cand_vals: Float[Tensor, "batch c"], cand_idx: Int[Tensor, "bat
 
 def _threshold_over_ranks(local_top: Float[Tensor, " m"], n: int) -> Tensor:
     """The n-th largest value among every rank's `local_top` (each rank's top m <= n values)."""
-    from interplab.distributed import all_gather_cat
-
     padded = local_top.new_full((n,), float("-inf"))
     padded[: local_top.numel()] = local_top
     return all_gather_cat(padded).topk(n, sorted=False).values.min()

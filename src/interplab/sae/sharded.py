@@ -28,6 +28,7 @@ unsharded update, Adam being element-wise.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
@@ -106,8 +107,6 @@ class ShardedTopKSAE(nn.Module):
         its own slice plus one other; only its CPU memory holds the whole dictionary. Every rank must call this.
         """
         self._check_group()
-        import torch.distributed as dist
-
         full = TopKSAE(self.cfg).to(self.W_dec.dtype) if self.rank == 0 else None
         m = self.m
         for name in ("W_enc", "b_enc", "W_dec"):
@@ -168,8 +167,6 @@ class ShardedTopKSAE(nn.Module):
         slice alone without any error."""
         if self.world_size == 1:
             return
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             raise InterplabError(f"this ShardedTopKSAE is rank {self.rank} of {self.world_size} but no process group "
                                  "is initialised: launch with torchrun and call interplab.distributed.init() first")

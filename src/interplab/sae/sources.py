@@ -1,5 +1,8 @@
 """Where training batches come from: a harvested store, or a model run on a corpus (stream mode).
 
+Any object with the attributes of `BatchSource` can feed the trainer (`train(cfg, source=...)`); the planted-truth
+lab's `interplab.synth.sources.synthetic_source` builds the one of synthetic mode (--synthetic).
+
 Both sources are deterministic functions of the seed and resumable by batch index: `batches(start)` yields the
 same batches an uninterrupted run would have seen from batch `start` on, without re-training on (store) or
 re-running the model over (stream) what came before. Both repeat the data (a new shuffle per pass) when a run
@@ -17,16 +20,55 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from interplab.activations.store import ActivationStore
+from interplab.data.corpus import iter_contexts
 from interplab.errors import InterplabError
+from interplab.models.load import load_model
+from interplab.sae.train_config import TrainConfig
 
 _FILL_SEED_STRIDE = 1_000_003  # seed of fill i: seed * stride + i, so that fills of nearby seeds differ
+
+
+class BatchSource(Protocol):
+    """What the trainer reads batches from. A source may also have `tokens_per_pass` (the tokens of whole batches
+    in one pass over finite data), which sets the default length of a run without --tokens."""
+
+    d_in: int
+    """Width of the activations."""
+    hook: str
+    """The hook point the activations come from; saved in each SAE's config as its hook_name."""
+    model_spec: str
+    """The model the activations come from; saved in each SAE's config as its model."""
+    describe: str
+    """A few words naming the data, for messages."""
+
+    def batches(self, start: int = 0) -> Iterator[Float[Tensor, "batch d_in"]]:
+        """Float32 batches [batch_size, d_in] from batch index `start` on, endlessly, the same on every call."""
+        ...
+
+
+def open_source(cfg: TrainConfig) -> BatchSource:
+    """The batch source of store or stream mode (--store, --model). Synthetic mode (--synthetic) belongs to the
+    planted-truth lab, above this package: `interplab.synth.sources.synthetic_source(cfg)` builds its source."""
+    if cfg.synthetic is not None:
+        raise InterplabError(f"--synthetic {cfg.synthetic}: the SAE trainer does not build generators; build the "
+                             "source with interplab.synth.sources.synthetic_source(cfg) and pass it: "
+                             "train(cfg, source=...)")
+    if cfg.store is not None:
+        return StoreSource(cfg.store, cfg.hook, cfg.batch_size, cfg.seed, skip_positions=int(cfg.exclude_bos))
+    if cfg.model is None or cfg.hook is None:
+        raise InterplabError("stream mode needs --model and --hook")  # validate() says so first; for other callers
+    return StreamSource(cfg.model, cfg.hook, cfg.corpus, split=cfg.split, ctx_len=cfg.ctx_len,
+                        model_batch_size=cfg.model_batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                        batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
+                        test_fraction=cfg.test_fraction, skip_positions=int(cfg.exclude_bos))
 
 
 class StoreSource:
@@ -67,9 +109,6 @@ class StreamSource:
     def __init__(self, model_spec: str, hook: str, corpus: str, *, split: str, ctx_len: int, model_batch_size: int,
                  shuffle_buffer: int, batch_size: int, seed: int, device: str | None,
                  test_fraction: float = 0.05, skip_positions: int = 0) -> None:
-        from interplab.data import iter_contexts
-        from interplab.models import load_model
-
         self.model = load_model(model_spec, device=device)
         d_in = self.model.hook_dim(hook)  # rejects an unknown hook, listing the valid ones
         if d_in is None:
@@ -88,13 +127,12 @@ class StreamSource:
         self.skip_positions = skip_positions
         self.batches_per_fill = self.contexts_per_fill * (ctx_len - skip_positions) // batch_size
         self.describe = f"{model_spec} at {hook} on {corpus}"
-        self._iter_contexts = iter_contexts
         # Read the corpus now, so that a bad corpus fails before anything is written.
         if next(self._pass(0), None) is None:
             raise InterplabError(f"corpus '{corpus}' ({split} split) yields no context of {ctx_len} tokens")
 
     def _pass(self, n_pass: int) -> Iterator[Tensor]:
-        return self._iter_contexts(self.corpus, self.model.tokenizer, self.ctx_len, split=self.split,
+        return iter_contexts(self.corpus, self.model.tokenizer, self.ctx_len, split=self.split,
                                    seed=self.seed + n_pass, test_fraction=self.test_fraction)
 
     def _contexts(self) -> Iterator[Tensor]:

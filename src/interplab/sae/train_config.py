@@ -9,8 +9,9 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from interplab.config import TextFields
 from interplab.errors import InterplabError
 from interplab.sae.config import ARCHS, SAEConfig
 
@@ -38,7 +39,7 @@ class SweepPoint(NamedTuple):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TextFields):
     """Train sparse autoencoders (a sweep, all on the same batches) on a store or on a model's activations."""
 
     store: str | None = None
@@ -50,19 +51,11 @@ class TrainConfig:
     are spread over the ranks (rank r trains hooks r, r+N, ... of N ranks), each rank on its own with no
     communication between ranks; otherwise they train one after another."""
     model: str | None = None
-    """Stream mode: model spec to run directly on --corpus (no store is written)."""
+    """Stream mode: model spec to run directly on --corpus (its --split, --test-fraction, in contexts of --ctx-len
+    tokens; no store is written)."""
     synthetic: str | None = None
     """Synthetic mode: a generator with planted features, e.g. sparse, sparse:mean_active=10,correlated=true or
     animals (see interplab.synth.specs); its stream is endless, so --tokens is required."""
-    corpus: str = "python-docs"
-    """Stream mode: text corpus ('python-docs', a .txt/.jsonl/.parquet file or folder, hf:NAME, ...)."""
-    split: str = "train"
-    """Stream mode: corpus split (train, test or all)."""
-    test_fraction: float = 0.05
-    """Share of documents held out as the test split (decided by a hash of each text; same value to harvest, train
-    and evaluate, so the splits stay disjoint)."""
-    ctx_len: int = 128
-    """Stream mode: tokens per context (BOS included)."""
     model_batch_size: int = 16
     """Stream mode: contexts per forward pass of the model."""
     shuffle_buffer: int = 65_536
@@ -203,7 +196,7 @@ class TrainConfig:
             points.append(SweepPoint(f"{self.arch}{label}-x{expansion}", cfg))
         return points
 
-    def _sae_config(self, d_in: int, d_sae: int, swept: dict[str, Any]) -> SAEConfig:
+    def _sae_config(self, d_in: int, d_sae: int, swept: dict[str, int | float]) -> SAEConfig:
         optional = ("aux_k", "aux_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold")
         extra = {name: getattr(self, name) for name in optional if getattr(self, name) is not None}
         fixed = {name: getattr(self, name)[0] for name in ("k", "l1_coefficient", "l0_coefficient")}
@@ -211,7 +204,7 @@ class TrainConfig:
                          matryoshka_prefixes=list(self.matryoshka_prefixes) or None,
                          hook_name=self.hook or "", model=self.model or "")
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, object]:
         """The settings that define a run: resuming requires them to match."""
         return {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY}
 

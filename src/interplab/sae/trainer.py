@@ -19,33 +19,42 @@ import itertools
 import math
 import posixpath
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import Any, Callable, NamedTuple
+from types import ModuleType
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from interplab import distributed as D
 from interplab.activations.store import NonFiniteShardError
 from interplab.errors import InterplabError
 from interplab.fileio import join
+from interplab.runs import write_json
 from interplab.sae.base import SparseAutoencoder
 from interplab.sae.checkpoint import (
     RUN_CONFIG,
     SUMMARY,
+    Checkpoint,
     delete_checkpoint,
     inspect_run_folder,
     remove_stale_tmp,
     save_checkpoint,
     save_sae_folder,
-    write_json,
 )
+from interplab.sae.config import SAEConfig
 from interplab.sae.sae_run import SAERun
-from interplab.sae.sources import StoreSource, StreamSource
+from interplab.sae.sharded import ShardedTopKSAE
+from interplab.sae.sources import BatchSource, open_source
 from interplab.sae.train_config import TrainConfig
 
 INIT_TOKENS = 65_536
 """Tokens (whole batches, at most the whole run) from which the normalisation scale and b_dec are estimated."""
+
+Metrics = dict[str, float | int | str]
+"""One SAE's final metrics (numbers, and its name)."""
 
 
 class TrainResult(NamedTuple):
@@ -54,12 +63,12 @@ class TrainResult(NamedTuple):
     out: str
     names: list[str]
     """The SAEs of the sweep, in order; each is saved in OUT/<name>."""
-    saes: dict[str, SparseAutoencoder]
+    saes: dict[str, SparseAutoencoder | ShardedTopKSAE]
     """The trained SAEs as they were during training: they read activations x `scale` (the saved ones read raw
     activations); with --shard-latents under torchrun, this rank's slices. Empty if the run was already complete."""
     scale: float
     """Normalisation factor the activations were multiplied by (1.0 without --normalize)."""
-    metrics: dict[str, dict[str, Any]]
+    metrics: dict[str, Metrics]
     """Final metrics of each SAE (as in OUT/<name>/metrics.json, without the history)."""
     steps: int
     tokens: int
@@ -71,9 +80,14 @@ class TrainResult(NamedTuple):
     """OUT held this complete run before the call: nothing was done."""
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, callback: Callable[["Trainer"], None] | None = None,
-          data_parallel: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, source: BatchSource | None = None, *, progress: bool = True,
+          callback: Callable[[Trainer], None] | None = None, data_parallel: bool = True) -> TrainResult:
     """Train the sweep `cfg` describes; `callback(trainer)` runs after each step (tests use it to stop a run).
+
+    The batches come from `source`, or (when it is None) from the store or the model run `cfg` names (sources.py).
+    Synthetic mode (cfg.synthetic) needs the source built by its caller, above this package:
+    `train(cfg, source=interplab.synth.sources.synthetic_source(cfg))`. A given source must be the data `cfg`
+    describes: the run folder's identity, and so resuming, rests on `cfg` alone.
 
     Under torchrun the run is data-parallel over the ranks (unless `data_parallel=False`, which trains on this
     rank alone): each rank trains on its share of every batch, the gradients are averaged (data_parallel.py), and
@@ -83,6 +97,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: Callable[["Train
     cfg.validate()
     if cfg.hooks:
         raise InterplabError("this config trains one run per hook (--hooks): call interplab.sae.per_hook.train_hooks")
+    if cfg.synthetic is not None and source is None:
+        raise InterplabError(f"--synthetic {cfg.synthetic}: the caller must build the batch source, "
+                             "train(cfg, source=interplab.synth.sources.synthetic_source(cfg)); the SAE trainer "
+                             "does not import the planted-truth lab")
     ranks = D.ranks() if data_parallel else D.Ranks(0, 1, 0)
     if ranks.distributed:
         _check_data_parallel(cfg, ranks)
@@ -100,7 +118,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: Callable[["Train
         at = f"checkpoint at step {folder.checkpoint['step']}" if folder.checkpoint else "no checkpoint yet"
         raise InterplabError(f"{cfg.out} holds a partial run ({at}); pass --resume to continue it, "
                              "or delete it to start over")
-    trainer = Trainer(cfg, folder.checkpoint, progress=progress, callback=callback, ranks=ranks)
+    trainer = Trainer(cfg, folder.checkpoint, source, progress=progress, callback=callback, ranks=ranks)
     return trainer.run(wandb)
 
 
@@ -115,36 +133,21 @@ def _check_data_parallel(cfg: TrainConfig, ranks: D.Ranks) -> None:
                              "--store; or train one hook per rank with --hooks")
 
 
-def _import_wandb() -> Any:
+def _import_wandb() -> ModuleType:
     try:
-        import wandb
+        import wandb  # optional: only with --wandb-project
     except ImportError:
         raise InterplabError("--wandb-project is set but wandb is not installed: "
                              "pip install interplab[wandb]") from None
     return wandb
 
 
-def open_source(cfg: TrainConfig) -> Any:
-    """The batch source `cfg` names (store, stream or synthetic mode)."""
-    if cfg.synthetic is not None:
-        from interplab.synth.sparse import SyntheticSource
-        from interplab.synth.specs import make_generator
-
-        return SyntheticSource(make_generator(cfg.synthetic), cfg.batch_size, name=f"synthetic:{cfg.synthetic}")
-    if cfg.store is not None:
-        return StoreSource(cfg.store, cfg.hook, cfg.batch_size, cfg.seed, skip_positions=int(cfg.exclude_bos))
-    assert cfg.model is not None and cfg.hook is not None  # validate() checked
-    return StreamSource(cfg.model, cfg.hook, cfg.corpus, split=cfg.split, ctx_len=cfg.ctx_len,
-                        model_batch_size=cfg.model_batch_size, shuffle_buffer=cfg.shuffle_buffer,
-                        batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
-                        test_fraction=cfg.test_fraction, skip_positions=int(cfg.exclude_bos))
-
-
 class Trainer:
     """The training loop of one run. Everything is checked in __init__, before anything is written."""
 
-    def __init__(self, cfg: TrainConfig, checkpoint: dict[str, Any] | None, *, progress: bool = True,
-                 callback: Callable[["Trainer"], None] | None = None, ranks: D.Ranks = D.Ranks(0, 1, 0)) -> None:
+    def __init__(self, cfg: TrainConfig, checkpoint: Checkpoint | None, source: BatchSource | None = None, *,
+                 progress: bool = True, callback: Callable[[Trainer], None] | None = None,
+                 ranks: D.Ranks = D.Ranks(0, 1, 0)) -> None:
         self.cfg, self.callback, self.ranks = cfg, callback, ranks
         self.progress = progress and ranks.is_main
         self.latent_shards = ranks.world_size if cfg.shard_latents else 1
@@ -152,9 +155,12 @@ class Trainer:
         self.batch_ranks = 1 if cfg.shard_latents else ranks.world_size
         """Ranks each batch is split over (data-parallel training; 1 otherwise)."""
         self.device = torch.device(D.rank_device(cfg.device))
-        self.source = open_source(cfg)
+        self.source = source if source is not None else open_source(cfg)
         self.d_in = self.source.d_in
-        self.n_steps = cfg.n_steps(cfg.tokens or self.source.tokens_per_pass)
+        tokens = cfg.tokens or self._tokens_per_pass()
+        if tokens is None:
+            raise InterplabError(f"{self.source.describe} is endless: give --tokens")
+        self.n_steps = cfg.n_steps(tokens)
         self.dead_window = cfg.dead_window(self.n_steps)
         points = cfg.sweep(self.d_in)
         for point in points:
@@ -168,16 +174,18 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
 
-    def _sharded(self, cfg: Any) -> Any:
+    def _sharded(self, cfg: SAEConfig) -> ShardedTopKSAE | None:
         """This rank's slice of a latent-sharded SAE, or None (SAERun then builds the whole SAE)."""
         if self.latent_shards == 1:
             return None
-        from interplab.sae.sharded import ShardedTopKSAE
-
         return ShardedTopKSAE(cfg, self.ranks.rank, self.latent_shards)
 
+    def _tokens_per_pass(self) -> int | None:
+        """Tokens of whole batches in one pass over the source's data; None for an endless source (a generator)."""
+        return getattr(self.source, "tokens_per_pass", None)  # optional in the BatchSource protocol
+
     # ---- checkpoints ----------------------------------------------------------------------------------------
-    def _restore(self, ckpt: dict[str, Any]) -> None:
+    def _restore(self, ckpt: Checkpoint) -> None:
         where = f"the checkpoint in {self.cfg.out}"
         if ckpt.get("latent_shards", 1) != self.latent_shards:
             raise InterplabError(f"{where} holds SAEs whose latents are split over {ckpt.get('latent_shards', 1)} "
@@ -198,20 +206,22 @@ class Trainer:
     def _checkpoint(self) -> None:
         """Rank 0 writes the checkpoint: the state every rank shares, or (latent-sharded) every rank's slice."""
         self.last_checkpoint = self.step
-        runs: Any = {name: run.state_dict() for name, run in self.runs.items()}
+        runs = {name: run.state_dict() for name, run in self.runs.items()}
+        saved: dict[str, object] | None = runs
         if self.latent_shards > 1:
             per_rank = D.gather_objects(runs)
-            runs = {name: [states[name] for states in per_rank] for name in self.runs} if per_rank else None
+            saved = {name: [states[name] for states in per_rank] for name in self.runs} if per_rank else None
         if self.ranks.is_main:
             save_checkpoint(self.cfg.out, {
                 "config": self.cfg.identity(), "d_in": self.d_in, "step": self.step, "scale": self.scale,
-                "torch_rng": torch.get_rng_state(), "runs": runs, "latent_shards": self.latent_shards,
+                "torch_rng": torch.get_rng_state(), "runs": saved, "latent_shards": self.latent_shards,
             })
         if self.ranks.distributed:
             D.barrier()  # no rank runs ahead of a checkpoint (a rank stopped now resumes from this one)
 
     # ---- the loop -------------------------------------------------------------------------------------------
-    def run(self, wandb: Any = None) -> TrainResult:
+    def run(self, wandb: ModuleType | None = None) -> TrainResult:
+        """Train to the end (from the checkpoint, if resuming), save every SAE, and mark the run complete."""
         cfg, B = self.cfg, self.cfg.batch_size
         resumed_from = self.step
         self.last_checkpoint = self.step if resumed_from else None
@@ -222,7 +232,7 @@ class Trainer:
         if self.ranks.is_main:
             remove_stale_tmp(cfg.out)
             write_json(join(cfg.out, RUN_CONFIG), cfg.identity())  # from here on, --out holds this run
-        per_pass = getattr(self.source, "tokens_per_pass", None)
+        per_pass = self._tokens_per_pass()
         if self.progress and per_pass and self.n_steps * B > per_pass and resumed_from == 0:
             tqdm.write(f"note: {self.source.describe} holds {per_pass:,} tokens of whole batches; training on "
                        f"{self.n_steps * B:,} tokens makes {self.n_steps * B / per_pass:.1f} passes over it")
@@ -266,7 +276,7 @@ class Trainer:
         return TrainResult(cfg.out, list(self.runs), {n: r.sae for n, r in self.runs.items()}, self.scale, metrics,
                            self.n_steps, self.n_steps * B, tokens_per_s, resumed_from, False)
 
-    def _initialize(self, batches: Any) -> Any:
+    def _initialize(self, batches: Iterator[Tensor]) -> Iterator[Tensor]:
         """Estimate the normalisation scale and initialise every SAE from the first batches; return the batch
         iterator with those batches put back in front."""
         n = min(self.n_steps, math.ceil(INIT_TOKENS / self.cfg.batch_size))
@@ -281,7 +291,7 @@ class Trainer:
             run.sae.initialize(sample * self.scale, b_dec_init=self.cfg.b_dec_init, seed=self.cfg.seed)
         return itertools.chain(head, batches)
 
-    def _next_batch(self, batches: Any, step: int) -> torch.Tensor:
+    def _next_batch(self, batches: Iterator[Tensor], step: int) -> Tensor:
         try:
             x = next(batches)
         except NonFiniteShardError as e:
@@ -311,7 +321,7 @@ class Trainer:
                                      "try a lower --lr")
         self.step, self.batch = step + 1, x
 
-    def _postfix(self, start: float, resumed_from: int, logged: dict[str, dict] | None = None) -> str:
+    def _postfix(self, start: float, resumed_from: int, logged: dict[str, dict[str, float]] | None = None) -> str:
         elapsed = time.perf_counter() - start
         rate = (self.step - resumed_from) * self.cfg.batch_size / elapsed if elapsed > 0 else 0.0
         m = logged or {n: r.window_metrics(self.scale, self.dead_window) for n, r in self.runs.items()}
@@ -323,7 +333,7 @@ class Trainer:
                 f"dead={col('dead_fraction', '.1%')}")
 
     # ---- the end --------------------------------------------------------------------------------------------
-    def _final_metrics(self, tokens_per_s: float) -> dict[str, dict[str, Any]]:
+    def _final_metrics(self, tokens_per_s: float) -> dict[str, Metrics]:
         return {name: {"name": name, "steps": self.n_steps, **run.history[-1], "tokens_per_s": tokens_per_s,
                        "input_scale": self.scale, "dead_window_tokens": self.dead_window}
                 for name, run in self.runs.items()}
@@ -334,7 +344,7 @@ class Trainer:
             return run.sae.gather_full()  # a collective: every rank calls it
         return copy.deepcopy(run.sae) if self.ranks.is_main else None
 
-    def _save(self, tokens_per_s: float) -> dict[str, dict[str, Any]]:
+    def _save(self, tokens_per_s: float) -> dict[str, Metrics]:
         """Save every SAE (normalisation folded in) with its config and metrics; then mark the run complete.
         Every rank calls it (a latent-sharded SAE is gathered to rank 0); only rank 0 writes."""
         cfg, finals = self.cfg, self._final_metrics(tokens_per_s)

@@ -14,8 +14,9 @@ toy models of superposition, and a transformer whose embedding is a generator's 
   clusters); `interplab synth tms`.
 - specs.py: generator specs ("sparse:mean_active=10") for `interplab sae train --synthetic`; bench.py, figures.py:
   `synth bench` and `synth score`.
-- planted.py: the planted model, a small transformer whose embedding is a generator's samples, so that harvest,
-  SAE training from the store and `sae eval` run where the truth is known (`synth model`).
+- planted.py: the planted model, a small transformer (models.table_embed) whose embedding is a generator's samples,
+  so that harvest, SAE training from the store and `sae eval` run where the truth is known (`synth model`).
+- configs.py: the command configs (standard library only); sources.py: the generator as the SAE trainer's source.
 """
 
 import lazy_loader
@@ -24,7 +25,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
         "animals": ["Animals", "AnimalsBatch", "AnimalsConfig", "NoCommonDictionary", "ONTOLOGIES", "no_common_dictionary"],
-        "planted": ["PlantedConfig", "PlantedTransformer"],
+        "configs": ["PlantedConfig", "SynthBenchConfig", "SynthScoreConfig", "TMSRunConfig"],
+        "planted": ["planted_model", "true_features", "truth"],
         "score": ["Matching", "MaxCosine", "PairScores", "hungarian_match", "max_cosines", "mmcs", "pair_scores", "pca_directions", "random_dictionary", "recovery_rate", "score_dictionary", "score_sae", "score_with_controls"],
         "sparse": ["SparseFeatures", "SparseFeaturesConfig", "SyntheticBatch", "SyntheticSource", "feature_probabilities"],
         "tms": ["TMSConfig", "TMSResult", "train_tms"],

@@ -31,8 +31,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interplab.errors import InterplabError
-from interplab.synth.sparse import check_int, derive_seed, seeded_batches
+from interplab.errors import InterplabError, check_int
+from interplab.synth.sparse import derive_seed, seeded_batches
 
 _DIRECTIONS, _MEMBERSHIP = 0, 1  # derive_seed keys (2 is the batch stream)
 ONTOLOGIES = ("animals", "attributes")

@@ -9,90 +9,42 @@ held-out sample drawn with a seed the training stream never uses:
     animals   the same against BOTH ontologies (animals + independent, attributes + independent), and which one the
               SAE is closer to (higher MMCS true→learned)
 
-Outputs in OUT: bench.json (every row and the summary), bench.md (the table), runs/ (the trained SAEs; an
-interrupted bench resumes, finished runs are not retrained).
+Writes the run folder (`interplab.runs`): OUT/config.json, OUT/metrics.json (every row and the summary), OUT/bench.md
+(the table), OUT/figures/mmcs_vs_l0.png and OUT/runs/ (the trained SAEs). An interrupted bench rerun with the same
+config resumes: finished SAEs are not retrained. A complete one is reported, not recomputed; another config is
+refused.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from interplab.errors import InterplabError
+from interplab.fileio import write_url_atomic
+from interplab.runs import JSONDict, Run
+from interplab.sae.base import SparseAutoencoder
+from interplab.sae.files import load_sae
+from interplab.sae.train_config import TrainConfig
+from interplab.sae.trainer import train
+from interplab.synth.configs import ARCH_SPARSITY, SynthBenchConfig, SynthScoreConfig
+from interplab.synth.figures import synth_scores
+from interplab.synth.planted import read_planted_config
+from interplab.synth.score import score_with_controls
+from interplab.synth.sources import synthetic_source
+from interplab.synth.specs import Batch, Generator, make_generator
 
-ARCH_SPARSITY = {"relu": "l1_coefficient", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coefficient",
-                 "matryoshka": "k"}
-"""The sweep field that sets each architecture's sparsity."""
+KIND = "synth bench"
+"""The command, as recorded in config.json and metrics.json."""
 EVAL_SEED_OFFSET = 1_000_003
 """The held-out sample is drawn with seed + this: a generator the training stream (seeded by batch index) never uses."""
 
 
-@dataclass
-class SynthBenchConfig:
-    """Train every SAE architecture on planted-feature generators and score each against the planted truth."""
-
-    generators: list[str] = field(default_factory=lambda: ["sparse", "animals"])
-    """Generator specs, comma-separated (sparse, animals, or with settings: sparse:mean_active=10)."""
-    archs: list[str] = field(default_factory=lambda: list(ARCH_SPARSITY))
-    """Architectures to train: relu, topk, batchtopk, jumprelu, matryoshka."""
-    expansion: list[int] = field(default_factory=lambda: [4])
-    """Dictionary widths as multiples of the data dimension d (e.g. 2,4,8 for a width sweep; each width costs time).
-    4 is 1,024 latents for the default generators: twice the 512 planted features of `sparse`."""
-    k: list[int] = field(default_factory=lambda: [5, 10])
-    """topk/batchtopk/matryoshka: active latents per sample (the default generator has 5 features active on average)."""
-    l1_coefficient: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    """relu: L1 coefficients."""
-    l0_coefficient: list[float] = field(default_factory=lambda: [0.3, 1.0])
-    """jumprelu: L0 coefficients."""
-    tokens: int = 1_000_000
-    """Training samples per SAE (ReLU/L1 at 4x reaches MMCS 0.99 on the default sparse generator by 1M; TopK is
-    still improving at 4M)."""
-    batch_size: int = 256
-    """Samples per training step (more, smaller steps learn these features faster than batches of 1024)."""
-    lr: float = 3e-3
-    """Adam learning rate."""
-    eval_samples: int = 8192
-    """Held-out samples each SAE is scored on."""
-    threshold: float = 0.9
-    """Cosine at which a planted feature counts as recovered."""
-    quick: bool = False
-    """A seconds-long smoke version (small generators, one width and sparsity, 20k samples): for CI, not for figures."""
-    out: str = "synth-bench"
-    """Output folder: bench.json, bench.md, runs/."""
-    seed: int = 0
-    """Seed of the generators, the training runs and the held-out sample."""
-    device: str | None = None
-    """Device to train on (default: cuda if available, else cpu)."""
-
-    def resolved(self) -> "SynthBenchConfig":
-        """The settings actually run: `quick` shrinks everything."""
-        if not self.quick:
-            return self
-        small = {"sparse": "sparse:n_features=64,d=32,mean_active=3",
-                 "animals": "animals:n_animals=60,n_attributes=12,attributes_per_animal=3,n_independent=16,d=48"}
-        return SynthBenchConfig(**{**asdict(self), "generators": [small.get(g, g) for g in self.generators],
-                                   "expansion": self.expansion[:1], "k": self.k[:1],
-                                   "l1_coefficient": self.l1_coefficient[:1], "l0_coefficient": self.l0_coefficient[:1],
-                                   "tokens": min(self.tokens, 20_000), "batch_size": min(self.batch_size, 256),
-                                   "eval_samples": min(self.eval_samples, 1024), "quick": False})
-
-    def validate(self) -> None:
-        unknown = [a for a in self.archs if a not in ARCH_SPARSITY]
-        if unknown:
-            raise InterplabError(f"unknown --archs {unknown}; valid: {', '.join(ARCH_SPARSITY)}")
-        if not self.generators or not self.archs:
-            raise InterplabError("--generators and --archs each need at least one value")
-        if self.tokens < self.batch_size or self.eval_samples < 2:
-            raise InterplabError(f"--tokens ({self.tokens}) must hold one --batch-size ({self.batch_size}) and "
-                                 f"--eval-samples ({self.eval_samples}) must be >= 2")
-
-
-def _train_config(cfg: SynthBenchConfig, spec: str, arch: str, out: str) -> Any:
-    from interplab.sae.train_config import TrainConfig
-
+def _train_config(cfg: SynthBenchConfig, spec: str, arch: str, out: str) -> TrainConfig:
     sparsity = ARCH_SPARSITY[arch]
     sweep = {name: getattr(cfg, name)[:1] for name in ("k", "l1_coefficient", "l0_coefficient")}
     sweep[sparsity] = getattr(cfg, sparsity)
@@ -101,15 +53,15 @@ def _train_config(cfg: SynthBenchConfig, spec: str, arch: str, out: str) -> Any:
                        checkpoint_every=0, resume=True)
 
 
-def _held_out(gen: Any, n: int, seed: int) -> Any:
+def _held_out(gen: Generator, n: int, seed: int) -> Batch:
     return gen.sample(n, torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET))
 
 
 @torch.no_grad()
-def _score(sae: Any, gen: Any, batch: Any, threshold: float, seed: int) -> list[dict[str, Any]]:
+def _score(
+    sae: SparseAutoencoder, gen: Generator, batch: Batch, threshold: float, seed: int
+) -> list[dict[str, Any]]:
     """One row per ontology (one for `sparse`): the SAE's scores beside the random and PCA controls."""
-    from interplab.synth.score import score_with_controls
-
     x = batch.x.float()
     codes = sae.encode(x)
     recon = sae.decode(codes)
@@ -125,35 +77,43 @@ def _score(sae: Any, gen: Any, batch: Any, threshold: float, seed: int) -> list[
     return rows
 
 
-def run_bench(cfg: SynthBenchConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train and score every (generator, arch, width, sparsity); write OUT/bench.json and OUT/bench.md."""
-    import time
+def run_bench(cfg: SynthBenchConfig, *, progress: bool = True) -> JSONDict:
+    """Train and score every (generator, arch, width, sparsity); write OUT/metrics.json, OUT/bench.md and
+    OUT/figures/mmcs_vs_l0.png; return the metrics ({"kind", "config", "rows", "summary", "wall_s", "figures"}).
 
-    from interplab.fileio import write_url_atomic
-    from interplab.sae import load_sae
-    from interplab.sae.trainer import train
-    from interplab.synth.specs import make_generator
-
+    A complete run with the same config in OUT is reported as done; a partial one resumes (each SAE sweep in
+    OUT/runs/ resumes, finished SAEs are loaded, not retrained, and every SAE is scored again)."""
     cfg = cfg.resolved()
     cfg.validate()
-    gens = {spec: make_generator(spec) for spec in cfg.generators}  # bad specs fail before any training
-    root = cfg.out.rstrip("/")
+    gens = {spec: make_generator(spec) for spec in cfg.generators}  # bad specs fail before --out is touched
+    with Run.open(cfg.out, KIND, asdict(cfg)) as run:
+        if run.metrics is not None:  # a complete run of this config: report it, do not recompute
+            return run.metrics
+        start = time.perf_counter()
+        rows = _train_and_score(cfg, gens, run, progress)
+        result: dict[str, Any] = {"config": asdict(cfg), "rows": rows, "summary": summarise(rows),
+                                  "wall_s": time.perf_counter() - start,
+                                  "figures": {"mmcs_vs_l0": synth_scores(rows, run.figure("mmcs_vs_l0"))}}
+        write_url_atomic(run.path("bench.md"), (format_table(result) + "\n").encode())
+        run.write_metrics(result)
+        return {"kind": KIND, **result}
+
+
+def _train_and_score(cfg: SynthBenchConfig, gens: dict[str, Generator], run: Run, progress: bool
+                     ) -> list[dict[str, Any]]:
+    """One row per (generator, arch, SAE, ontology); each (generator, arch) sweep trains into OUT/runs/NAME."""
     rows: list[dict[str, Any]] = []
-    start = time.perf_counter()
     for spec, gen in gens.items():
         batch = _held_out(gen, cfg.eval_samples, cfg.seed)
         for arch in cfg.archs:
-            run = f"{root}/runs/{spec.replace(':', '_').replace(',', '_').replace('=', '')}-{arch}"
-            result = train(_train_config(cfg, spec, arch, run), progress=progress)
-            for name in result.names:
-                sae = load_sae(f"{run}/{name}").float().eval()
+            folder = run.path(f"runs/{spec.replace(':', '_').replace(',', '_').replace('=', '')}-{arch}")
+            train_cfg = _train_config(cfg, spec, arch, folder)
+            trained = train(train_cfg, source=synthetic_source(train_cfg), progress=progress)
+            for name in trained.names:
+                sae = load_sae(f"{folder}/{name}").float().eval()
                 for row in _score(sae, gen, batch, cfg.threshold, cfg.seed):
                     rows.append({"generator": spec, "arch": arch, "sae": name, "d_sae": sae.cfg.d_sae, **row})
-    result = {"config": asdict(cfg), "rows": rows, "summary": summarise(rows),
-              "wall_s": time.perf_counter() - start}
-    write_url_atomic(f"{root}/bench.json", (json.dumps(result, indent=2) + "\n").encode())
-    write_url_atomic(f"{root}/bench.md", (format_table(result) + "\n").encode())
-    return result
+    return rows
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,7 +139,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """The bench as a Markdown table, one row per (SAE, ontology), controls in the last columns."""
-    def f(v: Any, fmt: str = ".3f") -> str:
+    def f(v: float | None, fmt: str = ".3f") -> str:
         return "–" if v is None else format(v, fmt)
 
     head = ["generator", "truth", "arch", "SAE", "L0", "FVU", "MMCS true→SAE", "MMCS SAE→true",
@@ -200,45 +160,16 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@dataclass
-class SynthScoreConfig:
-    """Score saved SAEs against a generator's planted truth, beside random and PCA controls."""
-
-    sae: list[str] = field(default_factory=list)
-    """SAE folders (comma-separated), e.g. trained by `sae train` on a store harvested from a planted model."""
-    generator: str = "sparse"
-    """The truth: a generator spec (sparse:mean_active=5) or a planted-model folder (its generator is read)."""
-    samples: int = 8192
-    """Held-out samples drawn from the generator to score codes and controls on."""
-    threshold: float = 0.9
-    """Cosine at which a planted feature counts as recovered."""
-    seed: int = 0
-    """Seed of the held-out sample (offset so that no training stream uses it) and of the random control."""
-
-
-def generator_of(spec_or_folder: str) -> tuple[str, Any]:
+def generator_of(spec_or_folder: str) -> tuple[str, Generator]:
     """(spec, generator) from a generator spec or from a planted-model folder's config.json."""
-    from pathlib import Path
-
-    from interplab.models.load import PLANTED_MARKER
-    from interplab.synth.specs import make_generator
-
-    config_file = Path(spec_or_folder) / "config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        if config.get("interplab_model") != PLANTED_MARKER:
-            raise InterplabError(f"{spec_or_folder} is not a planted model (written by `interplab synth model`), "
-                                 "so it names no generator; pass a generator spec such as sparse:mean_active=5")
-        spec_or_folder = config["config"]["generator"]
+    if (Path(spec_or_folder) / "config.json").is_file():
+        spec_or_folder = read_planted_config(spec_or_folder).generator
     return spec_or_folder, make_generator(spec_or_folder)
 
 
 def score_saved(cfg: SynthScoreConfig) -> list[dict[str, Any]]:
     """One row per (SAE, ontology), as in `synth bench`."""
-    from interplab.sae import load_sae
-
-    if not cfg.sae:
-        raise InterplabError("--sae needs at least one SAE folder")
+    cfg.validate()
     spec, gen = generator_of(cfg.generator)
     batch = _held_out(gen, cfg.samples, cfg.seed)
     rows = []

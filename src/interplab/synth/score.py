@@ -25,17 +25,15 @@ matching needs the dense G×m matrix (scipy holds it in float64: 8·G·m bytes, 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from interplab.errors import InterplabError
-from interplab.synth.sparse import check_int
-
-if TYPE_CHECKING:
-    from interplab.sae.base import SparseAutoencoder
+from interplab.errors import InterplabError, check_int
+from interplab.sae.base import SparseAutoencoder
 
 BLOCK_ELEMENTS = 1 << 24
 """Cosine-matrix entries computed at once (64 MB in float32)."""
@@ -117,10 +115,6 @@ def hungarian_match(learned: Float[Tensor, "m d"], true: Float[Tensor, "G d"]) -
         raise InterplabError(f"Hungarian matching of {true.shape[0]} true features to {learned.shape[0]} rows needs "
                              f"a dense {true.shape[0]}x{learned.shape[0]} matrix; at most {MAX_MATCH_ELEMENTS} "
                              "entries are supported")
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError as e:  # scipy is not a hard dependency of interplab
-        raise InterplabError("Hungarian matching needs scipy: pip install scipy") from e
     cos = (_unit(true.to(learned.device)) @ _unit(learned).T).cpu()                    # [G m]
     rows, cols = linear_sum_assignment(cos.double().numpy(), maximize=True)
     ti, li = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
@@ -238,7 +232,7 @@ def score_with_controls(W_dec: Float[Tensor, "m d"], true_features: Float[Tensor
 
 
 @torch.no_grad()
-def score_sae(sae: "SparseAutoencoder", true_features: Float[Tensor, "G d"], x: Float[Tensor, "n d"] | None = None,
+def score_sae(sae: SparseAutoencoder, true_features: Float[Tensor, "G d"], x: Float[Tensor, "n d"] | None = None,
               coeffs: Float[Tensor, "n G"] | None = None, *, threshold: float = 0.9,
               seed: int = 0) -> dict[str, Any]:
     """Score an SAE's decoder rows; with data x (and its true coeffs) also its codes sae.encode(x) and the controls."""

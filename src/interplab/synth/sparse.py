@@ -30,15 +30,16 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple, Protocol
+from typing import Callable, Iterator, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from interplab.errors import InterplabError, check_int  # noqa: F401  (check_int: re-exported)
+from interplab.errors import InterplabError, check_int
 
+B = TypeVar("B")
 # Keys of `derive_seed`: one independent random stream per purpose.
 _FEATURES, _CORRELATION, _BATCH = 0, 1, 2
 
@@ -185,7 +186,9 @@ class SparseFeatures:
         return seeded_batches(self.sample, self.cfg.seed, batch_size, start)
 
 
-def seeded_batches(sample: Any, seed: int, batch_size: int, start: int = 0) -> Iterator[Any]:
+def seeded_batches(
+    sample: Callable[[int, torch.Generator], B], seed: int, batch_size: int, start: int = 0
+) -> Iterator[B]:
     """`sample(batch_size, gen_b)` for b = start, start+1, ..., gen_b seeded by derive_seed(seed, BATCH, b)."""
     check_int("batch_size", batch_size, 1)
     check_int("start", start, 0)
@@ -193,10 +196,16 @@ def seeded_batches(sample: Any, seed: int, batch_size: int, start: int = 0) -> I
         yield sample(batch_size, torch.Generator().manual_seed(derive_seed(seed, _BATCH, b)))
 
 
+class _Samples(Protocol):
+    @property
+    def x(self) -> Tensor: ...
+
+
 class _BatchStream(Protocol):
     d: int
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[Any]: ...
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[_Samples]:
+        """Endless batches, each a NamedTuple whose field `x` holds the samples."""
 
 
 class SyntheticSource:

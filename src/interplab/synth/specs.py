@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
 
 from interplab.config import parse_spec_settings
 from interplab.errors import InterplabError
-from interplab.synth.animals import Animals, AnimalsConfig
-from interplab.synth.sparse import SparseFeatures, SparseFeaturesConfig
+from interplab.synth.animals import Animals, AnimalsBatch, AnimalsConfig
+from interplab.synth.sparse import SparseFeatures, SparseFeaturesConfig, SyntheticBatch
+
+Generator = SparseFeatures | Animals
+"""A generator a spec can name."""
+GeneratorConfig = SparseFeaturesConfig | AnimalsConfig
+Batch = SyntheticBatch | AnimalsBatch
+"""What a generator's `sample` returns: the samples `x` and their planted truth."""
 
 GENERATORS: dict[str, tuple[type, type]] = {
     "sparse": (SparseFeaturesConfig, SparseFeatures),
@@ -25,7 +30,7 @@ GENERATORS: dict[str, tuple[type, type]] = {
 """Generator name → (config dataclass, generator class)."""
 
 
-def generator_config(spec: str) -> Any:
+def generator_config(spec: str) -> GeneratorConfig:
     """The config dataclass a spec describes (validated by the generator when it is built)."""
     name = spec.partition(":")[0]
     if name not in GENERATORS:
@@ -38,7 +43,7 @@ def generator_config(spec: str) -> Any:
     return config_cls(**values)
 
 
-def make_generator(spec: str) -> Any:
+def make_generator(spec: str) -> Generator:
     """Build the generator a spec names, e.g. make_generator("sparse:mean_active=5")."""
     cfg = generator_config(spec)
     return GENERATORS[spec.partition(":")[0]][1](cfg)

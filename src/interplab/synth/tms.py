@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from interplab.errors import InterplabError
 
@@ -175,8 +176,6 @@ def train_tms(cfg: TMSConfig, progress: bool = True) -> TMSResult:
     start = time.perf_counter()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.steps, desc="tms", unit="step")
     for step in range(cfg.steps):
         x = sample_features(prob, cfg.batch_size, n, gen)

@@ -1,13 +1,14 @@
 """PNG figures of toy models of superposition: the 2-D feature pictures and the dimensionality sweep.
 
-Same conventions as `report.figures`: a standalone Agg figure (matplotlib imported inside the helpers), the PNG
-written atomically with `write_url_atomic`, the path returned.
+Same conventions as every capability's figures: a standalone figure from `interplab.plotting`, the PNG written
+atomically, the path returned.
 """
 
 from __future__ import annotations
 
 import math
 
+import matplotlib
 import numpy as np
 
 from interplab.errors import InterplabError
@@ -35,8 +36,6 @@ def superposition_pictures(result: TMSResult, path: str) -> str:
         raise InterplabError(f"superposition_pictures draws 2-D models (n_hidden = 2); this one has n_hidden = "
                              f"{W.shape[-2]} — use dimensionality_sweep for larger models")
     require_superposition(W, "superposition_pictures")
-    import matplotlib
-
     cfg = result.config
     k = W.shape[0]
     fig, axes = new_figure(2.2 * k, 2.6, ncols=k)

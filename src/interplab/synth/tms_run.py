@@ -4,56 +4,47 @@
               features to a pentagon; reports the represented features (‖W_i‖ > 0.5) per sparsity
     sweep     n = 200, m = 20, equal importance, sparsity log-spaced in 1/(1 − S): D* (dimensions per feature) per
               instance, the range where D* sticks near 1/2, and the clusters of D_i at 1, 3/4, 2/3, 1/2, 2/5, 3/8
+
+Writes the run folder (`interplab.runs`): OUT/config.json, OUT/metrics.json (the numbers above) and
+OUT/figures/pictures.png, OUT/figures/dimensionality.png. A rerun with the same config into OUT reports the saved
+numbers; another config is refused.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
-from interplab.errors import InterplabError
+from interplab.runs import JSONDict, Run
+from interplab.synth.configs import TMSRunConfig
+from interplab.synth.tms import TMSConfig, dimensionality_sweep_config, train_tms
+from interplab.synth.tms_figures import dimensionality_sweep, superposition_pictures
+from interplab.synth.tms_geometry import (
+    FRACTION_NAMES,
+    dimensions_per_feature,
+    fraction_clusters,
+    represented_features,
+    sticky_range,
+)
 
-PARTS = ("pictures", "sweep")
-
-
-@dataclass
-class TMSRunConfig:
-    """Toy models of superposition (Elhage et al. 2022): the n=5, m=2 pictures and the n=200, m=20 sweep."""
-
-    parts: list[str] = field(default_factory=lambda: list(PARTS))
-    """What to run, comma-separated: pictures, sweep."""
-    sweep_instances: int = 24
-    """Sparsity values in the n=200, m=20 sweep (1/(1−S) log-spaced from 1 to 10); about 2.5 s each on one core."""
-    steps: int | None = None
-    """Training steps (default: 6000 for the pictures, 3000 for the sweep)."""
-    out: str = "tms"
-    """Output folder: tms.json and the PNG figures."""
-    seed: int = 0
-    """Seed of the initialisation and the data."""
-    device: str = "cpu"
-    """Device to train on."""
+KIND = "synth tms"
+"""The command, as recorded in config.json and metrics.json."""
 
 
-def run_tms(cfg: TMSRunConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train what `cfg.parts` names; write OUT/tms.json and the figures; return the JSON dict."""
-    from interplab.fileio import write_url_atomic
-    from interplab.synth.tms_figures import dimensionality_sweep, superposition_pictures
-    from interplab.synth.tms import TMSConfig, dimensionality_sweep_config, train_tms
-    from interplab.synth.tms_geometry import (
-        FRACTION_NAMES,
-        dimensions_per_feature,
-        fraction_clusters,
-        represented_features,
-        sticky_range,
-    )
+def run_tms(cfg: TMSRunConfig, *, progress: bool = True) -> JSONDict:
+    """Train what `cfg.parts` names; write OUT/metrics.json and the figures; return the metrics. A complete run with
+    the same config in OUT is reported as done, not retrained."""
+    cfg.validate()
+    with Run.open(cfg.out, KIND, asdict(cfg)) as run:
+        if run.metrics is not None:  # a complete run of this config: report it, do not retrain
+            return run.metrics
+        out = _train_parts(cfg, run, progress)
+        run.write_metrics(out)
+        return {"kind": KIND, **out}
 
-    unknown = [p for p in cfg.parts if p not in PARTS]
-    if unknown or not cfg.parts:
-        raise InterplabError(f"--parts {cfg.parts} is not valid; choose from {', '.join(PARTS)}")
-    if cfg.sweep_instances < 2:
-        raise InterplabError(f"--sweep-instances must be >= 2, got {cfg.sweep_instances}")
-    root = cfg.out.rstrip("/")
+
+def _train_parts(cfg: TMSRunConfig, run: Run, progress: bool) -> dict[str, Any]:
+    """The pictures and/or the sweep, as a JSON-ready dict; their figures drawn into the run's figures/."""
     steps = {} if cfg.steps is None else {"steps": cfg.steps}
     out: dict[str, Any] = {"config": asdict(cfg), "figures": {}}
     if "pictures" in cfg.parts:
@@ -61,7 +52,7 @@ def run_tms(cfg: TMSRunConfig, *, progress: bool = True) -> dict[str, Any]:
         out["pictures"] = {"sparsities": result.config.sparsities,
                            "represented": represented_features(result.W).tolist(),
                            "loss": result.loss.tolist(), "seconds": result.seconds}
-        out["figures"]["pictures"] = superposition_pictures(result, f"{root}/tms_pictures.png")
+        out["figures"]["pictures"] = superposition_pictures(result, run.figure("pictures"))
     if "sweep" in cfg.parts:
         sweep_cfg = dimensionality_sweep_config(cfg.sweep_instances, seed=cfg.seed, device=cfg.device, **steps)
         result = train_tms(sweep_cfg, progress=progress)
@@ -77,12 +68,12 @@ def run_tms(cfg: TMSRunConfig, *, progress: bool = True) -> dict[str, Any]:
                         "plateau_half": None if plateau is None else dict(zip(("first", "last", "n_points"),
                                                                               plateau)),
                         "largest_cluster": best, "seconds": result.seconds}
-        out["figures"]["sweep"] = dimensionality_sweep(result, f"{root}/tms_dimensionality.png")
-    write_url_atomic(f"{root}/tms.json", (json.dumps(out, indent=2) + "\n").encode())
+        out["figures"]["sweep"] = dimensionality_sweep(result, run.figure("dimensionality"))
     return out
 
 
-def format_summary(out: dict[str, Any]) -> str:
+def format_summary(out: JSONDict) -> str:
+    """The few lines `interplab synth tms` prints: represented features, the D* plateau, clusters, figures."""
     lines = []
     if "pictures" in out:
         p = out["pictures"]

@@ -1,14 +1,15 @@
-"""Figures and report.md of `interplab toy inspect` (the read-outs are computed in `synthetic.toy_inspect`).
+"""Figures and report.md of `interplab toy inspect` (the read-outs are computed in `toy.readouts`).
 
-Same conventions as `report.figures`: a standalone Agg figure, the PNG written atomically with `write_url_atomic`,
-the path returned. Every function reads the JSON-ready dict `run_toy_inspect` builds, so a saved inspect.json can be
-drawn again.
+Same conventions as every capability's figures: a standalone figure from `interplab.plotting`, the PNG written
+atomically, the path returned. Every function reads the JSON-ready dict `run_toy_inspect` builds, so a saved
+metrics.json can be drawn again.
 """
 
 from __future__ import annotations
 
 import textwrap
-from typing import Any, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +19,9 @@ MAX_TICKS = 40
 """Axes with more token labels than this show every n-th one."""
 
 
-def circuit_figures(result: Mapping[str, Any], folder: str) -> dict[str, str]:
-    """attention.png, eqke.png, evou.png and ablation.png of a 1-layer attention-only model's read-outs."""
+def circuit_figures(result: Mapping[str, Any], figure: Callable[[str], str]) -> dict[str, str]:
+    """The attention, eqke, evou and ablation figures of a 1-layer attention-only model's read-outs, each written to
+    `figure(name)` (e.g. `Run.figure`: OUT/figures/NAME.png); returns {name: path}."""
     names, inputs = result["token_names"], result["input_tokens"]
     by_group = np.asarray(result["attention"]["by_group"], dtype=float)[:, :, inputs]  # [head group input]
     heads = [f"head {h}" for h in range(by_group.shape[0])]
@@ -28,18 +30,18 @@ def circuit_figures(result: Mapping[str, Any], folder: str) -> dict[str, str]:
     full = np.asarray(eq["full"], dtype=float)
     extra = [i for i, q in enumerate(eq["queries"]) if q not in eq["keys"]]  # read-off tokens that are not inputs
     return {
-        "attention": heatmaps(by_group, result["groups"], [names[t] for t in inputs], heads, f"{folder}/attention.png",
+        "attention": heatmaps(by_group, result["groups"], [names[t] for t in inputs], heads, figure("attention"),
                               "Attention from the read-off, by target (row) and key token (column); rows sum to 1",
                               cmap="viridis", vmin=0.0),
         "eqke": heatmaps(_centre_rows(np.concatenate([full, readoff[:, extra]], axis=1)),
                          [f"{k} ◀ read-off" if k in eq["queries"] else k for k in eq["keys"]]
-                         + [f"{eq['queries'][i]} ◀ read-off" for i in extra], eq["keys"], heads, f"{folder}/eqke.png",
+                         + [f"{eq['queries'][i]} ◀ read-off" for i in extra], eq["keys"], heads, figure("eqke"),
                          "EQKE attention logits, query token at the read-off position (row) vs key token at the mean "
                          "position (column), row-centred; ◀: tokens seen at the read-off", cmap="RdBu_r"),
         "evou": heatmaps(_centre_rows(np.asarray(ev["matrix"], dtype=float)), ev["inputs"], ev["outputs"], heads,
-                         f"{folder}/evou.png", "EVOU: logits an attended input token (row) adds to each output "
+                         figure("evou"), "EVOU: logits an attended input token (row) adds to each output "
                          "(column), row-centred over the outputs", cmap="RdBu_r"),
-        "ablation": ablation_matrix(result, f"{folder}/ablation.png"),
+        "ablation": ablation_matrix(result, figure("ablation")),
     }
 
 

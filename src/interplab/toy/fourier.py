@@ -7,23 +7,22 @@ a few frequencies, at every checkpoint, before and after grokking's jump in test
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Float
 
 from interplab.errors import InterplabError
 from interplab.models.toy import ToyTransformer
-
-if TYPE_CHECKING:
-    from interplab.toy.readouts import ToyRun
+from interplab.toy.toy_run import ToyRun
+from interplab.weights.extract import embedding
 
 Tensor = torch.Tensor
 FOURIER_TOP = 5
 """Frequencies counted in the Fourier sparsity number."""
 JUMP_ACC = 0.5
 """Test accuracy that marks grokking's jump (as `interplab toy train` defines it)."""
+
 
 def fourier_power(W_E: Float[Tensor, "vocab d_model"], p: int) -> Float[Tensor, " freq"]:
     """P(k) = Σ_d |Σ_{t<p} W_E[t, d] e^{−2πi k t/p}|² for k = 0..p//2 (k and p − k carry the same power)."""
@@ -41,8 +40,6 @@ def top_fraction(power: Float[Tensor, " freq"], top: int = FOURIER_TOP) -> float
 
 def fourier_view(run: ToyRun, p: int) -> dict[str, Any]:
     """Power per frequency for each checkpoint and the final model, and which checkpoint is before/after the jump."""
-    from interplab.weights.extract import embedding
-
     final = _final_step(run)
     rows = [{"step": step, "folder": str(folder), "power": fourier_power(embedding(ToyTransformer.load(folder)), p)}
             for step, folder in run.checkpoints if step != final]  # the final checkpoint is model/
@@ -62,10 +59,10 @@ def fourier_view(run: ToyRun, p: int) -> dict[str, Any]:
 
 
 def jump_step(run: ToyRun) -> int | None:
-    """The step of the test-accuracy jump: train.json's `jump_step` when the trainer wrote one (None included: no
+    """The step of the test-accuracy jump: metrics.json's `jump_step` when the trainer wrote one (None included: no
     jump), else the first logged step with test accuracy >= JUMP_ACC (the trainer's definition). Log lines carry the
     accuracy under "metrics" (phase evals) or at the top level, as test_acc or test_accuracy."""
-    summary = _summary(run)
+    summary = run.metrics
     for key in ("jump_step", "grokking_jump_step"):
         if key in summary and (summary[key] is None or isinstance(summary[key], int)):
             return summary[key]
@@ -80,10 +77,6 @@ def jump_step(run: ToyRun) -> int | None:
 def _final_step(run: ToyRun) -> int:
     """The step of model/: the trainer's summary's `steps_trained`, else the last step logged or checkpointed."""
     steps = [s for s, _ in run.checkpoints] + [e["step"] for e in run.log if isinstance(e.get("step"), int)]
-    summary = _summary(run).get("steps_trained")
+    summary = run.metrics.get("steps_trained")
     return summary if isinstance(summary, int) else max(steps, default=0)
 
-
-def _summary(run: ToyRun) -> dict[str, Any]:
-    path = run.path / "train.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -17,8 +17,10 @@ training when a safety condition holds. For example, for grokking:
         if schedule.evaluate(step, last=step == steps):
             break                                   # schedule.stop_reason says why
 
-Conditions are strings "PHASE.METRIC OP NUMBER" (OP one of >=, >, <=, <, ==, !=), several joined by " or " when any
-one suffices. A condition reads the latest value of the metric; one never measured (or NaN) does not hold.
+Conditions are strings "PHASE.METRIC OP NUMBER" (OP one of >=, >, <=, <, ==, !=), joined by " and " when all must
+hold and by " or " when one side suffices; `and` binds tighter, as in Python: "a and b or c" is "(a and b) or c".
+There are no parentheses: any combination can be written as an `or` of `and`s. A condition reads the latest value
+of the metric; one never measured (or NaN) does not hold.
 
 Each eval is a function of no arguments returning one float (close over the model). Every eval round logs
 {"step", "event": "eval", "phase", "metrics": {...}}; every transition logs {"step", "event": "start" | "gate" |
@@ -60,36 +62,46 @@ class Condition:
         return f"{self.phase}.{self.metric} {self.op} {self.value:g}"
 
 
-def parse_condition(text: str) -> tuple[Condition, ...]:
-    """'qualification.train_acc >= 0.99' → (Condition,); clauses joined by ' or ' give one Condition each."""
-    clauses = []
-    for clause in text.split(" or "):
-        match = _CONDITION.match(clause)
-        value = None
-        if match:
-            try:
-                value = float(match.group(4))
-            except ValueError:
-                value = None
-        if match is None or value is None:
-            raise InterplabError(f"condition {clause.strip()!r} is not PHASE.METRIC OP NUMBER with OP one of "
-                                 f"{', '.join(OPERATORS)} (e.g. 'qualification.train_acc >= 0.99'; join several "
-                                 "with ' or ')")
-        clauses.append(Condition(match.group(1), match.group(2), match.group(3), value))
-    return tuple(clauses)
+Clause = tuple[Condition, ...]
+"""Conditions that must all hold (joined by `and`)."""
+Either = tuple[Clause, ...]
+"""Clauses of which one must hold (joined by `or`); empty: never holds."""
 
 
-Conditions = str | Condition | Sequence[Condition] | None
+def _parse_one(text: str) -> Condition:
+    match = _CONDITION.match(text)
+    value = None
+    if match:
+        try:
+            value = float(match.group(4))
+        except ValueError:
+            value = None
+    if match is None or value is None:
+        raise InterplabError(f"condition {text.strip()!r} is not PHASE.METRIC OP NUMBER with OP one of "
+                             f"{', '.join(OPERATORS)} (e.g. 'qualification.train_acc >= 0.99'; join several "
+                             "with ' and ' or ' or ')")
+    return Condition(match.group(1), match.group(2), match.group(3), value)
 
 
-def _as_conditions(when: Conditions) -> tuple[Condition, ...]:
+def parse_condition(text: str) -> Either:
+    """'a and b or c' → ((a, b), (c,)): the clauses joined by ' or ', each the conditions joined by ' and ' (`and`
+    binds tighter than `or`)."""
+    return tuple(tuple(_parse_one(part) for part in clause.split(" and ")) for clause in text.split(" or "))
+
+
+Conditions = str | Condition | Sequence[Condition | Clause] | None
+"""A condition as Phase accepts it: a string, one Condition, or a sequence whose items are alternatives (`or`),
+each a Condition or a Clause of Conditions that must all hold."""
+
+
+def _as_conditions(when: Conditions) -> Either:
     if when is None:
         return ()
     if isinstance(when, str):
         return parse_condition(when)
     if isinstance(when, Condition):
-        return (when,)
-    return tuple(when)
+        return ((when,),)
+    return tuple((item,) if isinstance(item, Condition) else tuple(item) for item in when)
 
 
 @dataclass
@@ -102,13 +114,13 @@ class Phase:
     every: int
     """Steps between eval rounds, counted from the step the phase started."""
     starts_when: Conditions = None
-    """The phase waits until any of these holds (None: active from step 0)."""
+    """The phase waits until this holds (None: active from step 0)."""
     ends_when: Conditions = None
-    """Its gate: once any of these holds the phase ends (its evals stop)."""
+    """Its gate: once this holds the phase ends (its evals stop)."""
     stop_after: int | None = None
     """Stop training this many steps after the gate passed (None: train on)."""
     abort_when: Conditions = None
-    """Stop training at once, as a failure, when any of these holds (a safety gate)."""
+    """Stop training at once, as a failure, when this holds (a safety gate)."""
 
     def __post_init__(self) -> None:
         self.starts_when, self.ends_when, self.abort_when = (
@@ -154,7 +166,7 @@ class Schedule:
             raise InterplabError(f"phase names must be distinct, got {names}")
         metrics = {p.name: sorted(p.evals) for p in self.phases}
         for phase in self.phases:
-            for cond in (*phase.starts_when, *phase.ends_when, *phase.abort_when):
+            for cond in (c for clause in (*phase.starts_when, *phase.ends_when, *phase.abort_when) for c in clause):
                 if cond.phase not in metrics:
                     raise InterplabError(f"condition '{cond}' names unknown phase {cond.phase!r}; phases: "
                                          f"{', '.join(names)}")
@@ -199,11 +211,11 @@ class Schedule:
         self.latest[phase.name] = values
         self.log({"step": step, "event": "eval", "phase": phase.name, "metrics": values})
 
-    def _because(self, conditions: tuple[Condition, ...]) -> str | None:
-        """The first condition that holds, with the value that made it hold."""
-        for cond in conditions:
-            if cond.holds(self.latest):
-                return f"{cond} ({self.latest[cond.phase][cond.metric]:.6g})"
+    def _because(self, either: Either) -> str | None:
+        """The first clause that holds, each of its conditions with the value that made it hold."""
+        for clause in either:
+            if all(cond.holds(self.latest) for cond in clause):
+                return " and ".join(f"{cond} ({self.latest[cond.phase][cond.metric]:.6g})" for cond in clause)
         return None
 
     def _transitions(self, step: int) -> bool:

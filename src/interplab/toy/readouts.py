@@ -11,11 +11,11 @@ pair C({A, B}), for skip-trigram C(b) or "none" — and every per-group number b
                 position). `readoff`: the tokens seen at the read-off × input tokens; `full`: input × input (the
                 query still at the read-off position: in a 1-layer model only the read-off's queries count).
     EVOU        per head, the logits a key token adds to each output token through the head,
-                (x̂ W_V + b_V) W_O[h] C W_U', keys again at the mean position embedding. x̂ is the stream normalised like
-                the model (`normalize`; identity without LayerNorm), W_U' the unembedding with the final norm's scale
+                (x̂ W_V + b_V) W_O[h] C W_U', keys again at the mean position embedding. x̂ is the stream normalised
+                like the model (`normalize`; identity without LayerNorm), W_U' the unembedding with the final norm's scale
                 folded in, C the centring of a final LayerNorm (identity without). The final norm's division by the
                 whole stream's norm is left out: with LayerNorm EVOU is the logit direction up to a positive factor.
-                inspect.json keeps EVOU raw; the figure and the per-head summary centre each row over the outputs
+                metrics.json keeps EVOU raw; the figure and the per-head summary centre each row over the outputs
                 (b_V adds a shift shared by every output, which changes no answer).
     preference  ov-coherent: per head, the signal tokens ranked by the pairs {A ≠ B} in which the read-off attends
                 more to them; a head attending to the first member of each pair under one fixed order has a total
@@ -32,63 +32,41 @@ pair C({A, B}), for skip-trigram C(b) or "none" — and every per-group number b
 EQKE, EVOU and the ablations need a 1-layer attention-only model (with more layers or an MLP the head's direct path
 is not the whole computation), and `run_toy_inspect` draws the attention with them; the Fourier view reads any
 modular-addition run.
+
+Writes the run folder (`interplab.runs`, default RUN/inspect): OUT/config.json, OUT/metrics.json (every read-out
+above), OUT/report.md and OUT/figures/. A rerun with the same config into OUT reports the saved read-outs; another
+config is refused.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 
-from interplab.errors import InterplabError, check_int
+from interplab.errors import InterplabError
+from interplab.fileio import write_url_atomic
+from interplab.models.load import default_device
 from interplab.models.toy import ToyTransformer
+from interplab.runs import JSONDict, Run
+from interplab.toy.configs import InspectToyConfig
+from interplab.toy.figures import circuit_figures, fourier_bars, report_markdown
 from interplab.toy.fourier import fourier_view
+from interplab.toy.tasks import Task, TaskBatch
+from interplab.toy.toy_run import load_run
+from interplab.weights.extract import attention_weights, embedding, normalize, positional_embedding, unembedding
+from interplab.weights.factored import FactoredMatrix
 
 Tensor = torch.Tensor
+KIND = "toy inspect"
+"""The command, as recorded in config.json and metrics.json."""
 TIE = 0.1
 """Attention masses closer than this count as a tie in `pair_preference`."""
 BROKEN = 0.5
 """A group fails when its accuracy is below this; an ablation breaks it if it fails only under the ablation."""
-
-
-@dataclass
-class InspectToyConfig:
-    """Circuit read-outs of a toy run: read-off attention, EQKE, EVOU, head ablations, Fourier view of the embedding."""
-
-    run: str = ""
-    """Run folder written by `interplab toy train` (config.json, model/, log.jsonl, checkpoints/)."""
-    out: str = ""
-    """Output folder for inspect.json, report.md and figures/ (default: RUN/inspect)."""
-    examples: int = 2000
-    """Sampled task sequences the attention patterns and ablation accuracies average over."""
-    seed: int = 0
-    """Seed of the sampled sequences."""
-    device: str | None = None
-    """Device to run on (default: cuda if available, else cpu)."""
-
-    def validate(self) -> None:
-        """Check the fields; fills in the default `out` (RUN/inspect) so that callers can print where files went."""
-        if not self.run:
-            raise InterplabError("--run is required: the folder written by `interplab toy train --out DIR`")
-        check_int("--examples", self.examples, 1)
-        self.out = self.out or f"{self.run.rstrip('/')}/inspect"
-
-
-class ToyRun(NamedTuple):
-    path: Path
-    config: dict[str, Any]
-    """The run's config.json (the trainer's config; `task` is the task spec)."""
-    task: Any
-    """The `interplab.toy.tasks.Task` rebuilt from the spec."""
-    model: ToyTransformer
-    checkpoints: list[tuple[int, Path]]
-    """(step, folder) of every checkpoints/step-N/, by step."""
-    log: list[dict[str, Any]]
 
 
 class Readouts(NamedTuple):
@@ -103,35 +81,6 @@ class Readouts(NamedTuple):
     """The target token ids, in the task's output-token order (targets outside it follow, sorted)."""
 
 
-# ---- the run folder -------------------------------------------------------------------------------------------
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> ToyRun:
-    """Read a run folder: config.json (its `task` spec rebuilt with `make_task`), model/, checkpoints/, log.jsonl."""
-    root = Path(path)
-    if not root.is_dir():
-        raise InterplabError(f"run folder {root} does not exist; pass the --out folder of `interplab toy train`")
-    missing = [name for name in ("config.json", "model/config.json") if not (root / name).is_file()]
-    if missing:
-        raise InterplabError(f"{root} is not a toy run folder: it lacks {', '.join(missing)} "
-                             "(`interplab toy train --out DIR` writes config.json and model/)")
-    try:
-        config = json.loads((root / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise InterplabError(f"{root}/config.json is not valid JSON ({err})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("task"), str):
-        raise InterplabError(f"{root}/config.json has no task spec (a string under 'task')")
-    from interplab.toy.tasks import make_task
-
-    task, model = make_task(config["task"]), ToyTransformer.load(root / "model", device)
-    if model.cfg.d_vocab < task.d_vocab or model.cfg.n_ctx < task.n_ctx:
-        raise InterplabError(f"the model in {root}/model (d_vocab {model.cfg.d_vocab}, n_ctx {model.cfg.n_ctx}) "
-                             f"cannot read task {task.spec()} (d_vocab {task.d_vocab}, n_ctx {task.n_ctx})")
-    checkpoints = sorted((int(d.name[5:]), d) for d in root.glob("checkpoints/step-*")
-                         if d.name[5:].isdigit() and (d / "config.json").is_file())
-    log_file = root / "log.jsonl"
-    log = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] if log_file.is_file() else []
-    return ToyRun(root, config, task, model, checkpoints, log)
-
-
 def require_one_layer_attention_only(model: ToyTransformer, what: str) -> None:
     """Raise unless `model` is a 1-layer attention-only toy transformer (what a direct-path read-out needs)."""
     if not isinstance(model, ToyTransformer):
@@ -143,7 +92,7 @@ def require_one_layer_attention_only(model: ToyTransformer, what: str) -> None:
                              "the whole computation")
 
 
-def readouts(task: Any, batch: Any) -> Readouts:
+def readouts(task: Task, batch: TaskBatch) -> Readouts:
     """The masked positions of `batch` and the group (target token) of each."""
     example, position = torch.nonzero(batch.mask.cpu(), as_tuple=True)
     if example.numel() == 0:
@@ -202,15 +151,11 @@ def pair_preference(by_group: Float[Tensor, "head group d_vocab"], groups: list[
 # ---- EQKE and EVOU ----------------------------------------------------------------------------------------------
 def _stream(model: ToyTransformer, token_ids: list[int], pos: Float[Tensor, " d_model"]) -> Float[Tensor, "n d_model"]:
     """x̂ for each token at a position embedding `pos`: what the folded weights read."""
-    from interplab.weights.extract import embedding, normalize
-
     return normalize(model, embedding(model)[token_ids] + pos)
 
 
 def positions(model: ToyTransformer, n_ctx: int) -> tuple[Float[Tensor, " d_model"], Float[Tensor, " d_model"]]:
     """(read-off position embedding W_pos[n_ctx − 1], mean position embedding over 0..n_ctx − 1)."""
-    from interplab.weights.extract import positional_embedding
-
     W_pos = positional_embedding(model)[:n_ctx]
     return W_pos[-1], W_pos.mean(0)
 
@@ -219,9 +164,6 @@ def eqke(model: ToyTransformer, query_tokens: list[int], key_tokens: list[int], 
          ) -> Float[Tensor, "head query key"]:
     """Attention logits (q_h · k_h / √d_head) of each query token at the read-off position against each key token at
     the mean position; q_h = x̂ W_Q'[h] + b_Q'[h], k_h = x̂ W_K'[h] + b_K'[h] (norm folded)."""
-    from interplab.weights.extract import attention_weights
-    from interplab.weights.factored import FactoredMatrix
-
     require_one_layer_attention_only(model, "EQKE")
     attn = attention_weights(model, 0)
     readoff_pos, mean_pos = positions(model, n_ctx)
@@ -234,9 +176,6 @@ def evou(model: ToyTransformer, input_tokens: list[int], output_tokens: list[int
          ) -> Float[Tensor, "head input output"]:
     """Logits each input token (as a key at the mean position) adds to each output token through head h:
     (x̂ W_V'[h] + b_V[h]) W_O[h] C W_U' (C: centring of a final LayerNorm)."""
-    from interplab.weights.extract import attention_weights, unembedding
-    from interplab.weights.factored import FactoredMatrix
-
     require_one_layer_attention_only(model, "EVOU")
     attn = attention_weights(model, 0)
     W_U, _ = unembedding(model)
@@ -294,43 +233,44 @@ def ablate_heads(model: ToyTransformer, tokens: Int[Tensor, "batch pos"], method
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
-def run_toy_inspect(cfg: InspectToyConfig) -> dict[str, Any]:
-    """Every read-out the run's model allows; writes OUT/inspect.json, OUT/report.md, OUT/figures/*.png."""
-    from interplab.fileio import write_url_atomic
-    from interplab.toy import figures as toy_figures
-
+def run_toy_inspect(cfg: InspectToyConfig) -> JSONDict:
+    """Every read-out the run's model allows; writes OUT/metrics.json, OUT/report.md, OUT/figures/*.png and returns
+    the metrics. A complete run with the same config in OUT is reported as done, not recomputed."""
     cfg.validate()
-    run = load_run(cfg.run, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    task, model = run.task, run.model
+    toy = load_run(cfg.run, cfg.device or default_device())  # a missing or foreign --run fails before OUT is touched
+    task, model = toy.task, toy.model
     circuits = model.cfg.n_layers == 1 and model.cfg.d_mlp is None
     modular = task.name == "modular-addition"
     if not circuits and not modular:  # only the Fourier view reads a model of any shape
         require_one_layer_attention_only(model, "toy inspect (attention, EQKE, EVOU, head ablation)")
-    batch = task.sample(cfg.examples, torch.Generator().manual_seed(cfg.seed))
-    ro, names = readouts(task, batch), task.token_names()
-    with torch.no_grad():
-        full = _accuracy_row(model(batch.tokens.to(model.device)), ro, names)
-    result: dict[str, Any] = {
-        "config": asdict(cfg), "task": task.spec(), "model": asdict(model.cfg), "token_names": names,
-        "input_tokens": task.input_tokens(), "output_tokens": task.output_tokens(),
-        "groups": [names[g] for g in ro.groups], "group_counts": torch.bincount(ro.group, minlength=len(ro.groups))
-        .tolist(), "accuracy": {"sample": full["accuracy"], **_split_accuracy(task, model)}, "figures": {},
-        "circuits": None if circuits else f"skipped: {model.cfg.n_layers} layer(s), d_mlp={model.cfg.d_mlp} "
-                                          "(needs 1 layer, attention-only)",
-    }
-    root = cfg.out.rstrip("/")
-    if circuits:
-        result.update(_circuit_readouts(model, task, batch, ro, full))
-        result["figures"].update(toy_figures.circuit_figures(result, f"{root}/figures"))
-    if modular:
-        result["fourier"] = fourier_view(run, task.p)
-        result["figures"]["fourier"] = toy_figures.fourier_bars(result["fourier"], f"{root}/figures/fourier.png")
-    write_url_atomic(f"{root}/inspect.json", (json.dumps(result, indent=1) + "\n").encode())
-    write_url_atomic(f"{root}/report.md", toy_figures.report_markdown(result, root).encode())
-    return result
+    with Run.open(cfg.out, KIND, asdict(cfg)) as run:
+        if run.metrics is not None:  # a complete run of this config: report it, do not recompute
+            return run.metrics
+        batch = task.sample(cfg.examples, torch.Generator().manual_seed(cfg.seed))
+        ro, names = readouts(task, batch), task.token_names()
+        with torch.no_grad():
+            full = _accuracy_row(model(batch.tokens.to(model.device)), ro, names)
+        result: dict[str, Any] = {
+            "config": asdict(cfg), "task": task.spec(), "model": asdict(model.cfg), "token_names": names,
+            "input_tokens": task.input_tokens(), "output_tokens": task.output_tokens(),
+            "groups": [names[g] for g in ro.groups],
+            "group_counts": torch.bincount(ro.group, minlength=len(ro.groups)).tolist(),
+            "accuracy": {"sample": full["accuracy"], **_split_accuracy(task, model)}, "figures": {},
+            "circuits": None if circuits else f"skipped: {model.cfg.n_layers} layer(s), d_mlp={model.cfg.d_mlp} "
+                                              "(needs 1 layer, attention-only)",
+        }
+        if circuits:
+            result.update(_circuit_readouts(model, task, batch, ro, full))
+            result["figures"].update(circuit_figures(result, run.figure))
+        if modular:
+            result["fourier"] = fourier_view(toy, task.p)
+            result["figures"]["fourier"] = fourier_bars(result["fourier"], run.figure("fourier"))
+        write_url_atomic(run.path("report.md"), report_markdown(result, run.out).encode())
+        run.write_metrics(result)
+        return {"kind": KIND, **result}
 
 
-def _circuit_readouts(model: ToyTransformer, task: Any, batch: Any, ro: Readouts, full: dict[str, Any]
+def _circuit_readouts(model: ToyTransformer, task: Task, batch: TaskBatch, ro: Readouts, full: dict[str, Any]
                       ) -> dict[str, Any]:
     """Attention, EQKE, EVOU and both ablations of a 1-layer attention-only model, as JSON-ready lists."""
     names = task.token_names()
@@ -384,7 +324,7 @@ def _accuracy_row(logits: Float[Tensor, "batch pos vocab"], ro: Readouts, names:
 
 
 @torch.no_grad()
-def _split_accuracy(task: Any, model: ToyTransformer) -> dict[str, float]:
+def _split_accuracy(task: Task, model: ToyTransformer) -> dict[str, float]:
     """Accuracy on every pair of the train and test splits, for tasks that have them (modular addition)."""
     out = {}
     for split in ("train", "test"):
@@ -395,7 +335,7 @@ def _split_accuracy(task: Any, model: ToyTransformer) -> dict[str, float]:
     return out
 
 
-def format_summary(result: dict[str, Any]) -> str:
+def format_summary(result: JSONDict) -> str:
     """A few lines: task, accuracy, what each head attends to, ablation damage, Fourier sparsity."""
     acc = result["accuracy"]
     lines = [f"task {result['task']}: accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())]

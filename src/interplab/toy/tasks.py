@@ -19,8 +19,9 @@ import importlib.util
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Int
@@ -69,9 +70,13 @@ class Task(ABC):
         """The spec string that rebuilds this task with `make_task`."""
 
 
-def _spec_of(name: str, cfg: Any) -> str:
+TaskFunction = Callable[[int, torch.Generator], Sequence[Tensor | list]]
+"""A user task's function: (n, generator) → (tokens, targets, mask), each [n, pos]."""
+
+
+def _spec_of(name: str, cfg: object) -> str:
     """"name:field=value,..." listing every field that differs from its default."""
-    changed = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+    changed = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)  # type: ignore[arg-type]
                if getattr(cfg, f.name) != f.default]
     return name + (":" + ",".join(changed) if changed else "")
 
@@ -79,6 +84,13 @@ def _spec_of(name: str, cfg: Any) -> str:
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise InterplabError(message)
+
+
+def _answer_last(tokens: Int[Tensor, "n pos"], answer: Int[Tensor, " n"]) -> TaskBatch:
+    """The batch whose one counted position, the last, holds `answer`."""
+    targets = torch.zeros_like(tokens)
+    targets[:, -1] = answer
+    return TaskBatch(tokens, targets, torch.arange(tokens.shape[1]).expand_as(tokens) == tokens.shape[1] - 1)
 
 
 def _random_positions(n: int, n_slots: int, k: int, generator: torch.Generator) -> Int[Tensor, "n k"]:
@@ -141,11 +153,7 @@ class OVCoherentTask(Task):
         ab = torch.randint(1, c.n_signal + 1, (n, 2), generator=generator)
         tokens.scatter_(1, _random_positions(n, c.n_ctx - 1, 2, generator), ab)
         tokens[:, -1] = 0
-        targets = torch.zeros_like(tokens)
-        targets[:, -1] = self._output_of[ab[:, 0], ab[:, 1]]
-        mask = torch.zeros_like(tokens, dtype=torch.bool)
-        mask[:, -1] = True
-        return TaskBatch(tokens, targets, mask)
+        return _answer_last(tokens, self._output_of[ab[:, 0], ab[:, 1]])
 
     def token_names(self) -> list[str]:
         c = self.cfg
@@ -209,11 +217,7 @@ class SkipTrigramTask(Task):
         where = torch.randint(0, c.n_ctx - 1, (n,), generator=generator)
         rows = has_source.nonzero().squeeze(1)
         tokens[rows, where[rows]] = 0
-        targets = torch.zeros_like(tokens)
-        targets[:, -1] = torch.where(has_source, c.n_inputs + b - 1, self.none_id)
-        mask = torch.zeros_like(tokens, dtype=torch.bool)
-        mask[:, -1] = True
-        return TaskBatch(tokens, targets, mask)
+        return _answer_last(tokens, torch.where(has_source, c.n_inputs + b - 1, self.none_id))
 
     def token_names(self) -> list[str]:
         c = self.cfg
@@ -265,12 +269,7 @@ class ModularAdditionTask(Task):
 
     def _batch(self, index: Int[Tensor, " n"]) -> TaskBatch:
         a, b = index // self.p, index % self.p
-        tokens = torch.stack([a, b, torch.full_like(a, self.p)], dim=1)
-        targets = torch.zeros_like(tokens)
-        targets[:, -1] = (a + b) % self.p
-        mask = torch.zeros_like(tokens, dtype=torch.bool)
-        mask[:, -1] = True
-        return TaskBatch(tokens, targets, mask)
+        return _answer_last(torch.stack([a, b, torch.full_like(a, self.p)], dim=1), (a + b) % self.p)
 
     def train_batch(self) -> TaskBatch:
         return self._batch(self.train_pairs)
@@ -302,7 +301,7 @@ class PythonTask(Task):
     Optional attributes on the function: `d_vocab` (else 1 + the largest id in 4096 probe examples),
     `token_names`, `input_tokens`, `output_tokens` (else every id / the targets seen at the mask)."""
 
-    def __init__(self, fn: Any, spec: str):
+    def __init__(self, fn: TaskFunction, spec: str):
         self.fn, self._spec, self.name = fn, spec, f"python:{getattr(fn, '__name__', 'task')}"
         probe = self._call(4096, torch.Generator().manual_seed(0), check_vocab=False)
         self.n_ctx = probe.tokens.shape[1]
@@ -373,8 +372,7 @@ def _load_python(spec: str) -> Task:
         return obj
     if isinstance(obj, type) and issubclass(obj, Task):
         return obj()
-    if not callable(obj):
-        raise InterplabError(f"task spec {spec!r}: {attr} is neither a Task nor a function (n, generator)")
+    _need(callable(obj), f"task spec {spec!r}: {attr} is neither a Task nor a function (n, generator)")
     return PythonTask(obj, spec)
 
 

@@ -11,6 +11,7 @@
   interpretability proxies beside random directions (`interplab weights svd`).
 - outliers.py, outlier_stats.py, outlier_figures.py: massive activations and rogue dimensions beside a rotated
   basis (`interplab weights outliers`).
+- configs.py: the configs of both commands (standard library only).
 The logit and tuned lens read the residual stream through these weights; they live in `interplab.lens`.
 """
 
@@ -19,6 +20,7 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
+        "configs": ["OutliersConfig", "SVDConfig"],
         "circuits": ["composition_score", "composition_scores", "copying_score", "full_ov_circuit", "full_qk_circuit", "ov_circuit", "qk_circuit"],
         "extract": ["AttentionWeights", "MLPWeights", "attention_weights", "embedding", "mlp_weights", "normalize", "positional_embedding", "unembedding"],
         "factored": ["FactoredMatrix", "SVD"],

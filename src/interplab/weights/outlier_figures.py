@@ -1,7 +1,7 @@
 """PNG figures of an `interplab weights outliers` result: outlier magnitudes per layer beside the rotated-basis
 control, and the tokens carrying the massive activations.
 
-Same conventions as `report.figures`: a standalone Agg figure, the PNG written atomically, the path returned.
+Drawn with `interplab.plotting`: a standalone Agg figure, the PNG written atomically, the path returned.
 """
 
 from __future__ import annotations

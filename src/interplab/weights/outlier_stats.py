@@ -7,13 +7,13 @@ stage of one forward pass, in the standard basis and in a random rotation of it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Iterable
 
 import torch
 from jaxtyping import Float, Int
 
-if TYPE_CHECKING:
-    from interplab.weights.outliers import OutliersConfig
+from interplab.models.hooked import HookedModel
+from interplab.weights.configs import OutliersConfig
 
 HIST_SHIFT = 16
 """|x| is binned by the top bits of its float32 pattern (8 exponent + 7 mantissa bits): log-spaced bins, each
@@ -149,7 +149,7 @@ def stage_hooks(n_layers: int) -> list[str]:
 
 
 @torch.no_grad()
-def collect_stats(model: Any, batches: Iterable[Int[torch.Tensor, "batch pos"]], rotation: torch.Tensor,
+def collect_stats(model: HookedModel, batches: Iterable[Int[torch.Tensor, "batch pos"]], rotation: torch.Tensor,
                   cfg: OutliersConfig) -> tuple[BasisStats, BasisStats, int]:
     """One pass over `batches` with hooks feeding every stage to the standard and rotated statistics.
 

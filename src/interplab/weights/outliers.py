@@ -40,91 +40,42 @@ basis_ratio ≥ aligned_ratio (3). The rogue criterion is read in the rotated ba
 stage average), and so are the massive values (with the rotated median): a spike large enough stays massive after
 rotation, but spread over many coordinates instead of a few dims, so the report gives how many coords carry them.
 
-Writes OUT/outliers.json and OUT/outlier_magnitudes.png, OUT/massive_tokens.png.
+Writes the run folder (`interplab.runs`): OUT/config.json, OUT/metrics.json, OUT/figures/outlier_magnitudes.png and
+OUT/figures/massive_tokens.png.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import string
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
+from tqdm.auto import tqdm
 
-from interplab.errors import InterplabError, check_int
+from interplab.data.corpus import iter_contexts
+from interplab.errors import InterplabError
+from interplab.models.hooked import HookedModel
+from interplab.models.load import load_model
 from interplab.models.tokens import token_text
+from interplab.runs import JSONDict, Run
+from interplab.weights.configs import OutliersConfig
+from interplab.weights.outlier_figures import magnitude_figure, massive_tokens_figure
 from interplab.weights.outlier_stats import HIST_BINS, BasisStats, collect_stats, random_rotation
 
-
-@dataclass
-class OutliersConfig:
-    """Residual-stream outlier dimensions (massive activations, rogue dims) per layer, beside a rotated basis."""
-
-    model: str = "smollm2-135m"
-    """Model spec (see `interplab harvest --help`)."""
-    corpus: str = "python-docs"
-    """Text corpus (see `interplab harvest --help`)."""
-    split: str = "train"
-    """Corpus split: train, test or all."""
-    tokens: int = 16_384
-    """Token budget: tokens // ctx-len contexts are read."""
-    ctx_len: int = 128
-    """Tokens per context (BOS included when the tokenizer has one)."""
-    prepend_bos: bool | None = None
-    """Start every context with BOS (default: iff the tokenizer has one); --no-prepend-bos puts an ordinary
-    token at position 0, to tell a BOS effect from a first-position effect."""
-    batch_size: int = 8
-    """Contexts per forward pass."""
-    top: int = 5
-    """Dims reported per layer (by max |act|) and drawn in the figure."""
-    massive_abs: float = 100.0
-    """Massive activation: |act| above this ..."""
-    massive_ratio: float = 1000.0
-    """... and above this many times the layer's median |act|."""
-    rogue_factor: float = 10.0
-    """Rogue dim at a layer: mean |act| at least this many times the layer's average over dims."""
-    rogue_layers: float = 0.5
-    """Consistent rogue dim: rogue at at least this share of the layers."""
-    rogue_skip_first: bool = True
-    """Take mean |act|, mean and variance (the rogue-dim statistics) over positions >= 1, so that the first
-    token's massive activations do not make their dims look rogue."""
-    aligned_ratio: float = 3.0
-    """A layer's outlier is basis-aligned when its max |act| is at least this many times the rotated basis's."""
-    max_records: int = 200_000
-    """Cap on the candidate massive values recorded per basis (the carrier statistics use these)."""
-    out: str = "outliers"
-    """Output folder: outliers.json and the figures."""
-    seed: int = 0
-    """Seed of the corpus shuffle and of the random rotation."""
-    device: str | None = None
-    """Device to run the model on (default: cuda if available, else cpu)."""
-
-    def validate(self) -> None:
-        for name, minimum in (("tokens", 1), ("ctx_len", 2), ("batch_size", 1), ("top", 1), ("max_records", 0)):
-            check_int(f"--{name.replace('_', '-')}", getattr(self, name), minimum)
-        if self.tokens < self.ctx_len:
-            raise InterplabError(f"--tokens {self.tokens} is below --ctx-len {self.ctx_len}: not one context")
-        checks = [(self.massive_abs > 0, f"--massive-abs must be > 0, got {self.massive_abs}"),
-                  (self.massive_ratio >= 1, f"--massive-ratio must be >= 1, got {self.massive_ratio}"),
-                  (self.rogue_factor > 1, f"--rogue-factor must be > 1, got {self.rogue_factor}"),
-                  (0 < self.rogue_layers <= 1, f"--rogue-layers must lie in (0, 1], got {self.rogue_layers}"),
-                  (self.aligned_ratio > 1, f"--aligned-ratio must be > 1, got {self.aligned_ratio}"),
-                  (self.split in ("train", "test", "all"), f"--split {self.split!r} is not train, test or all")]
-        for ok, message in checks:
-            if not ok:
-                raise InterplabError(message)
+KIND = "weights outliers"
+"""The command, as recorded in config.json and metrics.json."""
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-def corpus_contexts(cfg: OutliersConfig, model: Any) -> Int[torch.Tensor, "n ctx"]:
-    from interplab.data import iter_contexts
-
+def corpus_contexts(cfg: OutliersConfig, model: HookedModel) -> Int[torch.Tensor, "n ctx"]:
+    """The first tokens // ctx_len contexts of the corpus split, stacked."""
     if model.tokenizer is None:
         raise InterplabError(f"{model.info.spec} has no tokenizer, so it cannot read a text corpus")
     n = cfg.tokens // cfg.ctx_len
@@ -137,36 +88,34 @@ def corpus_contexts(cfg: OutliersConfig, model: Any) -> Int[torch.Tensor, "n ctx
     return torch.stack(contexts)
 
 
-def run_outliers(cfg: OutliersConfig, *, model: Any = None, contexts: Int[torch.Tensor, "n ctx"] | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+def run_outliers(cfg: OutliersConfig, *, model: HookedModel | None = None,
+                 contexts: Int[torch.Tensor, "n ctx"] | None = None, progress: bool = True) -> JSONDict:
     """Stream the corpus (or `contexts`, e.g. for a model without tokenizer) through the model, write
-    OUT/outliers.json and the figures, return the result."""
-    from tqdm.auto import tqdm
-
-    from interplab.fileio import write_url_atomic
-    from interplab.models import load_model
-    from interplab.weights.outlier_figures import magnitude_figure, massive_tokens_figure
-
+    OUT/metrics.json and the figures, return the metrics. A complete run with the same config in OUT is reported as
+    done, not recomputed."""
     cfg.validate()
-    model = model or load_model(cfg.model, device=cfg.device)
-    if cfg.ctx_len > model.info.n_ctx:
-        raise InterplabError(f"--ctx-len {cfg.ctx_len} is longer than {model.info.spec} allows ({model.info.n_ctx})")
-    if contexts is None:
-        contexts = corpus_contexts(cfg, model)
-    elif contexts.ndim != 2 or contexts.shape[1] != cfg.ctx_len:
-        raise InterplabError(f"contexts must have shape [n, ctx_len={cfg.ctx_len}], got {tuple(contexts.shape)}")
-    start = time.perf_counter()
-    rotation = random_rotation(model.info.d_model, cfg.seed)
-    batches = tqdm(contexts.split(cfg.batch_size), unit="batch", desc="outliers", disable=not progress)
-    std, rot, n_tokens = collect_stats(model, batches, rotation, cfg)
-    result = summarise(std, rot, rotation, contexts.cpu(), cfg, model.tokenizer)
-    result.update(config=asdict(cfg), model=model.info.to_dict(), n_tokens=n_tokens,
-                  seconds=time.perf_counter() - start)
-    root = cfg.out.rstrip("/")
-    result["figures"] = {"magnitudes": magnitude_figure(result, f"{root}/outlier_magnitudes.png"),
-                         "massive_tokens": massive_tokens_figure(result, f"{root}/massive_tokens.png")}
-    write_url_atomic(f"{root}/outliers.json", (json.dumps(result, indent=2) + "\n").encode())
-    return result
+    with Run.open(cfg.out, KIND, asdict(cfg)) as run:
+        if run.metrics is not None:  # a complete run of this config: report it, do not recompute
+            return run.metrics
+        model = model or load_model(cfg.model, device=cfg.device)
+        if cfg.ctx_len > model.info.n_ctx:
+            raise InterplabError(f"--ctx-len {cfg.ctx_len} is longer than {model.info.spec} allows "
+                                 f"({model.info.n_ctx})")
+        if contexts is None:
+            contexts = corpus_contexts(cfg, model)
+        elif contexts.ndim != 2 or contexts.shape[1] != cfg.ctx_len:
+            raise InterplabError(f"contexts must have shape [n, ctx_len={cfg.ctx_len}], got {tuple(contexts.shape)}")
+        start = time.perf_counter()
+        rotation = random_rotation(model.info.d_model, cfg.seed)
+        batches = tqdm(contexts.split(cfg.batch_size), unit="batch", desc="outliers", disable=not progress)
+        std, rot, n_tokens = collect_stats(model, batches, rotation, cfg)
+        result = summarise(std, rot, rotation, contexts.cpu(), cfg, model.tokenizer)
+        result.update(config=asdict(cfg), model=model.info.to_dict(), n_tokens=n_tokens,
+                      seconds=time.perf_counter() - start)
+        result["figures"] = {"magnitudes": magnitude_figure(result, run.figure("outlier_magnitudes")),
+                             "massive_tokens": massive_tokens_figure(result, run.figure("massive_tokens"))}
+        run.write_metrics(result)
+        return {"kind": KIND, **result}
 
 
 # ---- from statistics to the report -----------------------------------------------------------------------------
@@ -285,7 +234,8 @@ def massive_summary(rows: torch.Tensor, values: torch.Tensor, contexts: torch.Te
     }
 
 
-def verdict(result: dict[str, Any], cfg: OutliersConfig) -> str:
+def verdict(result: Mapping[str, Any], cfg: OutliersConfig) -> str:
+    """One line: the massive activations and their carriers, the rotated-basis control, the consistent rogue dims."""
     layers, massive = result["layers"], result["massive"]
     aligned = [r["layer"] for r in layers if r["basis_ratio"] >= cfg.aligned_ratio]
     best = max(layers, key=lambda r: r["basis_ratio"])
@@ -307,7 +257,8 @@ def verdict(result: dict[str, Any], cfg: OutliersConfig) -> str:
     return f"{head}; {control}; consistent rogue dims: {rogue}"
 
 
-def format_summary(result: dict[str, Any]) -> str:
+def format_summary(result: Mapping[str, Any]) -> str:
+    """A per-layer table of the top dim, its carrier, the median, the rotated control and the massive count."""
     cfg = result["config"]
     lines = [f"{result['model']['spec']}: {result['n_tokens']:,} tokens of {cfg['corpus']} "
              f"(pass {result['seconds']:.1f} s); massive = |act| > {cfg['massive_abs']:g} and > "

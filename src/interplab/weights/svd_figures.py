@@ -9,7 +9,7 @@ import numpy as np
 from interplab.plotting import new_figure, save_figure
 
 SPECTRUM_LENGTH = 64
-"""Singular values drawn per matrix (the rest are in svd.json)."""
+"""Singular values drawn per matrix (the rest are in metrics.json)."""
 
 
 def spectra(matrices: Mapping[str, Mapping[str, Any]], path: str) -> str:

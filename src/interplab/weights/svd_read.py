@@ -32,12 +32,11 @@ from interplab.errors import InterplabError
 from interplab.models.hooked import HookedModel
 from interplab.models.tokens import token_text
 from interplab.weights.circuits import ov_circuit, qk_circuit
+from interplab.weights.configs import MATRICES, PER_HEAD
 from interplab.weights.extract import attention_weights, embedding, mlp_weights, unembedding
 
 Tensor = torch.Tensor
 
-MATRICES = ("ov", "qk", "mlp-in", "mlp-gate", "mlp-out", "embed", "unembed")
-PER_HEAD = ("ov", "qk")
 PER_LAYER = ("ov", "qk", "mlp-in", "mlp-gate", "mlp-out")
 
 
