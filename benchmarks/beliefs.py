@@ -44,13 +44,14 @@ def main() -> None:
     print(regress_summary(result))
     wall = time.perf_counter() - start
     head = result["final"][result["headline"]]
+    gap = trained.metrics["final"]["gap"]
     at = {row["tokens"]: round(row["targets"][result["headline"]]["mse"], 6) for row in result["curve"]}
     print(json.dumps({"bench": "beliefs", "tokens": trained.metrics["tokens"], "final_mse": round(head["mse"], 6),
                       "shuffle_mse": round(head["shuffle_mse_mean"], 4), "r2": round(head["r2"], 5),
                       "wall_s": round(wall, 1), "cv_mse": round(head["cv_mse"], 6), "p_value": head["p_value"],
                       "concat_mse": round(result["final"]["concat"]["mse"], 6), "mse_at_tokens": at,
                       "paper_mse_at_tokens": PAPER_MSE, "train_s": round(trained.seconds, 1),
-                      "mean_loss_gap_nats": round(sum(trained.metrics["final"]["gap"]) / len(trained.metrics["final"]["gap"]), 6),
+                      "mean_loss_gap_nats": round(sum(gap) / len(gap), 6),
                       "out": out}))
 
 

@@ -71,7 +71,8 @@ def main() -> None:
         "single_head_acc_by_dhead": by_dhead, "single_head_acc_by_seed": by_seed,
         "grokking_train_acc": round(grok.metrics["final"]["train_acc"], 4),
         "grokking_test_acc": round(grok.metrics["final"]["test_acc"], 4),
-        "grokking_jump_step": grok.metrics["jump_step"], "thorough_phase_start_step": grok.metrics["phase_starts"]["thorough"],
+        "grokking_jump_step": grok.metrics["jump_step"],
+        "thorough_phase_start_step": grok.metrics["phase_starts"]["thorough"],
         "wall_s": round(time.perf_counter() - start, 1),
     }))
 

@@ -37,8 +37,8 @@ def test_started_but_unfinished_run_is_partial(tmp_path):
 
 
 @pytest.mark.parametrize("kind, config, differs", [
-    ("probe", {"seed": 2}, r"different probe run \(differs in: config.seed\)"),
-    ("lens", {"seed": 1, "k": 3}, r"differs in: config.k, kind\)"),
+    ("probe", {"seed": 2}, r"different probe run \(differs in: config.seed 1 → 2\)"),
+    ("lens", {"seed": 1, "k": 3}, r'differs in: config.k \(none\) → 3, kind "probe" → "lens"\)'),
 ])
 def test_another_run_in_the_folder_is_refused_untouched(tmp_path, kind, config, differs):
     with Run.open(str(tmp_path), "probe", {"seed": 1}) as run:
@@ -106,3 +106,11 @@ def test_a_new_run_that_fails_before_writing_results_leaves_no_config(tmp_path):
             raise KeyboardInterrupt
     with Run.open(str(tmp_path), "lens", {"ctx_len": 64}) as run:  # so its config stays, to resume
         assert run.status == "partial"
+
+
+def test_where_and_how_a_run_goes_is_not_part_of_its_identity(tmp_path):
+    with Run.open(str(tmp_path), "lens", {"seed": 1, "out": "a", "device": "cpu", "progress": True}) as run:
+        run.write_metrics({"kl": 1.0})
+    assert json.loads((tmp_path / "config.json").read_text())["config"] == {"seed": 1}
+    with Run.open(str(tmp_path), "lens", {"seed": 1, "out": "b", "device": "cuda", "resume": True}) as run:
+        assert run.status == "complete"

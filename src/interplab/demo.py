@@ -10,6 +10,7 @@ The model is loaded once and shared by every step.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from interplab.activations.configs import HarvestConfig
@@ -43,12 +44,31 @@ def _done(path: str) -> dict[str, Any] | None:
     return None if data is None else json.loads(data)
 
 
+class StepClock:
+    """Wall-clock seconds of each demo step, printed at the end so that a slow machine shows where its time went."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step], self.last = now - self.last, now
+
+    def summary(self) -> str:
+        steps = ", ".join(f"{step} {s:.0f} s" for step, s in self.seconds.items())
+        total = time.perf_counter() - self.start
+        return f"time: {steps}; total {int(total // 60)} min {total % 60:.0f} s"
+
+
 def run_demo(cfg: DemoConfig) -> None:
     if not cfg.k:
         raise InterplabError("--k needs at least one value, e.g. 32,16,64")
     root = cfg.out.rstrip("/")
     store = f"{root}/activations"
+    clock = StepClock()
     model = load_model(cfg.model, device=cfg.device)
+    clock.done("model")
     print(f"interplab demo: harvesting {cfg.hook} of {cfg.model} on {cfg.corpus} ({cfg.tokens:,} tokens) -> {store}")
     result = harvest(HarvestConfig(model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, tokens=cfg.tokens,
                                    ctx_len=cfg.ctx_len, batch_size=cfg.batch_size, out=store, device=cfg.device,
@@ -56,6 +76,7 @@ def run_demo(cfg: DemoConfig) -> None:
     if not result.already_complete:
         print(f"harvested at {result.tokens_per_s:,.0f} tokens/s (forward pass and writes)")
     print(format_summary(summarize(ActivationStore(store))))
+    clock.done("harvest")
 
     print(f"training TopK SAEs (k={','.join(map(str, cfg.k))}, {cfg.expansion}x) on the store -> {root}/saes")
     trained = train(TrainConfig(store=store, arch="topk", k=list(cfg.k), expansion=[cfg.expansion],
@@ -64,14 +85,17 @@ def run_demo(cfg: DemoConfig) -> None:
         print(f"{name}: training FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.1%} "
               f"-> {root}/saes/{name}")
     names = [f"topk-k{k}-x{cfg.expansion}" for k in cfg.k]
+    clock.done("SAE training")
 
     evals = [_evaluate(cfg, f"{root}/saes/{name}", f"{root}/eval/{name}.json", model, main=i == 0)
              for i, name in enumerate(names)]
     figures = dict(evals[0].get("figures", {}))
     figures["pareto"] = pareto([point_from_metrics(r) for r in evals], f"{root}/figures/pareto.png")
+    clock.done("evaluation")
     perturb = _perturb(cfg, load_sae(f"{root}/saes/{names[0]}"), model) if cfg.perturb_contexts > 0 else None
     if perturb is not None:
         figures.update(perturb.get("figures", {}))
+        clock.done("perturbation sweep")
 
     print(format_eval(evals[0]))
     if perturb is not None:
@@ -81,6 +105,8 @@ def run_demo(cfg: DemoConfig) -> None:
     print(f"report: {report}")
     if cfg.dashboard_tokens > 0:
         print(_dashboard(cfg, f"{root}/saes/{names[0]}", model))
+        clock.done("dashboard")
+    print(clock.summary())
 
 
 def _dashboard(cfg: DemoConfig, sae: str, model: HookedModel) -> str:

@@ -33,9 +33,9 @@ class DemoConfig:
     """Held-out (test split) tokens the main (first) SAE is evaluated on."""
     other_eval_tokens: int = 2048
     """Held-out tokens each other SAE of the sweep is evaluated on (for the Pareto plot)."""
-    scale_tune_tokens: int = 4096
+    scale_tune_tokens: int = 2048
     """Train-split tokens the main SAE's decoder scales are fine-tuned on, in 2 epochs (0: skip the fine-tuning)."""
-    perturb_contexts: int = 16
+    perturb_contexts: int = 8
     """(activation, target) pairs per target kind in the perturbation sweep (0: skip the sweep)."""
     perturb_steps: int = 11
     """Step lengths per perturbation path (0 to the median activation norm)."""

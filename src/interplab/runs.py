@@ -38,12 +38,20 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 FIGURES = "figures"
 LOCK = ".lock"
+NOT_IDENTITY = ("out", "device", "resume", "progress")
+"""Config fields that say where and how a run goes, not what it computes: a run moved to another folder, resumed on
+another device or without a progress bar is the same run. They are left out of config.json's identity."""
 _TMP_RE = re.compile(r".*\.tmp-[0-9a-f]{32}")
 _MISSING = object()
 
 JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
 JSONDict = dict[str, JSONValue]
 Status = Literal["new", "partial", "complete"]
+
+
+def run_settings(config: Mapping[str, JSONValue]) -> JSONDict:
+    """What config.json records of a command's config: every field but those in NOT_IDENTITY."""
+    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
 
 
 def read_json_object(url: str) -> JSONDict:
@@ -174,7 +182,7 @@ class Run:
     def open(cls, out: str, kind: str, config: Mapping[str, JSONValue]) -> Iterator[Run]:
         """Check --out, lock it, and write config.json if it is new. Yields the `Run`; the lock is released on exit."""
         out = out.rstrip("/")
-        identity: JSONDict = {"kind": kind, "config": dict(config)}
+        identity: JSONDict = {"kind": kind, "config": run_settings(config)}
         check_identity(out, CONFIG, identity, kind)  # before the lock: a refused run must leave nothing behind
         with folder_lock(out, kind):
             saved = check_identity(out, CONFIG, identity, kind)  # again: another process may have started it

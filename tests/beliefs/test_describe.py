@@ -11,6 +11,7 @@ from interplab.beliefs import describe
 from interplab.beliefs.configs import MSPConfig
 from interplab.beliefs.describe import describe_process
 from interplab.errors import InterplabError
+from interplab.runs import run_settings
 
 
 def test_golden_mean_numbers_match_closed_forms(tmp_path):
@@ -29,7 +30,8 @@ def test_golden_mean_numbers_match_closed_forms(tmp_path):
     assert saved["kind"] == out["kind"] == "beliefs msp" and saved["msp"] == out["msp"]
     assert out["figures"]["simplex"] == f"{tmp_path}/figures/simplex.png"
     assert (tmp_path / "figures" / "simplex.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "config.json").read_text()) == {"kind": "beliefs msp", "config": out["config"]}
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    assert saved_config == {"kind": "beliefs msp", "config": run_settings(out["config"])}
 
 
 def test_rrxor_has_36_belief_states_and_mess3_never_closes(tmp_path):
@@ -69,6 +71,6 @@ def test_rerun_reports_the_saved_run_and_another_config_is_refused(tmp_path, mon
     monkeypatch.setattr(describe, "mixed_state_presentation", no_recompute)
     assert describe_process(MSPConfig(process="golden_mean", depth=3, entropy_length=2, out=str(tmp_path))) == first
     assert first == json.loads((tmp_path / "metrics.json").read_text())
-    with pytest.raises(InterplabError, match=r"differs in: config\.entropy_length\)"):
+    with pytest.raises(InterplabError, match=r"differs in: config\.entropy_length 2 → 3\)"):
         describe_process(MSPConfig(process="golden_mean", depth=3, entropy_length=3, out=str(tmp_path)))
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == files  # nothing rewritten

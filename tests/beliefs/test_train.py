@@ -94,7 +94,7 @@ def test_resume_continues_from_the_last_checkpoint_and_matches_an_uninterrupted_
 
 def test_a_different_config_in_the_same_folder_is_an_error(run):
     out, _ = run
-    with pytest.raises(InterplabError, match=r"holds a different beliefs train run \(differs in: config\.lr\)"):
+    with pytest.raises(InterplabError, match=r"holds a different beliefs train run \(differs in: config\.lr 0\.01 → 0\.02\)"):
         train_beliefs(tiny(out, lr=0.02))
     with pytest.raises(InterplabError, match="already holds a run; pass --resume"):
         train_beliefs(tiny(out, resume=False))

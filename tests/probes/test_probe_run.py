@@ -14,6 +14,7 @@ from interplab.errors import InterplabError
 from interplab.probes.configs import ProbeConfig, RefusalConfig
 from interplab.probes.probe_run import run_probe
 from interplab.probes.refusal import run_refusal
+from interplab.runs import run_settings
 
 
 def snapshot(folder: Path) -> dict[str, int]:
@@ -49,7 +50,8 @@ def test_probes_separate_a_visible_label_and_controls_do_not(labelled_file, tiny
     out = tmp_path / "out"
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["kind"] == "probe" and saved["ksparse"]["ks"] == [1, 2, 4]
-    assert json.loads((out / "config.json").read_text()) == {"kind": "probe", "config": json.loads(json.dumps(asdict(cfg)))}
+    saved_config = json.loads((out / "config.json").read_text())
+    assert saved_config == {"kind": "probe", "config": run_settings(json.loads(json.dumps(asdict(cfg))))}
     assert all((out / "figures" / name).stat().st_size > 0 for name in ("diff_means_projection.png", "ksparse_f1.png"))
     # a re-run of the complete run is reported as done: the saved metrics, nothing written again
     before = snapshot(out)

@@ -129,7 +129,7 @@ def test_a_folder_holding_another_run_or_other_files_is_refused_untouched(store,
         train(config(store, out), callback=stop_at(4), progress=False)
     before = folder_bytes(out)
     with pytest.raises(InterplabError,
-                       match=r"holds a different SAE run \(differs in: k, lr\); choose another --out"):
+                       match=r"holds a different SAE run \(differs in: k \[2, 3\] → \[4\], lr 0\.01 → 0\.001\); choose another --out"):
         train(config(store, out, k=[4], lr=1e-3, resume=True), progress=False)
     assert folder_bytes(out) == before
     train(config(store, out, device="cpu", checkpoint_every=5, resume=True), progress=False)  # not identity

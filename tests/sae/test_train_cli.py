@@ -104,7 +104,7 @@ def test_a_different_run_in_out_is_refused_untouched(store, tmp_path, capsys):
     capsys.readouterr()
     assert main(args(store, out, k="3")) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "holds a different SAE run (differs in: k)" in err
+    assert len(err.splitlines()) == 1 and "holds a different SAE run (differs in: k [2] → [3])" in err
     assert before == {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 

@@ -114,6 +114,6 @@ def test_interrupted_bench_resumes_then_reports_and_refuses_another_config(tmp_p
     monkeypatch.setattr(bench_module, "train", no_training)
     assert run_bench(small(tmp_path), progress=False) == result
     saved = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(InterplabError, match=r"differs in: config\.seed\)"):
+    with pytest.raises(InterplabError, match=r"differs in: config\.seed 0 → 1\)"):
         run_bench(small(tmp_path, seed=1), progress=False)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == saved  # nothing rewritten

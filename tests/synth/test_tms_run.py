@@ -54,6 +54,6 @@ def test_rerun_reports_the_saved_run_and_another_config_is_refused(tmp_path, mon
 
     monkeypatch.setattr(tms_run, "train_tms", no_training)
     assert run_tms(TMSRunConfig(parts=["pictures"], steps=20, out=str(tmp_path)), progress=False) == first
-    with pytest.raises(InterplabError, match=r"differs in: config\.seed\)"):
+    with pytest.raises(InterplabError, match=r"differs in: config\.seed 0 → 1\)"):
         run_tms(TMSRunConfig(parts=["pictures"], steps=20, seed=1, out=str(tmp_path)), progress=False)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == files  # nothing rewritten

@@ -30,6 +30,7 @@ from interplab.toy.readouts import (
 )
 from interplab.toy.tasks import ModularAdditionTask, OVCoherentTask, make_task
 from interplab.toy.toy_run import load_run
+from interplab.runs import run_settings
 
 BETA = 30.0
 """Key weight of the planted head: the read-off's score for a signal token is BETA / √5 ≈ 13.4 above noise."""
@@ -304,7 +305,8 @@ def test_run_toy_inspect_end_to_end(tmp_path):
     folder = tmp_path / "run" / "inspect"
     saved = json.loads((folder / "metrics.json").read_text())
     assert saved["kind"] == "toy inspect" and saved["accuracy"]["sample"] == 1.0 and saved == out
-    assert json.loads((folder / "config.json").read_text()) == {"kind": "toy inspect", "config": out["config"]}
+    saved_config = json.loads((folder / "config.json").read_text())
+    assert saved_config == {"kind": "toy inspect", "config": run_settings(out["config"])}
     for name in ("attention", "eqke", "evou", "ablation"):
         assert out["figures"][name] == f"{folder}/figures/{name}.png"
         assert Path(out["figures"][name]).read_bytes()[:4] == b"\x89PNG"
@@ -343,7 +345,7 @@ def test_inspect_rerun_reports_the_saved_run_and_another_config_is_refused(tmp_p
 
     monkeypatch.setattr(readouts_module, "readouts", no_recompute)
     assert run_toy_inspect(InspectToyConfig(run=root, out=str(folder), examples=40)) == first
-    with pytest.raises(InterplabError, match=r"differs in: config\.seed\)"):
+    with pytest.raises(InterplabError, match=r"differs in: config\.seed 0 → 3\)"):
         run_toy_inspect(InspectToyConfig(run=root, examples=40, seed=3))
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == files  # nothing rewritten
 

@@ -40,7 +40,7 @@ from interplab.beliefs.msp import all_sequences, belief_states, myopic_entropy
 from interplab.beliefs.process import Process, make_process, next_token_probabilities, sample
 from interplab.errors import InterplabError
 from interplab.models.toy import ToyConfig, ToyTransformer
-from interplab.runs import CONFIG, JSONDict, Run, read_json_object
+from interplab.runs import CONFIG, JSONDict, Run, read_json_object, run_settings
 from interplab.toy.loop import StepOutcome, TrainResult, train_loop
 from interplab.toy.loop import saved_checkpoints as saved_steps
 
@@ -52,8 +52,6 @@ CHECKPOINT_MANTISSAS = (1.0, 2.0, 3.2, 6.4)
 64k, 640k and 3.2M tokens at which Shai et al. report their Mess3 regression MSE."""
 EVAL_SEED_OFFSET = 1 << 40
 """Sampled evaluation sequences (when the context is too long to enumerate) use seed + this: no training step does."""
-VOLATILE_FIELDS = ("device", "progress", "resume", "out")
-"""Config fields that may differ between a run and its resumption (a run folder may be moved)."""
 
 EvalSet = tuple[Int[Tensor, "m ctx"], Float[Tensor, " m"], Float[Tensor, "m ctx x"]]
 """(tokens, weights summing to 1, true predictive distributions) of the exact evaluation."""
@@ -68,7 +66,7 @@ def checkpoint_tokens(cfg: BeliefTrainConfig) -> list[int]:
 
 def run_config(cfg: BeliefTrainConfig) -> JSONDict:
     """The config that identifies a run (config.json's "config"): every field but those a resume may change."""
-    return {k: v for k, v in asdict(cfg).items() if k not in VOLATILE_FIELDS}
+    return run_settings(asdict(cfg))
 
 
 def load_config(out: str | Path) -> BeliefTrainConfig:

@@ -27,8 +27,6 @@ TASK_DEFAULTS: dict[str, dict[str, int | float | str]] = {
                    weight_decay=0.01, init_std=0.02, thorough_when="qualification.train_acc >= 0.9", stop_after=-1),
 }
 """Settings a task uses where its config leaves them unset (None)."""
-VOLATILE_FIELDS = ("device", "progress", "resume", "out")
-"""Config fields that may differ between a run and its resumption."""
 
 
 @dataclass

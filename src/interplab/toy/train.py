@@ -41,8 +41,8 @@ from jaxtyping import Float
 from interplab.errors import InterplabError
 from interplab.models.load import default_device
 from interplab.models.toy import ToyConfig, ToyTransformer
-from interplab.runs import JSONDict, JSONValue, Run
-from interplab.toy.configs import VOLATILE_FIELDS, ToyTrainConfig
+from interplab.runs import JSONDict, JSONValue, Run, run_settings
+from interplab.toy.configs import ToyTrainConfig
 from interplab.toy.loop import StepOutcome, TrainResult, train_loop
 from interplab.toy.phases import Phase, Schedule
 from interplab.toy.tasks import ModularAdditionTask, Task, TaskBatch, make_task
@@ -157,7 +157,7 @@ def masked_loss(model: ToyTransformer, batch: TaskBatch) -> Float[torch.Tensor, 
 
 def run_config(cfg: ToyTrainConfig) -> JSONDict:
     """The config that identifies a run (config.json's "config"): every field but those a resume may change."""
-    return {k: v for k, v in asdict(cfg).items() if k not in VOLATILE_FIELDS}
+    return run_settings(asdict(cfg))
 
 
 def run_toy_train(config: ToyTrainConfig) -> TrainResult:
