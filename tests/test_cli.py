@@ -99,7 +99,8 @@ def test_hooks_command_lists_names(tiny_gpt2_dir, capsys):
     assert main(["hooks", "--model", str(tiny_gpt2_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert json.loads(lines[0])["n_layers"] == 3
-    assert lines[1:3] == ["hook_embed", "hook_pos_embed"] and lines[-1] == "ln_final.hook_normalized"
+    assert lines[1:3] == ["hook_embed", "hook_pos_embed"]
+    assert lines[-2:] == ["ln_final.hook_normalized", "ln_final.hook_out"]
 
 
 def test_perturb_command(tiny_gpt2_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from interplab.activations.configs import HarvestConfig, InspectConfig
 from interplab.beliefs.configs import BeliefRegressConfig, BeliefTrainConfig, MSPConfig
@@ -126,9 +126,17 @@ INTERRUPTED: dict[str, str] = {
 _CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in one line (what was wrong, and where the valid options are), exit code 2: the
+    same shape as every other bad input, instead of a usage block followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command, generated from COMMANDS and the config dataclasses."""
-    parser = argparse.ArgumentParser(prog="interplab", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="interplab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, (config_cls, _, help_text) in COMMANDS.items():
@@ -152,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(commands, runner)(dataclass_from_args(config_cls, args))
     except InterplabError as exc:
         sys.stderr.write(f"interplab {command}: error: {exc}\n")  # one write: torchrun ranks share one stderr
+        return 2
+    except (OSError, UnicodeDecodeError) as exc:
+        # A path the user named could not be read or written (missing, a file for a folder, no permission, not
+        # text): their input, not our bug, so one line like every other bad input. Checks before work should catch
+        # these first; this is the net under them.
+        sys.stderr.write(f"interplab {command}: error: {' '.join(str(exc).split())}\n")
         return 2
     except KeyboardInterrupt:
         kept = INTERRUPTED.get(command, "nothing is lost")

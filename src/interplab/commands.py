@@ -71,6 +71,9 @@ def harvest(cfg: HarvestConfig) -> None:
         return
     if result.already_complete:
         print(f"{cfg.out} already holds this complete harvest ({result.n_tokens:,} tokens); nothing to do")
+    elif result.n_tokens_added < result.n_tokens:  # resumed: say what this run did, and what the store holds
+        print(f"harvested {result.n_tokens_added:,} more tokens at {','.join(cfg.hooks)} into {cfg.out} "
+              f"({result.tokens_per_s:,.0f} tokens/s); the store now holds {result.n_tokens:,} tokens")
     else:
         print(f"harvested {result.n_tokens:,} tokens at {','.join(cfg.hooks)} into {cfg.out} "
               f"({result.tokens_per_s:,.0f} tokens/s)")
@@ -144,7 +147,8 @@ def synth_bench(cfg: SynthBenchConfig) -> None:
 def synth_model(cfg: PlantedConfig) -> None:
     info = planted.build_planted(cfg)
     truths = ", ".join(f"{name} {shape[0]}" for name, shape in info["true_features"].items())
-    print(f"wrote {info['out']}: generator {info['generator']} planted at {' = '.join(info['exact_hooks'])} "
+    done = "already holds this planted model; nothing written" if info["already_built"] else "written"
+    print(f"{info['out']}: {done}: generator {info['generator']} planted at {' = '.join(info['exact_hooks'])} "
           f"(d_model {info['d_model']}, {info['n_samples']} table rows; true features: {truths})\n"
           f"next: interplab harvest --model {info['out']} --hooks hook_embed --out STORE; "
           f"interplab sae train --store STORE ...; interplab synth score --sae SAE --generator {info['out']}")

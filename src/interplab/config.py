@@ -10,11 +10,12 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from interplab.errors import InterplabError
 
@@ -78,9 +79,27 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def finite_float(text: str) -> float:
+    """A command-line float that is a number: nan and ±inf would otherwise pass every range check (nan compares false
+    with everything) and end up in saved configs."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+finite_float.__name__ = "finite number"  # argparse names the type in its errors: "invalid finite number value"
+
+
+def _parser_of(item_type: type) -> Callable[[str], Any]:
+    return finite_float if item_type is float else item_type
+
+
 def _comma_list(item_type: type) -> Any:
+    parse_item = _parser_of(item_type)
+
     def parse(text: str) -> list:
-        return [item_type(part.strip()) for part in text.split(",") if part.strip()]
+        return [parse_item(part.strip()) for part in text.split(",") if part.strip()]
 
     parse.__name__ = f"comma-separated {item_type.__name__}s"  # argparse names the type in its errors
     return parse
@@ -101,7 +120,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if typing.get_origin(tp) is list:
             kind, shown = _comma_list(typing.get_args(tp)[0]), None if default is None else ",".join(map(str, default))
         else:
-            kind, shown = tp, default
+            kind, shown = _parser_of(tp), default
         if shown not in (None, ""):
             help_text += f" (default: {shown})"
         elif optional:

@@ -4,13 +4,16 @@
     controls (the first SAE also with decoder-scale fine-tuning) → perturbation sweep → figures → report.md →
     the main SAE's feature dashboard (a static site: open dashboard/index.html)
 
-The model is loaded once and shared by every step.
+The model is loaded once and shared by every step. OUT is a run folder (`interplab.runs`): a foreign folder is refused,
+config.json records the options, metrics.json (each SAE's L0, FVU and CE-loss score) marks the demo complete, and
+each step keeps its own files below it (activations/, saes/, eval/, figures/, report.md, dashboard/).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from typing import Any
 
 from interplab.activations.configs import HarvestConfig
@@ -31,6 +34,7 @@ from interplab.fileio import read_url
 from interplab.models.hooked import HookedModel
 from interplab.models.load import load_model
 from interplab.report.eval_report import write_eval_report
+from interplab.runs import Run
 from interplab.sae.base import SparseAutoencoder
 from interplab.sae.files import load_sae
 from interplab.sae.train_config import TrainConfig
@@ -62,8 +66,16 @@ class StepClock:
 
 
 def run_demo(cfg: DemoConfig) -> None:
+    """Run (or resume) every step into cfg.out, a run folder of kind "demo" (see the module docstring)."""
     if not cfg.k:
         raise InterplabError("--k needs at least one value, e.g. 32,16,64")
+    with Run.open(cfg.out, "demo", asdict(cfg)) as run:
+        points = _run_steps(cfg)
+        run.write_metrics({"saes": points, **{k: points[0][k] for k in ("fvu", "ce_loss_score", "l0")}})
+
+
+def _run_steps(cfg: DemoConfig) -> list[dict[str, Any]]:
+    """Every step of the demo; each skips what a previous run finished. Returns each SAE's Pareto point."""
     root = cfg.out.rstrip("/")
     store = f"{root}/activations"
     clock = StepClock()
@@ -90,7 +102,8 @@ def run_demo(cfg: DemoConfig) -> None:
     evals = [_evaluate(cfg, f"{root}/saes/{name}", f"{root}/eval/{name}.json", model, main=i == 0)
              for i, name in enumerate(names)]
     figures = dict(evals[0].get("figures", {}))
-    figures["pareto"] = pareto([point_from_metrics(r) for r in evals], f"{root}/figures/pareto.png")
+    points = [point_from_metrics(r) for r in evals]
+    figures["pareto"] = pareto(points, f"{root}/figures/pareto.png")
     clock.done("evaluation")
     perturb = _perturb(cfg, load_sae(f"{root}/saes/{names[0]}"), model) if cfg.perturb_contexts > 0 else None
     if perturb is not None:
@@ -107,6 +120,7 @@ def run_demo(cfg: DemoConfig) -> None:
         print(_dashboard(cfg, f"{root}/saes/{names[0]}", model))
         clock.done("dashboard")
     print(clock.summary())
+    return points
 
 
 def _dashboard(cfg: DemoConfig, sae: str, model: HookedModel) -> str:

@@ -23,9 +23,11 @@ import json
 import os
 import posixpath
 import re
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from filelock import FileLock, Timeout
@@ -125,6 +127,30 @@ def _at(config: Mapping[str, JSONValue], dotted: str) -> str:
     return json.dumps(value)
 
 
+def check_output_folder(url: str, flag: str) -> None:
+    """Refuse, in one line and before any work, an output folder that cannot be written: `url` (or a folder above
+    it) is a file, or the nearest existing folder does not let us create a file. Local paths only: an object
+    store reports its own errors when written."""
+    fs, root = open_url(url)
+    if not isinstance(fs, LocalFileSystem):
+        return
+    path = Path(root)
+    while not path.exists():
+        if path.parent == path:
+            return
+        path = path.parent
+    if not path.is_dir():
+        where = "is a file" if str(path) == str(Path(root)) else f"lies under {path}, which is a file"
+        raise InterplabError(f"{flag} {url} {where}; {flag} needs a folder (new, empty, or this command's own)")
+    try:
+        # Creating and removing a file is the only reliable test: access() ignores ACLs and read-only mounts.
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".interplab-write-test-"):
+            pass
+    except OSError as e:
+        raise InterplabError(f"{flag} {url}: cannot write in {path} ({type(e).__name__}: {e.strerror or e}); "
+                             "choose a folder you can write to") from None
+
+
 @contextmanager
 def folder_lock(out: str, what: str) -> Iterator[None]:
     """Hold `OUT/.lock` while the body runs (local folders; object stores have no locks). A second writer gets one
@@ -133,7 +159,7 @@ def folder_lock(out: str, what: str) -> Iterator[None]:
     if not isinstance(fs, LocalFileSystem):
         yield
         return
-    created = not fs.exists(root)
+    created = _highest_missing(root)  # the folder makedirs is about to create first, removed if left empty
     fs.makedirs(root, exist_ok=True)
     lock, holder = FileLock(join(root, LOCK)), join(root, LOCK + ".pid")
     try:
@@ -152,8 +178,21 @@ def folder_lock(out: str, what: str) -> Iterator[None]:
         lock.release()
         if not folder_entries(out):  # nothing was written (a refused or failed new run): leave no trace
             os.remove(join(root, LOCK))
-            if created:
-                os.rmdir(root)
+            if created is not None:
+                for folder in [Path(root), *Path(root).parents]:
+                    os.rmdir(folder)
+                    if folder == created:
+                        break
+
+
+def _highest_missing(path: str) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
+    missing = None
+    for folder in [Path(path), *Path(path).parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
 
 
 def _forget_if_nothing_else(out: str) -> None:
@@ -183,6 +222,7 @@ class Run:
         """Check --out, lock it, and write config.json if it is new. Yields the `Run`; the lock is released on exit."""
         out = out.rstrip("/")
         identity: JSONDict = {"kind": kind, "config": run_settings(config)}
+        check_output_folder(out, "--out")
         check_identity(out, CONFIG, identity, kind)  # before the lock: a refused run must leave nothing behind
         with folder_lock(out, kind):
             saved = check_identity(out, CONFIG, identity, kind)  # again: another process may have started it

@@ -95,7 +95,7 @@ def _start_and_stop_after_shards(cmd: list[str], out: Path, n_shards: int, sig: 
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".lock")}
 
 
 def test_killed_harvest_resumes_byte_identical(wide_gpt2_dir, tmp_path):

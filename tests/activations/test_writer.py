@@ -51,7 +51,8 @@ def write_interrupted(url: Path | str, exc: type[BaseException] = RuntimeError) 
 
 
 def files(url: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(url.iterdir())}
+    """The store's files, without the lock a local writer leaves (interplab.runs.folder_lock)."""
+    return {p.name: p.read_bytes() for p in sorted(url.iterdir()) if not p.name.startswith(".lock")}
 
 
 def manifest(url: Path) -> dict:

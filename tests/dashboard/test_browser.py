@@ -8,10 +8,13 @@ page under the system temp folder (printed) for a human to look at.
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,8 @@ from interplab.dashboard.configs import DashboardConfig, ServeConfig
 from interplab.dashboard.serve import make_server
 from interplab.dashboard.site import build_site, write_assets
 from interplab.models.load import load_model
+from interplab.report.configs import RunReportConfig
+from interplab.report.run_reports import write_run_reports
 from interplab.sae import make_sae
 from interplab.sae.config import SAEConfig
 
@@ -79,8 +84,10 @@ def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(5000)  # fail fast: every wait here is for a local file
     pg = context.new_page()
-    pg.errors, pg.dialogs = [], []
+    pg.errors, pg.dialogs, pg.csp = [], [], []
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    # What the page's Content-Security-Policy refused (Chromium logs each refusal on the console): must stay empty.
+    pg.on("console", lambda m: pg.csp.append(m.text) if "Content Security Policy" in m.text else None)
     pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
     # Nothing may leave the machine: the site needs no CDN, font or API.
     pg.outside = []
@@ -111,7 +118,7 @@ def _check_showcase_latent(pg) -> None:
     # The histogram draws one bar per non-empty bin (13 bins: activations 0..12).
     assert pg.locator("[data-testid=activation-histogram] rect").count() == 13
     assert pg.locator("[data-testid=logits] .logit-table.positive tr").count() == 10
-    assert pg.dialogs == [] and pg.errors == [] and pg.outside == []
+    assert pg.dialogs == [] and pg.errors == [] and pg.outside == [] and pg.csp == []
 
 
 def test_search_open_and_read_a_latent_served(page, server_url, tmp_path: Path) -> None:
@@ -139,7 +146,7 @@ def test_search_open_and_read_a_latent_served(page, server_url, tmp_path: Path) 
     page.go_back()
     page.go_back()
     assert page.get_by_test_id("search").input_value() == "alert"
-    assert page.errors == [] and page.dialogs == []
+    assert page.errors == [] and page.dialogs == [] and page.csp == []
 
 
 def test_search_by_id_enter_jumps_and_sorting(page, server_url) -> None:
@@ -182,6 +189,7 @@ def test_opens_from_file_without_a_server(page, fake_site, tmp_path: Path) -> No
     page.get_by_test_id("top-example").wait_for()
     assert page.get_by_test_id("latent-title").text_content() == "Latent 8"
     page.screenshot(path=str(tmp_path / "latent-file.png"), full_page=True)
+    assert page.csp == [] and page.errors == []
 
 
 def test_bad_ids_and_missing_data_say_so(page, fake_site, tmp_path: Path) -> None:
@@ -244,3 +252,38 @@ def test_a_real_build_of_a_tiny_model_reads_in_the_browser(page, tiny_gpt2_dir, 
     value = shown.locator(".example-value").text_content()
     assert value.startswith("max ") and abs(float(value[4:]) - latent["max_act"]) <= 1e-3 * latent["max_act"]
     assert page.errors == [] and page.dialogs == []
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png(path: Path) -> None:
+    """A real 2x2 PNG (the browser must decode it: a loaded image has a natural width)."""
+    raw = b"".join(b"\x00" + b"\xff\x00\x00" * 2 for _ in range(2))
+    chunk = _png_chunk
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_run_reports_work_under_their_policy_from_file(page, tmp_path: Path) -> None:
+    """`report runs` pages hold the policy too: their one inline stylesheet (allowed by its hash) and their figures
+    still load from file://, while an injected inline script is refused (so the check above can see a refusal)."""
+    run = tmp_path / "runs" / "r"
+    (run / "figures").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"kind": "lens", "config": {"layer": 1}}))
+    (run / "metrics.json").write_text(json.dumps({"kind": "lens", "n_tokens": 5}))
+    _png(run / "figures" / "curve.png")
+    (run / "report.md").write_text("# Notes\n\n![curve](figures/curve.png) ![far](\\\\\\\\evil.example\\\\a.png)\n")
+    write_run_reports(RunReportConfig(root=str(tmp_path / "runs")))
+    page.goto((run / "report.html").as_uri())
+    assert page.evaluate("getComputedStyle(document.body).maxWidth") == "1100px"  # the hashed <style> applied
+    widths = page.locator("img").evaluate_all("imgs => imgs.map(i => [i.getAttribute('src'), i.naturalWidth])")
+    assert ["figures/curve.png", 2] in widths and all(src is None or "evil" not in src for src, _ in widths)
+    assert page.csp == [] and page.errors == [] and page.outside == []
+    page.goto((tmp_path / "runs" / "index.html").as_uri())
+    assert page.locator("a", has_text="r").count() >= 1 and page.csp == []
+    tampered = run / "tampered.html"
+    tampered.write_text((run / "report.html").read_text().replace("</body>", "<script>window.ran = 1</script></body>"))
+    page.goto(tampered.as_uri())
+    assert page.evaluate("window.ran") is None and page.csp != []

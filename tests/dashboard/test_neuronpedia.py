@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
+from interplab.cli import main
 from interplab.dashboard import store
 from interplab.dashboard.configs import NeuronpediaConfig
 from interplab.dashboard.neuronpedia import export_neuronpedia, format_summary
@@ -166,3 +168,45 @@ def test_layer_needed_when_the_hook_has_none(tmp_path, site):
 def test_missing_site_is_a_clear_error(tmp_path):
     with pytest.raises(InterplabError, match="not found"):
         export_neuronpedia(NeuronpediaConfig(site=str(tmp_path / "nowhere"), out=str(tmp_path / "o")))
+
+
+META_PREFIX = b"window.INTERPLAB_META = "
+DAMAGED_META = {
+    "binary": (bytes(range(256)) * 4, "not UTF-8"),
+    "truncated": (META_PREFIX + b'{"format":1,"sae":"s', "expected 'window.INTERPLAB_META = ... ;'"),
+    "bad JSON": (META_PREFIX + b'{"format":1,,};\n', "does not parse"),
+    "a list": (META_PREFIX + b"[1, 2];\n", "holds JSON list"),
+    "missing keys": (META_PREFIX + b'{"format":1,"d_sae":5};\n', "lacks"),
+    "zero ctx_len": (None, "ctx_len must be an integer >= 1"),
+    "text hook": (None, "hook must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_META))
+def test_a_damaged_meta_js_is_one_error_and_nothing_written(site, tmp_path, case, capsys):
+    meta_js = tmp_path / "site" / "data" / "meta.js"
+    data, message = DAMAGED_META[case]
+    if data is None:  # a well-formed file whose values are wrong
+        meta = store.decode_meta(meta_js.read_text())
+        meta.update({"zero ctx_len": {"ctx_len": 0}, "text hook": {"hook": 6}}[case])
+        data = store.encode_meta(meta).encode()
+    meta_js.write_bytes(data)
+    out = tmp_path / "np"
+    with pytest.raises(InterplabError, match=re.escape(message)):
+        export_neuronpedia(NeuronpediaConfig(site=site, out=str(out), layout="both"))
+    assert not out.exists()
+    assert main(["dashboard", "neuronpedia", "--site", site, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["binary", "not a latent", "latent without fields"])
+def test_a_damaged_chunk_is_one_error_before_anything_is_written(site, tmp_path, damage):
+    chunk = tmp_path / "site" / "data" / store.chunk_name(2)
+    chunk.write_bytes({"binary": b"\xff\xfe\x00garbage",
+                       "not a latent": b"window.INTERPLAB_CHUNK(2, [5]);\n",
+                       "latent without fields": b'window.INTERPLAB_CHUNK(2, [{"id": 4}]);\n'}[damage])
+    out = tmp_path / "np"
+    with pytest.raises(InterplabError, match=r"not dashboard data"):
+        export_neuronpedia(NeuronpediaConfig(site=site, out=str(out), layout="both"))
+    assert not out.exists()  # the first two chunks were fine, yet no batch of them was written

@@ -147,3 +147,56 @@ def test_bad_configs_raise_clear_errors(served, tmp_path: Path) -> None:
         make_server(ServeConfig(site=str(folder), port=70000))
     with pytest.raises(InterplabError, match="cannot listen"):
         make_server(ServeConfig(site=str(folder), port=server.server_address[1]))
+
+
+def raw_get(server, path: str, hosts: list[str]) -> tuple[int, bytes]:
+    """GET with exactly the Host headers given (none, one, or several), sent as written."""
+    port = server.server_address[1]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.putrequest("GET", path, skip_host=True)
+        for host in hosts:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "localhost.evil.example:{port}",
+                                  "127.0.0.1.nip.io:{port}", "127.0.0.1:1", "localhost", "LOCALHOST:1{port}",
+                                  "0.0.0.0:{port}", "10.0.0.1:{port}", ""])
+def test_a_foreign_host_header_gets_403_and_no_file(served, host: str) -> None:
+    """DNS rebinding: a page on evil.example that resolves its name to 127.0.0.1 must not read the site."""
+    server, folder, _ = served
+    status, body = raw_get(server, "/index.html", [host.format(port=server.server_address[1])])
+    assert status == 403, (host, status)
+    assert body != (folder / "index.html").read_bytes() and b"interplab feature dashboard" not in body
+    assert b"evil" not in body  # the refused name is not echoed
+
+
+def test_only_the_loopback_names_and_the_bound_port_are_answered(served) -> None:
+    server, folder, _ = served
+    port = server.server_address[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}"):
+        status, body = raw_get(server, "/index.html", [host])
+        assert status == 200 and body == (folder / "index.html").read_bytes(), host
+    assert raw_get(server, "/index.html", [])[0] == 403  # no Host header at all
+    assert raw_get(server, "/index.html", [f"127.0.0.1:{port}", "evil.example"])[0] == 403  # two of them
+
+
+def test_a_wildcard_bind_answers_ip_addresses_but_no_other_name(served) -> None:
+    _, folder, _ = served
+    server = make_server(ServeConfig(site=str(folder), host="0.0.0.0", port=0))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        for host in (f"192.168.1.20:{port}", f"localhost:{port}", f"0.0.0.0:{port}"):
+            assert raw_get(server, "/index.html", [host])[0] == 200, host
+        for host in (f"evil.example:{port}", "192.168.1.20:1", "192.168.1.20"):
+            assert raw_get(server, "/index.html", [host])[0] == 403, host
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import json
 import re
-import types
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
+from interplab.cli import main
 from interplab.dashboard import site, store
+from interplab.dashboard.configs import DashboardConfig
+from interplab.dashboard.data import place_label
+from interplab.dashboard.serve import PAGE_POLICY, SECURITY_HEADERS
+from interplab.errors import InterplabError
 from interplab.fileio import read_url
+from interplab.sae import SAEConfig, make_sae
+from interplab.synth.configs import PlantedConfig
+from interplab.synth.planted import build_planted
 
 XSS_SCRIPT = "<script>alert(1)</script>"
 XSS_BOLD = "<b>bold</b>"
@@ -158,7 +166,7 @@ def test_build_site_runs_the_data_builder_then_writes_the_pages(tmp_path: Path, 
 
     monkeypatch.setattr(site, "build_dashboard_data", fake_build)
     monkeypatch.chdir(tmp_path)
-    cfg = types.SimpleNamespace(out="out-site")
+    cfg = DashboardConfig(sae="fake-sae", out="out-site")
     summary = site.build_site(cfg)
     assert calls == [cfg]
     assert summary["d_sae"] == 5 and summary["build_s"] == 0.1
@@ -174,3 +182,113 @@ def test_site_index_paths(tmp_path: Path, monkeypatch) -> None:
     assert site.site_index("a/b") == str(tmp_path / "a" / "b" / "index.html")
     assert site.site_index(f"file://{tmp_path}/s") == str(tmp_path / "s" / "index.html")
     assert site.site_index("s3://bucket/site/") == "s3://bucket/site/index.html"
+
+
+# ---- the page policy, the output folder, labels, a planted model ---------------------------------------------------
+@pytest.mark.parametrize("page", ["index.html", "latent.html"])
+def test_pages_carry_the_servers_content_security_policy(page: str) -> None:
+    """Opened from file:// there is no server to send the policy: the page itself holds it, first in <head>."""
+    text = (site.ASSETS / page).read_text()
+    metas = re.findall(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', text)
+    assert metas == [PAGE_POLICY]
+    assert SECURITY_HEADERS["Content-Security-Policy"] == f"{PAGE_POLICY}; frame-ancestors 'none'"
+    assert text.index("Content-Security-Policy") < text.index("<link") < text.index("<script")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    """RUNS/planted (a small planted model, byte tokenizer) and RUNS/sae (a random TopK SAE on it); returns RUNS."""
+    runs = tmp_path_factory.mktemp("planted") / "runs"
+    build_planted(PlantedConfig(generator="sparse:n_features=24,d=16,mean_active=3", n_samples=512, n_layers=1,
+                                d_mlp=32, n_ctx=32, out=str(runs / "planted")))
+    sae = make_sae(SAEConfig(arch="topk", d_in=16, d_sae=12, k=3, hook_name="blocks.0.hook_resid_post",
+                             model=str(runs / "planted")))
+    sae.save(str(runs / "sae"))
+    return runs
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    code = main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("foreign", ["web page", "other dashboard", "file"])
+def test_build_refuses_a_folder_it_did_not_write_and_changes_nothing(tmp_path: Path, capsys, foreign: str,
+                                                                      planted: Path) -> None:
+    out = tmp_path / "out"
+    if foreign == "file":
+        out.write_text("not a folder")
+    elif foreign == "web page":
+        out.mkdir()
+        (out / "index.html").write_text("<html>my home page</html>")
+        (out / "style.css").write_text("body { color: red }")
+    else:  # a site of an older interplab: no config.json says which settings built it
+        write_fake_site(str(out), d_sae=4, chunk_size=2)
+    before = _snapshot(out) if out.is_dir() else out.read_bytes()
+    code, err = _cli(["dashboard", "build", "--sae", str(planted / "sae"), "--tokens", "64", "--ctx-len", "16",
+                      "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert str(out) in err[0] and ("not empty" in err[0] or "is a file" in err[0]), err
+    assert (_snapshot(out) if out.is_dir() else out.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_build_into_its_own_site_with_other_settings_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    def fake_build(cfg, *, model=None, sae=None):
+        write_fake_site(cfg.out, d_sae=5, chunk_size=2)
+        return {"d_sae": 5, "n_tokens": 10, "labels": {"sae": "s", "model": "m", "corpus": "c"}}
+
+    monkeypatch.setattr(site, "build_dashboard_data", fake_build)
+    monkeypatch.chdir(tmp_path)
+    site.build_site(DashboardConfig(sae="my-sae", tokens=100, out="s"))
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["kind"] == "dashboard build" and config["config"]["tokens"] == 100
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["d_sae"] == 5
+    before = _snapshot(tmp_path / "s")
+    with pytest.raises(InterplabError, match=r"holds a different dashboard build run \(differs in: config.tokens"):
+        site.build_site(DashboardConfig(sae="my-sae", tokens=200, out="s"))
+    assert _snapshot(tmp_path / "s") == before
+    # the same settings again: its own site, complete, so the data stays and the page files are refreshed
+    (tmp_path / "s" / "style.css").write_text("stale")
+    monkeypatch.setattr(site, "build_dashboard_data", lambda *a, **k: pytest.fail("rebuilt a complete site"))
+    summary = site.build_site(DashboardConfig(sae="my-sae", tokens=100, out="s"))
+    assert (tmp_path / "s" / "style.css").read_bytes() == (site.ASSETS / "style.css").read_bytes()
+    assert summary["index"] == str(tmp_path / "s" / "index.html")
+
+
+def test_place_labels_never_give_an_absolute_path(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "saes" / "k32").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "wiki.jsonl").write_text("{}\n")
+    site_dir = str(tmp_path / "runs" / "site")
+    assert place_label(str(tmp_path / "runs" / "saes" / "k32"), site_dir) == "../saes/k32"
+    assert place_label("runs/saes/k32/", "runs/site") == "../saes/k32"
+    assert place_label(str(tmp_path / "elsewhere" / "wiki.jsonl"), site_dir) == "wiki.jsonl"
+    assert place_label(f"file://{tmp_path}/elsewhere/wiki.jsonl", site_dir) == "wiki.jsonl"
+    assert place_label("/no/such/place/sae", site_dir) == "sae"
+    assert place_label(str(tmp_path / "runs" / "saes" / "k32"), "s3://bucket/site") == "k32"
+    for spec in ("python-docs", "HuggingFaceTB/SmolLM2-135M", "hf:org/data", "s3://bucket/sae", "(in memory)", ""):
+        assert place_label(spec, site_dir) == spec
+
+
+def test_a_planted_model_builds_a_dashboard_end_to_end(planted: Path, capsys) -> None:
+    """The documented planted-truth pipeline reaches a dashboard: ByteTokenizer texts, model and SAE by path."""
+    out = planted / "site"
+    code, err = _cli(["dashboard", "build", "--sae", str(planted / "sae"), "--tokens", "256",
+                      "--ctx-len", "16", "--batch-size", "8", "--chunk-size", "5", "--out", str(out)], capsys)
+    assert code == 0, err
+    meta = store.load_meta(str(out))
+    assert meta["d_sae"] == 12 and meta["n_tokens"] == 256
+    assert (meta["sae"], meta["model"], meta["corpus"]) == ("../sae", "../planted", "python-docs")
+    index = store.load_index(str(out))
+    tokens = [t for lat in store.iter_latents(str(out)) for ex in lat["top"] for t in ex["tokens"]]
+    assert tokens and all(isinstance(t, str) and len(t) <= 5 for t in tokens)  # a byte each, or "<bos>"
+    assert "".join(tokens).isprintable() or "\n" in "".join(tokens)
+    assert any(index["top_token"])
+    for name in ("data/meta.js", "config.json", "metrics.json"):  # a shared site tells nothing of this machine
+        assert str(planted.parent) not in (out / name).read_text(), name

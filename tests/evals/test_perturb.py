@@ -94,7 +94,7 @@ _MODELS: dict = {}  # loaded once per architecture for the parametrised test bel
 @pytest.mark.parametrize("hook, later", [
     ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"),
     ("blocks.0.hook_attn_out", "blocks.1.hook_mlp_out"),
-    ("blocks.1.mlp.hook_post", "ln_final.hook_normalized"),
+    ("blocks.1.mlp.hook_post", "ln_final.hook_out"),
     ("blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"),
     ("hook_embed", "blocks.0.hook_resid_post"),
 ])
@@ -202,7 +202,7 @@ def test_sae_decoder_skipped_with_a_note_and_json_written(corpus, model, tmp_pat
 def test_default_later_hook_after_the_last_block(corpus, model):
     result = perturbation_sweep(cfg(corpus, hook="blocks.2.hook_resid_post", targets=["isotropic"], n_steps=2),
                                 model=model, progress=False)
-    assert result["config"]["later_hook"] == "ln_final.hook_normalized"
+    assert result["config"]["later_hook"] == "ln_final.hook_out"
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
@@ -215,8 +215,12 @@ def test_default_later_hook_after_the_last_block(corpus, model):
     ({"later_hook": "blocks.1.hook_resid_post"}, "must lie in a later layer"),
     ({"hook": "ln_final.hook_normalized"}, "must lie in a later layer"),
     ({"n_steps": 1}, "--n-steps must be >= 2"),
-    ({"max_step": 0.0}, "--max-step must be > 0"),
-    ({"kl_threshold": 0.0}, "--kl-threshold must be > 0"),
+    ({"max_step": 0.0}, "--max-step must be a finite number > 0, got 0.0"),
+    ({"max_step": float("inf")}, "--max-step must be a finite number > 0, got inf"),
+    ({"kl_threshold": float("nan")}, "--kl-threshold must be a finite number > 0, got nan"),
+    ({"kl_threshold": 0.0}, "--kl-threshold must be a finite number > 0"),
+    ({"test_fraction": float("nan")}, r"--test-fraction must be a number in \[0, 1\), got nan"),
+    ({"split": "test", "test_fraction": 0.0}, "the test split is empty"),
     ({"n_contexts": 1}, "--n-contexts must be >= 2"),
     ({"ctx_len": 65}, "longer than .* allows"),
     ({"split": "bogus"}, "split 'bogus' is not valid"),
@@ -243,3 +247,33 @@ def test_bad_input_is_refused_before_any_forward_pass(corpus, model, tmp_path, o
     finally:
         handle.remove()
     assert calls == []
+
+
+# ---- outputs checked before any work (issue 20) -----------------------------------------------------------------
+def test_out_is_checked_before_the_first_forward_pass(corpus, model, tmp_path):
+    (tmp_path / "d").mkdir()
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"hello": 1}))
+    out = tmp_path / "r.json"
+    base = {"targets": ["isotropic"], "n_steps": 2}
+    perturbation_sweep(cfg(corpus, out=str(out), **base), model=model, progress=False)
+    before = out.read_bytes()
+    assert json.loads(before)["kind"] == "perturb"
+    for kw, message in [({"out": str(tmp_path / "d")}, "is a folder; --out names the JSON file"),
+                        ({"out": str(foreign)}, "holds something else, not an interplab perturb result"),
+                        ({"out": str(out), "max_step": 3.0}, "holds a different perturb (differs in: max_step 2.0 → 3.0)"),
+                        ({"out": str(out), "later_hook": "ln_final.hook_normalized"}, "differs in: later_hook"),
+                        ({"figures": str(foreign)}, "is a file; --figures names a folder")]:
+        calls = []
+        handle = model.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        try:
+            with pytest.raises(InterplabError) as e:
+                perturbation_sweep(cfg(corpus, **{**base, **kw}), model=model, progress=False)
+        finally:
+            handle.remove()
+        assert message in str(e.value) and calls == []
+    assert out.read_bytes() == before and json.loads(foreign.read_text()) == {"hello": 1}
+    assert not any((tmp_path / "d").iterdir())
+    # the same sweep again (the later hook resolved the same way): recomputed into its own file
+    again = perturbation_sweep(cfg(corpus, out=str(out), device="cpu", **base), model=model, progress=False)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(again)) == json.loads(before)

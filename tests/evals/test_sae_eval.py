@@ -123,7 +123,10 @@ def test_cli_writes_json(tiny_gpt2_dir, tmp_path, corpus, capsys):
     assert set(data) >= {"config", "sae_config", "n_tokens", "metrics"}
     assert data["config"]["hook"] == HOOK and data["config"]["model"] == str(tiny_gpt2_dir)
     assert set(data["metrics"]) == {"reconstruction", "sparsity", "model_performance", "model_behavior", "kl",
-                                    "ce_loss", "per_token", "reconstruction_typical"}
+                                    "ce_loss", "per_token", "reconstruction_typical", "reconstruction_quality",
+                                    "shrinkage", "model_performance_preservation", "model_behavior_preservation",
+                                    "token_stats"}
+    assert data["kind"] == "sae eval"
     assert "figures" not in data  # only with --figures
     assert "kl_ratio" in capsys.readouterr().out
 
@@ -181,3 +184,111 @@ def test_per_token_perfect_sae(tiny_gpt2_dir, tmp_path, corpus, model):
     assert all(b["mean_gap"] is None or abs(b["mean_gap"]) < 1e-6 for b in pt["bins"])
     assert (tmp_path / "f" / "kl_histograms.png").exists()
     json.dumps(result, allow_nan=False)  # NaNs (e.g. the correlation of a constant gap) became null
+
+
+# ---- SAELens's eval file layout (issue 20) ----------------------------------------------------------------------
+SAELENS_GROUPS = {  # sae_lens/evals.py run_evals: its groups and keys (explained_variance_legacy left out, documented)
+    "reconstruction_quality": {"explained_variance", "mse", "cossim"},
+    "shrinkage": {"l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"},
+    "model_performance_preservation": {"ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae",
+                                       "ce_loss_without_sae"},
+    "model_behavior_preservation": {"kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"},
+    "sparsity": {"l0", "l1"},
+    "token_stats": {"total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"},
+}
+
+
+def test_result_holds_sae_lens_groups_with_the_same_numbers(tiny_gpt2_dir, tmp_path, corpus, model):
+    result = evaluate(cfg(random_sae(tiny_gpt2_dir, tmp_path / "r", model), corpus), model=model, progress=False)
+    m = result["metrics"]
+    for group, keys in SAELENS_GROUPS.items():
+        assert set(m[group]) >= keys, group
+    assert "explained_variance_legacy" not in m["reconstruction_quality"]
+    for key in ("explained_variance", "mse", "cossim"):
+        assert m["reconstruction_quality"][key] == m["reconstruction"][key]
+    for key in SAELENS_GROUPS["shrinkage"]:
+        assert m["shrinkage"][key] == m["reconstruction"][key]
+    assert m["model_performance_preservation"] == {k: m["model_performance"][k]
+                                                   for k in SAELENS_GROUPS["model_performance_preservation"]}
+    assert m["model_behavior_preservation"] == {k: m["model_behavior"][k]
+                                                for k in SAELENS_GROUPS["model_behavior_preservation"]}
+    assert m["token_stats"]["total_tokens_eval_reconstruction"] == result["n_tokens"]
+
+
+# ---- outputs checked before any work (issue 20) -----------------------------------------------------------------
+def refused_before_work(model, run, message):
+    """`run()` raises an InterplabError with `message` before the model's first forward pass."""
+    calls = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(InterplabError) as e:
+            run()
+    finally:
+        handle.remove()
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert calls == []
+
+
+def test_out_folder_file_parent_and_figures_file_are_refused_before_work(tiny_gpt2_dir, tmp_path, corpus, model):
+    sae = perfect_sae(tiny_gpt2_dir, tmp_path / "p")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for kw, message in [({"out": str(tmp_path / "d")}, "is a folder; --out names the JSON file"),
+                        ({"out": str(tmp_path / "afile" / "m.json")}, "afile is a file, not a folder"),
+                        ({"figures": str(tmp_path / "afile")}, "--figures " + str(tmp_path / "afile") + " is a file"),
+                        ({"scale_tune": "latent", "scale_tune_lr": float("nan")},
+                         "--scale-tune-lr must be a finite number > 0, got nan")]:
+        refused_before_work(model, lambda: evaluate(cfg(sae, corpus, **kw), model=model, progress=False), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d", "p"] and not any((tmp_path / "d").iterdir())
+
+
+def test_existing_out_file_is_replaced_only_by_the_same_evaluation(tiny_gpt2_dir, tmp_path, corpus, model):
+    sae = perfect_sae(tiny_gpt2_dir, tmp_path / "p")
+    foreign = tmp_path / "notes.json"
+    foreign.write_bytes(b"\xff\xfe not json")
+    refused_before_work(model, lambda: evaluate(cfg(sae, corpus, out=str(foreign)), model=model, progress=False),
+                        "exists and holds something else, not an interplab sae eval result")
+    assert foreign.read_bytes() == b"\xff\xfe not json"
+    other = tmp_path / "probe.json"
+    other.write_text(json.dumps({"kind": "probe", "config": {}}))
+    refused_before_work(model, lambda: evaluate(cfg(sae, corpus, out=str(other)), model=model, progress=False),
+                        "holds a probe result, not an interplab sae eval result")
+
+    out = tmp_path / "m.json"
+    first = evaluate(cfg(sae, corpus, out=str(out)), model=model, progress=False)
+    before = out.read_bytes()
+    refused_before_work(model, lambda: evaluate(cfg(sae, corpus, out=str(out), tokens=320), model=model,
+                                                progress=False),
+                        "holds a different sae eval (differs in: tokens 160 → 320)")
+    refused_before_work(model, lambda: evaluate(cfg(sae, corpus, out=str(out), hook="blocks.0.hook_resid_post"),
+                                                model=model, progress=False), "differs in: hook")
+    assert out.read_bytes() == before
+    stale = json.loads(before)
+    stale["metrics"]["sparsity"]["l0"] = -1.0  # the same evaluation, with numbers that are no longer right
+    out.write_text(json.dumps(stale))
+    again = evaluate(cfg(sae, corpus, out=str(out), device="cpu", figures=str(tmp_path / "f")), model=model,
+                     progress=False)  # where it runs and where figures go are not what it computes
+    assert json.loads(out.read_text())["metrics"]["sparsity"]["l0"] == first["metrics"]["sparsity"]["l0"] == \
+        again["metrics"]["sparsity"]["l0"]
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("out_dir", "is a folder; --out names the JSON file"),
+    ("bad_cfg", "is not UTF-8 text"),
+    ("list_cfg", "holds JSON list, not an object"),
+])
+def test_cli_bad_outputs_and_sae_files_exit_2_one_line(tiny_gpt2_dir, tmp_path, corpus, capsys, setup, message):
+    sae = perfect_sae(tiny_gpt2_dir, tmp_path / "p")
+    out = tmp_path / "out"
+    out.mkdir()
+    if setup == "bad_cfg":
+        (tmp_path / "p" / "cfg.json").write_bytes(b"{\"d_in\": \"\xff\"}")
+    elif setup == "list_cfg":
+        (tmp_path / "p" / "cfg.json").write_text("[1, 2]")
+    target = out if setup == "out_dir" else out / "m.json"
+    argv = ["sae", "eval", "--sae", sae, "--corpus", corpus, "--split", "all", "--tokens", "64", "--ctx-len", "16",
+            "--device", "cpu", "--out", str(target)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not any(out.iterdir())

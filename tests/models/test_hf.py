@@ -32,9 +32,60 @@ def test_no_hooks_logits_and_hidden_states_equal_hf_exactly(model, tokens):
     for layer in range(last):  # HF's last hidden state is after the final norm
         assert torch.equal(res.cache[f"blocks.{layer}.hook_resid_post"], ref.hidden_states[layer + 1])
         assert torch.equal(res.cache[f"blocks.{layer}.hook_resid_pre"], ref.hidden_states[layer])
-    assert torch.equal(res.cache["ln_final.hook_normalized"], ref.hidden_states[-1])
+    assert torch.equal(res.cache["ln_final.hook_out"], ref.hidden_states[-1])
     final_norm = model.model.get_submodule(model.arch.final_norm)
     assert torch.equal(final_norm(res.cache[f"blocks.{last}.hook_resid_post"]), ref.hidden_states[-1])
+
+
+@pytest.fixture(scope="module")
+def weighted_norm_model(tiny_hf_dir):
+    """The tiny model with a final norm whose weight (and bias) are far from 1 (and 0), so that the normalised
+    input and the norm's output differ."""
+    model = load_model(str(tiny_hf_dir), device="cpu")
+    norm = model.model.get_submodule(model.arch.final_norm)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) * 3 + 0.5)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.randn(norm.bias.shape, generator=g))
+    return model
+
+
+def test_ln_final_hook_normalized_is_transformer_lens_s_before_the_weight(weighted_norm_model, tokens):
+    """hook_normalized: (x - mean) / std for LayerNorm, x / rms(x) for RMSNorm, computed here by hand; hook_out:
+    HF's final norm output (its last hidden state)."""
+    model = weighted_norm_model
+    last = f"blocks.{model.info.n_layers - 1}.hook_resid_post"
+    ref = model.model(tokens, output_hidden_states=True)
+    res = model.run_with_cache(tokens, [last, "ln_final.hook_normalized", "ln_final.hook_out"], return_logits=True)
+    x, norm = res.cache[last], model.model.get_submodule(model.arch.final_norm)
+    if isinstance(norm, torch.nn.LayerNorm):
+        centred = x - x.mean(-1, keepdim=True)
+        expected = centred / (centred.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+        weighted = expected * norm.weight + norm.bias
+    else:
+        assert model.info.arch == "llama"
+        expected = x / (x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).sqrt()
+        weighted = expected * norm.weight
+    torch.testing.assert_close(res.cache["ln_final.hook_normalized"], expected)
+    assert torch.equal(res.cache["ln_final.hook_out"], ref.hidden_states[-1])
+    torch.testing.assert_close(res.cache["ln_final.hook_out"], weighted)
+    assert not torch.allclose(res.cache["ln_final.hook_normalized"], res.cache["ln_final.hook_out"], atol=0.1)
+    assert torch.equal(res.logits, ref.logits)  # reading hook_normalized leaves the forward pass exactly HF's
+
+
+def test_an_edit_at_hook_normalized_is_weighted_like_the_norm(weighted_norm_model, tokens):
+    model = weighted_norm_model
+    norm = model.model.get_submodule(model.arch.final_norm)
+    with torch.no_grad():
+        clean = model.run_with_cache(tokens, ["ln_final.hook_normalized"]).cache["ln_final.hook_normalized"]
+        edited = clean * 0.5 + 0.25
+        logits = model.run_with_hooks(tokens, [("ln_final.hook_normalized", lambda act, name: edited)])
+        weighted = edited * norm.weight + (norm.bias if getattr(norm, "bias", None) is not None else 0)
+        torch.testing.assert_close(logits, model.model.get_output_embeddings()(weighted))
+        seen = model.run_with_cache(tokens, ["ln_final.hook_out"],
+                                    hooks=[("ln_final.hook_normalized", lambda act, name: edited)]).cache
+        torch.testing.assert_close(seen["ln_final.hook_out"], weighted)  # hook_out sees the edit, weighted
 
 
 def test_embed_is_the_embedding_rows(model, tokens):

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import time
+from pathlib import Path
+from unittest.mock import MagicMock
 
 import pytest
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import RepositoryNotFoundError
 
+from interplab.cli import main
 from interplab.config import DEFAULT_MODEL
 from interplab.errors import InterplabError
 from interplab.models import load as load_module
@@ -99,3 +106,83 @@ def test_smollm2_loads_and_matches_a_direct_gguf_load():
 
 def test_smollm2_spec_is_the_default_model():
     assert load_module.SMOLLM2 == DEFAULT_MODEL
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """An empty HF cache and a hub that cannot be reached; `calls` counts the requests made to it."""
+    calls: list[str] = []
+
+    def unreachable(self, repo_id, **kwargs):
+        calls.append(repo_id)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    local_only = load_module._from_pretrained
+
+    def no_download(source, *args, **kwargs):
+        if not Path(source).is_dir():
+            raise AssertionError("transformers must not be asked to download (it retries for ~30 s)")
+        return local_only(source, *args, **kwargs)
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(load_module.HfApi, "model_info", unreachable)
+    monkeypatch.setattr(load_module, "_from_pretrained", no_download)
+    return calls
+
+
+def _cache(root, repo_id: str, folder) -> None:
+    """Put `folder` into an HF cache at `root` as the snapshot of `repo_id` (the layout huggingface_hub writes)."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+
+
+def test_a_bare_name_is_not_a_model_and_asks_no_hub(no_hub, capsys):
+    start = time.perf_counter()
+    assert main(["hooks", "--model", "not-a-model-spec"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown model spec 'not-a-model-spec': no such file or folder" in err
+    assert "hub id (owner/name)" in err and no_hub == [] and time.perf_counter() - start < 5
+
+
+def test_a_hub_id_without_network_fails_at_once_in_one_line(no_hub, capsys):
+    start = time.perf_counter()
+    assert main(["hooks", "--model", "someone/some-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not in the local Hugging Face cache" in err
+    assert "cannot reach the Hugging Face hub (ConnectionError" in err
+    assert no_hub == ["someone/some-model"] and time.perf_counter() - start < 5
+
+
+def test_hf_hub_offline_asks_no_hub(no_hub, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InterplabError, match="not in the local Hugging Face cache .* and HF_HUB_OFFLINE is set"):
+        load_model("someone/some-model")
+    assert no_hub == []
+
+
+@pytest.mark.parametrize("repo_id", ["someone/tiny-gpt2", "gpt2"])  # "gpt2": a legacy bare hub name, if cached
+def test_a_cached_hub_model_loads_without_the_network(no_hub, tiny_gpt2_dir, repo_id):
+    _cache(Path(hf_constants.HF_HUB_CACHE), repo_id, tiny_gpt2_dir)
+    model = load_model(repo_id, device="cpu")
+    assert model.info.arch == "gpt2" and model.info.n_layers == 3 and no_hub == [repo_id]
+
+
+def test_a_hub_id_the_hub_does_not_have_is_one_line(no_hub, monkeypatch):
+    def not_found(self, repo_id, **kwargs):
+        raise RepositoryNotFoundError("404 Client Error: Repository Not Found", response=MagicMock())
+
+    monkeypatch.setattr(load_module.HfApi, "model_info", not_found)
+    with pytest.raises(InterplabError, match="no model 'someone/nothing' on the Hugging Face hub") as info:
+        load_model("someone/nothing")
+    assert "\n" not in str(info.value)
+
+
+def test_a_file_that_is_not_a_model_is_said_to_exist(tmp_path, no_hub):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    with pytest.raises(InterplabError, match=r"notes.txt' is a file but not a model \(a model file is a .gguf; a "
+                                             r"Hugging Face model is a folder with config.json\); a model spec is"):
+        load_model(str(notes))

@@ -62,6 +62,8 @@ def read_path(hf_model: torch.nn.Module, path: str, tokens: torch.Tensor, *, eag
 
 def test_every_hook_path_reads_the_same_tensor_as_run_with_cache(model, tokens):
     for hook in model.hook_names:
+        if hook == "ln_final.hook_normalized":  # inside the norm's forward: no module path (tested below)
+            continue
         # One hook per run: a pattern hook switches the whole model to eager attention, whose rounding differs.
         want = model.run_with_cache(tokens, [hook]).cache[hook]
         eager = hook.endswith("attn.hook_pattern")
@@ -81,14 +83,21 @@ def test_the_paths_name_the_usual_modules(model):
                      "model.gpt_neox.layers[0].mlp.dense_4h_to_h.input", "model.gpt_neox.final_layer_norm.output"),
     }[model.info.arch]
     hooks = ("blocks.2.hook_resid_post", "blocks.1.hook_attn_out", "blocks.0.mlp.hook_post",
-             "ln_final.hook_normalized")
+             "ln_final.hook_out")
     assert tuple(nnsight_path(model, h) for h in hooks) == expected
     assert nnsight_path(model, "blocks.2.hook_resid_post", root="lm") == "lm" + expected[0].removeprefix("model")
 
 
+def test_hook_normalized_has_no_path_and_says_how_to_get_it(model):
+    norm = model.arch.final_norm
+    with pytest.raises(InterplabError, match=rf"computed inside {norm} .* normalise {norm}.input yourself, or use "
+                                             rf"ln_final.hook_out \({norm}.output, weight applied\)"):
+        nnsight_path(model, "ln_final.hook_normalized")
+
+
 def test_model_info_and_hf_config_give_the_same_paths(model):
     for hook in model.hook_names:
-        if hook.endswith("attn.hook_pattern"):
+        if hook.endswith("attn.hook_pattern") or hook == "ln_final.hook_normalized":
             continue
         assert nnsight_path(model.model.config, hook) == nnsight_path(model, hook)  # what a remote user has
         if model.info.arch == "gpt_neox" and hook.endswith("hook_resid_mid"):

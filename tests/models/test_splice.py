@@ -10,7 +10,7 @@ from interplab.models import ToyConfig, ToyTransformer, load_model
 
 SITES = ["blocks.1.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.2.hook_resid_mid", "blocks.1.mlp.hook_post",
          "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post", "blocks.0.attn.hook_pattern",
-         "ln_final.hook_normalized", "hook_embed"]
+         "ln_final.hook_normalized", "ln_final.hook_out", "hook_embed"]
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_forward_matches_equations_written_out_by_hand(tokens):
 def test_hook_names_and_cache_shapes(tokens):
     model = ToyTransformer(CFG)
     assert model.hook_names[:2] == ["hook_embed", "hook_pos_embed"]
-    assert model.hook_names[-1] == "ln_final.hook_normalized"
+    assert model.hook_names[-2:] == ["ln_final.hook_normalized", "ln_final.hook_out"]
     cache = model.run_with_cache(tokens).cache
     assert set(cache) == set(model.hook_names)
     assert cache["blocks.1.attn.hook_pattern"].shape == (4, 2, 10, 10)
@@ -98,3 +98,20 @@ def test_bad_config_is_a_clear_error():
         ToyConfig(act_fn="tanh")
     with pytest.raises(InterplabError, match="n_layers must be >= 1"):
         ToyConfig(n_layers=0)
+
+
+def test_ln_final_hooks_are_the_normalised_input_and_the_norm_output(tokens):
+    """TransformerLens's hook_normalized is (x - mean) / std, before the weight; hook_out is the LayerNorm's output."""
+    model = ToyTransformer(CFG)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.ln_final.weight.copy_(torch.rand(CFG.d_model, generator=g) + 0.5)
+        model.ln_final.bias.copy_(torch.randn(CFG.d_model, generator=g))
+    last = f"blocks.{CFG.n_layers - 1}.hook_resid_post"
+    res = model.run_with_cache(tokens, [last, "ln_final.hook_normalized", "ln_final.hook_out"], return_logits=True)
+    x = res.cache[last]
+    centred = x - x.mean(-1, keepdim=True)
+    torch.testing.assert_close(res.cache["ln_final.hook_normalized"],
+                               centred / (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt())
+    torch.testing.assert_close(res.cache["ln_final.hook_out"], model.ln_final(x))
+    torch.testing.assert_close(res.logits, model.ln_final(x) @ model.W_U + model.b_U)

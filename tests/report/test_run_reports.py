@@ -23,7 +23,8 @@ from interplab.models.load import load_model
 from interplab.probes.configs import ProbeConfig
 from interplab.probes.probe_run import run_probe
 from interplab.report.configs import RunReportConfig
-from interplab.report.html import markdown_to_html
+from interplab.dashboard.serve import PAGE_POLICY
+from interplab.report.html import POLICY, markdown_to_html, safe_relative_url
 from interplab.report.run_reports import HEADLINE_KEYS, format_summary, write_run_reports
 from interplab.sae.train_config import TrainConfig
 from interplab.sae.trainer import train
@@ -80,19 +81,26 @@ class Links(HTMLParser):
         super().__init__()
         self.links: list[str] = []
         self.images: list[str] = []
+        self.policies: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "a" and a.get("href"):
             self.links.append(a["href"])
-        if tag == "img":
+        if tag == "img" and a.get("src") is not None:
             self.images.append(a["src"])
+        if tag == "meta" and (a.get("http-equiv") or "").lower() == "content-security-policy":
+            self.policies.append(a.get("content") or "")
+
+
+def parse_fragment(html: str) -> Links:
+    parser = Links()
+    parser.feed(html)
+    return parser
 
 
 def parse(page: Path) -> Links:
-    parser = Links()
-    parser.feed(page.read_text(encoding="utf-8"))
-    return parser
+    return parse_fragment(page.read_text(encoding="utf-8"))
 
 
 def targets(page: Path, refs: list[str]) -> list[Path]:
@@ -136,7 +144,7 @@ def test_reports_show_config_and_metric_values(runs):
     fvu = json.loads((runs / "sae/topk-k4-x2/metrics.json").read_text())["fvu"]
     assert f"<th>fvu</th><td class=num>{fvu:.4g}</td>" in sae and "<h2>Config: cfg.json</h2>" in sae
     inspect = (runs / "toy/inspect/report.html").read_text()
-    assert "<h2>Report: report.md</h2>" in inspect and "<table><tr><th>head</th>" in inspect  # markdown table
+    assert "<h2>Report: report.md</h2>" in inspect and "<th>head</th>" in inspect  # markdown table
     parent = (runs / "toy/report.html").read_text()
     assert 'href="inspect/report.html"' in parent  # nested runs are linked from their parent
 
@@ -167,14 +175,78 @@ def test_generic_folder_and_html_in_inputs_are_escaped(tmp_path):
     assert parse(run / "report.html").links[0] == "../site/runs.html"
 
 
-def test_markdown_subset():
+def test_markdown_subset(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "file.md").write_text("x")
     html = markdown_to_html("## Head\n\ntext with `a<b` and **bold**\n\n- one\n- two\n\n1. x\n\n```\n<raw>\n```\n"
-                            "[ok](sub/file.md) [up](../x) [abs](/etc/passwd) [web](https://e.org)", Path("."))
+                            "[ok](sub/file.md) [up](../x) [abs](/etc/passwd) [web](https://e.org)\n\n"
+                            "| a | b |\n|---|--:|\n| <b>c</b> | 2 |\n", tmp_path)
     assert "<h3>Head</h3>" in html and "<code>a&lt;b</code>" in html and "<strong>bold</strong>" in html
-    assert "<ul><li>one</li><li>two</li></ul>" in html and "<ol><li>x</li></ol>" in html
-    assert "<pre>&lt;raw&gt;</pre>" in html
-    assert '<a href="sub/file.md">ok</a>' in html and '<a href="https://e.org">web</a>' in html
-    assert 'href="../x"' not in html and 'href="/etc/passwd"' not in html
+    assert "<ul>\n<li>one</li>\n<li>two</li>\n</ul>" in html and "<ol>\n<li>x</li>\n</ol>" in html
+    assert "<pre><code>&lt;raw&gt;\n</code></pre>" in html
+    assert '<a href="sub/file.md">ok</a>' in html
+    # a report is a local page: links leaving the run folder, and every scheme (http too), keep only their text
+    assert "<a>up</a>" in html and "<a>abs</a>" in html and "<a>web</a>" in html
+    assert "<td>&lt;b&gt;c&lt;/b&gt;</td>" in html and "style=" not in html  # alignment styles would break the CSP
+
+
+EVIL_URLS = [
+    "\\\\evil.example\\a.png",  # \\evil.example\a.png: a UNC path (SMB on Windows), //evil.example for a browser
+    "\\\\evil.example/a.png",
+    "..\\..\\secret.txt",       # ..\..\secret.txt
+    "sub\\..\\..\\secret.txt",
+    "sub/..\\..\\secret.txt",
+    "%2e%2e/secret.txt",
+    "%2E%2E%5Csecret.txt",
+    "..%2fsecret.txt",
+    "//evil.example/a.png",
+    "/etc/passwd",
+    "C:/Windows/win.ini",
+    "C:secret.txt",
+    "file:///etc/passwd",
+    "https://evil.example/a.png",
+    "javascript:alert(1)",
+    "data:image/png;base64,iVBORw0KGgo=",
+    "java%0ascript:alert(1)",
+    ".../secret.txt",
+    ".. /secret.txt",
+    "escape/secret.txt",           # a symlink inside the run folder that points out of it
+]
+
+
+@pytest.mark.parametrize("url", EVIL_URLS)
+def test_urls_leaving_the_run_folder_are_refused(tmp_path, url):
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("secret")
+    (tmp_path / "outside").mkdir()
+    (run / "escape").symlink_to(tmp_path / "outside")
+    assert not safe_relative_url(url, run)
+    literal = url.replace("\\", "\\\\")  # Markdown reads \\ as one backslash: the link is exactly `url`
+    for markdown in (f"![pic]({literal}) [link]({literal})", f"![pic](<{literal}>) [link](<{literal}>)"):
+        refs = parse_fragment(markdown_to_html(markdown, run))
+        assert refs.links == [] and refs.images == [], markdown
+    # Written without doubling, Markdown's own escapes make another link of it: whatever it is, it stays inside.
+    refs = parse_fragment(markdown_to_html(f"![pic]({url}) [link]({url})", run))
+    for ref in refs.links + refs.images:
+        target = (run / unquote(ref).replace("\\", "/")).resolve()
+        assert target == run.resolve() or run.resolve() in target.parents, (url, ref)
+
+
+@pytest.mark.parametrize("url", ["plot.png", "sub/plot.png", "sub/../plot.png", "./sub/plot.png", "sub/",
+                                 "sub\\plot.png", "a%20b.png", "plot.png?x=1#y", "#section", "sub/..\\plot.png"])
+def test_urls_inside_the_run_folder_are_kept(tmp_path, url):
+    (tmp_path / "sub").mkdir()
+    assert safe_relative_url(url, tmp_path)
+
+
+def test_every_generated_page_carries_the_content_security_policy(runs):
+    write_run_reports(RunReportConfig(root=str(runs)))
+    pages = [runs / "index.html", *runs.rglob("report.html")]
+    for page in pages:
+        policies = parse(page).policies
+        assert policies == [POLICY], page
+    assert POLICY.startswith(PAGE_POLICY + "; style-src 'self' 'sha256-")
 
 
 def test_errors(tmp_path):
@@ -202,6 +274,27 @@ def test_a_dashboard_site_is_linked_not_reported(tmp_path):
     assert [(r["kind"], r["headline"]) for r in result["runs"]] == [
         ("dashboard", {"d_sae": 1, "n_tokens": 64, "hook": HOOK})]
     assert not (site / "report.html").exists()
+    assert parse(tmp_path / "runs.html").links == ["dash/index.html"]
+
+
+def test_a_site_of_dashboard_build_is_linked_not_reported(tmp_path):
+    """`interplab dashboard build` records its kind in the site's config.json and metrics.json: still a site, whose
+    own index.html is linked and into which no report.html is written."""
+    site = tmp_path / "dash"
+    meta = {"sae": "../sae", "model": "m", "hook": HOOK, "corpus": "c", "n_tokens": 64, "ctx_len": 16, "d_sae": 1,
+            "chunk_size": 1, "n_chunks": 1, "window": [1, 1], "hist_edges": [0, 1], "logit_hist_edges": [0, 1],
+            "quantile_bins": [0, 1]}
+    index = {"id": [0], "freq": [0.0], "max_act": [0.0], "mean_act": [0.0], "top_token": [""], "top_logit": [""]}
+    store.write_site_data(str(site), meta, index, [[{"id": 0}]])
+    (site / "index.html").write_text("<html>the dashboard</html>")
+    (site / "config.json").write_text(json.dumps({"kind": "dashboard build", "config": {"tokens": 64}}))
+    (site / "metrics.json").write_text(json.dumps({"kind": "dashboard build", "d_sae": 1, "n_tokens": 64,
+                                                   "hook": HOOK, "total_s": 0.5}))
+    before = sorted(p.name for p in site.iterdir())
+    result = write_run_reports(RunReportConfig(root=str(tmp_path), out=str(tmp_path / "runs.html")))
+    assert [(r["kind"], r["headline"]) for r in result["runs"]] == [
+        ("dashboard build", {"d_sae": 1, "n_tokens": 64, "hook": HOOK})]
+    assert sorted(p.name for p in site.iterdir()) == before
     assert parse(tmp_path / "runs.html").links == ["dash/index.html"]
 
 

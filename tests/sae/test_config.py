@@ -47,6 +47,13 @@ def test_defaults_are_valid_and_every_field_is_documented():
     ({"l0_coefficient": -1e-3}, "l0_coefficient must be >= 0"),
     ({"aux_coefficient": -0.1}, "aux_coefficient must be >= 0"),
     ({"jumprelu_bandwidth": 0.0}, "jumprelu_bandwidth must be > 0"),
+    ({"aux_coefficient": float("nan")}, "aux_coefficient must be a finite number, got nan"),  # issue 20 item 5
+    ({"l1_coefficient": float("inf")}, "l1_coefficient must be a finite number, got inf"),
+    ({"jumprelu_bandwidth": float("nan")}, "jumprelu_bandwidth must be a finite number"),
+    ({"k": 4.0}, "k must be a positive integer, got 4.0"),
+    ({"d_sae": "32"}, "d_sae must be a positive integer, got '32'"),
+    ({"apply_b_dec_to_input": "no"}, "apply_b_dec_to_input must be true, false or null"),
+    ({"arch": "matryoshka", "matryoshka_prefixes": [8, "32"]}, "matryoshka_prefixes must be a list of integers"),
     ({"arch": "matryoshka", "matryoshka_prefixes": [8, 4, 32]}, "strictly increasing, got [8, 4, 32]"),
     ({"arch": "matryoshka", "matryoshka_prefixes": [4, 8, 16]}, "must equal d_sae=32, got [4, 8, 16]"),
 ])

@@ -228,3 +228,87 @@ def test_saving_needs_no_loader_and_base_knows_no_architecture():
             "print(sorted(m for m in sys.modules if m.startswith('interplab.sae.')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["['interplab.sae.base',", "'interplab.sae.config',", "'interplab.sae.layout']"]
+
+
+# ---- cfg.json written before SAELens 6.0 (issue 20, item 6) --------------------------------------------------------
+def pre_6_folder(folder: Path, tensors: dict, **cfg) -> Path:
+    """A folder as SAELens 3–5 wrote it: hook_point, top-level model_name, activation_fn_str, no metadata/version."""
+    folder.mkdir(parents=True)
+    d_sae, d_in = tensors["W_dec"].shape
+    base = {"model_name": "gpt2", "hook_point": "blocks.0.hook_resid_pre", "hook_point_layer": 0,
+            "hook_point_head_index": None, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+            "activation_fn_str": "relu", "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
+            "normalize_activations": "none", "context_size": 128, "prepend_bos": True,
+            "sae_lens_training_version": "3.13.0"}
+    (folder / "cfg.json").write_text(json.dumps({**base, **cfg}))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "sae_weights.safetensors")
+    return folder
+
+
+def test_pre_6_topk_loads_as_topk_with_its_k(tmp_path):
+    t = random_tensors(d_in=8, d_sae=64)
+    t["b_enc"] = t["b_enc"].abs() + 10  # every pre-activation positive: L0 is k exactly (ReLU would fire all 64)
+    sae = load_sae(str(pre_6_folder(tmp_path / "s", t, activation_fn_str="topk", activation_fn_kwargs={"k": 8})))
+    assert (sae.cfg.arch, sae.cfg.k, sae.cfg.hook_name, sae.cfg.model) == ("topk", 8, "blocks.0.hook_resid_pre", "gpt2")
+    assert sae.cfg.subtract_b_dec  # SAELens's default before 6.0
+    x = torch.randn(20, 8)
+    f = sae.encode(x)
+    assert ((f != 0).sum(-1) == 8).all()
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    v, i = pre.topk(8, dim=-1)
+    torch.testing.assert_close(f, torch.zeros_like(pre).scatter(-1, i, v.relu()))
+
+
+def test_pre_6_relu_options_map_exactly(tmp_path):
+    t = {**random_tensors(), "scaling_factor": torch.rand(6) + 0.5}
+    sae = load_sae(str(pre_6_folder(tmp_path / "s", t, normalize_activations=False, finetuning_scaling_factor=True)))
+    assert sae.cfg.arch == "relu" and sae.cfg.hook_name == "blocks.0.hook_resid_pre"
+    x = torch.randn(7, 4)
+    f = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]).relu()
+    torch.testing.assert_close(sae.encode(x), f)
+    torch.testing.assert_close(sae(x), (f * t["scaling_factor"]) @ t["W_dec"] + t["b_dec"])
+    jump = {**random_tensors(), "log_threshold": torch.randn(6)}  # JumpReLU training file: log θ
+    sae = load_sae(str(pre_6_folder(tmp_path / "j", jump, architecture="jumprelu")))
+    torch.testing.assert_close(sae.threshold, jump["log_threshold"].exp())
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"activation_fn_str": "tanh-relu"}, "activation function 'tanh-relu' is not supported"),
+    ({"activation_fn_str": "topk"}, "a topk SAE needs k"),
+    ({"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}, "k": 3}, "disagree"),
+    ({"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4, "postact_fn": "x"}}, "['postact_fn'] are not"),
+    ({"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}, "architecture": "jumprelu"}, "does not fit"),
+    ({"architecture": "gated"}, "unknown SAE architecture 'gated'"),
+    ({"normalize_activations": True}, "expected_average_only_in' means the weights expect activations scaled"),
+    ({"normalize_activations": "constant_norm_rescale"}, "normalize_activations='constant_norm_rescale' is not"),
+    ({"hook_point_head_index": 3}, "reads attention head 3 alone"),
+    ({"finetuning_scaling_factor": True}, "missing tensor 'scaling_factor'"),
+    ({"apply_b_dec_to_input": "yes"}, "apply_b_dec_to_input must be true or false, got 'yes'"),
+    ({"reshape_activations": "hook_q"}, "reshape_activations='hook_q' is not supported"),
+])
+def test_pre_6_keys_that_change_the_maths_are_refused(cfg, message, tmp_path):
+    with pytest.raises(InterplabError) as e:
+        load_sae(str(pre_6_folder(tmp_path / "s", random_tensors(), **cfg)))
+    assert message in str(e.value) and str(tmp_path / "s") in str(e.value)  # names the folder
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"d_in": "\xff\xfe"}', "is not UTF-8 text"),
+    (b"[1, 2]", "holds JSON list, not an object"),
+    (b"{}", "needs an integer 'd_in'"),
+    (json.dumps({"architecture": "standard", "d_in": 4, "d_sae": "6"}).encode(), "needs an integer 'd_sae', got '6'"),
+    (json.dumps({"architecture": ["topk"], "d_in": 4, "d_sae": 6}).encode(), "architecture must be a string"),
+    (json.dumps({"architecture": "standard", "d_in": 4, "d_sae": 6, "metadata": [1],
+                 "hook_name": 5}).encode(), "hook_name must be a string, got 5"),
+    (json.dumps({"architecture": "topk", "d_in": 4, "d_sae": 6, "k": "2"}).encode(), "k must be a positive integer"),
+    (json.dumps({"interplab": "relu", "d_in": 4}).encode(), "'interplab' must be an object"),
+    (json.dumps({"interplab": {"arch": "relu", "d_in": 4, "d_sae": "6"}}).encode(), "d_sae must be a positive"),
+    (json.dumps({"interplab": {"arch": "topk", "d_in": 4, "d_sae": 6, "k": 2,
+                               "aux_coefficient": float("nan")}}).encode(), "aux_coefficient must be a finite"),
+])
+def test_bad_cfg_json_is_one_interplab_error(content, message, tmp_path):
+    folder = saelens_style_folder(tmp_path / "s", "standard", random_tensors())
+    (folder / "cfg.json").write_bytes(content)
+    with pytest.raises(InterplabError) as e:
+        load_sae(str(folder))
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1

@@ -11,6 +11,7 @@ import json
 import pytest
 import sae_lens
 import torch
+from safetensors.torch import save_file
 from sae_lens import SAE
 
 from interplab.config import DEFAULT_MODEL
@@ -107,3 +108,32 @@ def test_we_load_sae_lens_training_saes_saved_for_inference(training_class, tmp_
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), reloaded.encode(x))
         torch.testing.assert_close(sae(x), reloaded(x))
+
+
+@pytest.mark.parametrize("legacy", [
+    {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 8}},                  # TopK before 6.0
+    {"activation_fn_str": "relu", "normalize_activations": False},                    # ReLU, bool normalisation
+    {"activation_fn_str": "relu", "apply_b_dec_to_input": False, "architecture": "standard"},
+])
+def test_pre_6_folders_load_like_sae_lens_loads_them(legacy, tmp_path):
+    """A cfg.json as SAELens 3–5 wrote it: SAELens converts it (`handle_pre_6_0_config`); we give the same latents."""
+    g = torch.Generator().manual_seed(4)
+    d_in, d_sae = 12, 48
+    tensors = {"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.randn(d_sae, generator=g) + 1,
+               "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g)}
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file(tensors, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({
+        "model_name": "gpt2", "hook_point": "blocks.3.hook_resid_pre", "hook_point_layer": 3,
+        "hook_point_head_index": None, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+        "context_size": 128, "prepend_bos": True, "sae_lens_training_version": "3.13.0", **legacy}))
+    sae, theirs = load_sae(str(folder)), SAE.load_from_disk(str(folder))
+    assert sae.cfg.hook_name == theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_pre"
+    x = torch.randn(50, d_in) * 2
+    with torch.no_grad():
+        f = sae.encode(x)
+        torch.testing.assert_close(f, theirs.encode(x))
+        torch.testing.assert_close(sae(x), theirs(x))
+    if "activation_fn_kwargs" in legacy:
+        assert type(theirs) is sae_lens.TopKSAE and ((f != 0).sum(-1) <= 8).all() and (f != 0).sum(-1).max() == 8

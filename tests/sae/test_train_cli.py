@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from pathlib import Path
 
 import pytest
-from test_sources import synthetic_store
+import torch
+from test_sources import HOOK, synthetic, synthetic_store
+
+import interplab.activations.inputs as inputs_module
 
 import interplab.sae.trainer as trainer_module
 from interplab.cli import main
+from interplab.activations.writer import StoreWriter
 from interplab.config import field_docs
+from interplab.runs import folder_lock
 from interplab.sae.train_config import TrainConfig
 
 
@@ -54,7 +61,7 @@ def test_train_a_sweep_from_the_command_line(store, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("note:")]  # passes note
     assert lines[0].startswith("topk-k2-x2: fvu ") and lines[1].startswith("topk-k3-x2: fvu ")
     assert re.match(rf"trained 2 SAE\(s\) on 512 tokens into {re.escape(str(out))} \([\d,]+ tokens/s\)", lines[2])
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "topk-k2-x2", "topk-k3-x2", "train_config.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["metrics.json", "topk-k2-x2", "topk-k3-x2", "train_config.json"]
     assert main(args(store, out, k="2,3")) == 0
     assert "already holds this complete run (2 SAEs); nothing to do" in capsys.readouterr().out
 
@@ -128,4 +135,100 @@ def test_resume_on_a_store_of_another_width_exits_2(tmp_path, capsys, monkeypatc
     synthetic_store(store, n_contexts=32, d=16)
     assert main([*args(store, out), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "has width d=16, but the checkpoint in" in err
+    assert len(err.splitlines()) == 1 and "has changed since the run in" in err and "d" in err
+
+
+# ---- issue 20: a run's identity includes its store; locks; files for folders; manifests that lie -----------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _interrupted_run(store: Path, out: Path, monkeypatch, capsys) -> None:
+    real = trainer_module.Trainer.run
+
+    def interrupted(self, wandb=None):
+        self.callback = lambda t: (_ for _ in ()).throw(KeyboardInterrupt) if t.step == 2 else None
+        return real(self, wandb)
+
+    monkeypatch.setattr(trainer_module.Trainer, "run", interrupted)
+    assert main(args(store, out, **{"checkpoint-every": "1", "tokens": "2048"})) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+
+
+def test_resume_after_the_store_grew_is_one_line_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    store, out = tmp_path / "s", tmp_path / "o"
+    synthetic_store(store, n_contexts=48)  # 3 shards
+    _interrupted_run(store, out, monkeypatch, capsys)
+    for p in store.iterdir():
+        p.unlink()
+    synthetic_store(store, n_contexts=512)  # the same data, then more: 32 shards
+    before = _snapshot(out)
+    assert main([*args(store, out, tokens="2048"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{store} has changed since the run in {out} started on it (3 shards" in err
+    assert "→ 32 shards" in err and "train into a new --out" in err
+    assert _snapshot(out) == before
+
+
+def test_an_unfinished_store_needs_a_flag(tmp_path, capsys):
+    store, out = tmp_path / "s", tmp_path / "o"
+    x = synthetic(32 * 16).view(32, 16, -1)
+    with StoreWriter(str(store), config={"model": "synthetic"}, hooks=[HOOK], shapes={HOOK: (16, x.shape[-1])},
+                     contexts_per_shard=16) as writer:
+        writer.add({HOOK: x}, torch.zeros(32, 16, dtype=torch.long))  # two shards, never finished
+    assert main(args(store, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is an unfinished harvest (512 tokens in 2 shards" in err
+    assert "--allow-incomplete-store" in err and not out.exists()
+    assert main([*args(store, out), "--allow-incomplete-store"]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["store_data"]["complete"] is False and saved["store_data"]["shards"] == 2
+
+
+def test_a_file_for_store_or_out_is_one_line(store, tmp_path, capsys):
+    file = tmp_path / "f"
+    file.write_bytes(b"not a folder")
+    assert main(args(file, tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{file} is a file, not an activation store" in err
+    assert main(args(store, file)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--out {file} is a file" in err
+    assert main(args(store, file / "sub")) == 2
+    assert f"lies under {file}, which is a file" in capsys.readouterr().err
+    assert file.read_bytes() == b"not a folder" and not (tmp_path / "o").exists()
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(store, tmp_path, capsys, monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(inputs_module.tempfile, "NamedTemporaryFile", refuse)  # we run as root: simulate
+    monkeypatch.setattr(trainer_module, "run_identity", lambda cfg: pytest.fail("the store was opened"))
+    assert main(args(store, tmp_path / "ro" / "o")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write in {tmp_path} (PermissionError: Permission denied)" in err
+
+
+def test_a_second_writer_of_the_run_folder_is_refused_naming_the_holder(store, tmp_path, capsys):
+    out = tmp_path / "o"
+    with folder_lock(str(out), "sae train"):
+        assert main(args(store, out)) == 2
+        err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"is being written by another process (pid {os.getpid()}" in err
+    assert not out.exists()
+
+
+def test_a_manifest_with_the_wrong_d_is_one_line_and_writes_nothing(tmp_path, capsys):
+    store, out = tmp_path / "s", tmp_path / "o"
+    synthetic_store(store, n_contexts=32)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["shapes"] = {hook: [shape[0], 64] for hook, shape in manifest["shapes"].items()}
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    assert main(args(store, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shard-0000" in err and "the manifest says [16, 16, 64]" in err
+    assert not out.exists()

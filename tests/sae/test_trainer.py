@@ -52,7 +52,7 @@ def test_topk_learns_planted_features_and_saves_the_run_layout(store, tmp_path):
         saved = load_sae(str(out / name))  # reads raw activations
         assert fvu(saved(held_out), held_out) < 0.1
 
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", name, "train_config.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["metrics.json", name, "train_config.json"]
     assert sorted(p.name for p in (out / name).iterdir()) == [
         "cfg.json", "metrics.json", "sae_weights.safetensors", "train_config.json"]
     metrics = json.loads((out / name / "metrics.json").read_text())
@@ -232,7 +232,7 @@ def test_nan_in_a_shard_stops_with_step_and_shard_and_keeps_the_last_checkpoint(
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == step - 1
     assert all(torch.isfinite(v).all() for v in ckpt["runs"]["topk-k2-x2"]["sae"].values())
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "train_config.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["checkpoint.pt", "train_config.json"]
 
 
 def test_a_diverging_loss_stops_training_naming_the_step(store, tmp_path):

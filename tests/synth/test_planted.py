@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -182,3 +183,68 @@ def test_pipeline_store_sae_score_eval(tmp_path, capsys):
     assert metrics["reconstruction"]["explained_variance"] > 0.5
     assert metrics["kl"]["sae"]["mean"] < metrics["kl"]["zero_ablation"]["mean"]
 
+
+
+def _snapshot(root) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+SYNTH_MODEL = ["synth", "model", "--generator", SMALL, "--n-samples", "300", "--n-ctx", "16", "--n-layers", "1"]
+
+
+def _foreign_folders(tmp_path, tiny_llama_dir) -> dict[str, tuple[object, str]]:
+    """Folders `synth model --out` must not touch, with the fragment its refusal must hold."""
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_llama_dir, hf)
+    other = tmp_path / "other"
+    assert main([*SYNTH_MODEL[:-4], "--n-samples", "400", "--n-ctx", "16", "--out", str(other)]) == 0
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine\n")
+    toy = tmp_path / "toy"
+    TableEmbedTransformer(TableEmbedConfig(n_rows=10, d_model=8, n_ctx=8)).save(toy)
+    return {"hf": (hf, "holds a Hugging Face llama model, not a planted model"),
+            "other": (other, "holds a different planted model (differs in: n_layers 2 → 1, n_samples 400 → 300)"),
+            "notes": (notes, "is not empty and holds no planted model (found todo.txt)"),
+            "toy": (toy, "holds a table-embedding model with no PlantedConfig")}
+
+
+def test_synth_model_refuses_a_folder_it_did_not_write_with_these_settings(tmp_path, tiny_llama_dir, capsys):
+    for name, (folder, fragment) in _foreign_folders(tmp_path, tiny_llama_dir).items():
+        before = _snapshot(folder)
+        capsys.readouterr()
+        assert main([*SYNTH_MODEL, "--out", str(folder)]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, (name, err)
+        assert _snapshot(folder) == before, name  # byte for byte, and no lock left behind
+    file = tmp_path / "file"
+    file.write_bytes(b"x")
+    assert main([*SYNTH_MODEL, "--out", str(file)]) == 2 and file.read_bytes() == b"x"
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_synth_model_into_its_own_folder_says_already_built_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main([*SYNTH_MODEL, "--out", str(out)]) == 0
+    assert "written" in capsys.readouterr().out
+    before = _snapshot(out)
+    assert main([*SYNTH_MODEL, "--out", str(out) + "/"]) == 0  # the folder's spelling is not the model's identity
+    assert "already holds this planted model; nothing written" in capsys.readouterr().out
+    assert _snapshot(out) == before
+    assert isinstance(load_model(str(out), device="cpu"), TableEmbedTransformer)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*SYNTH_MODEL, "--out", str(empty)]) == 0 and (empty / "model.safetensors").is_file()
+
+
+def test_synth_model_rebuilds_its_own_folder_from_before_the_table_was_saved(tmp_path, capsys):
+    out = tmp_path / "old"
+    assert main([*SYNTH_MODEL, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in load_file(out / "model.safetensors").items() if k != "x_table"}
+    save_file(state, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({"interplab_model": config["interplab_model"],
+                                                 "config": config["config"]}))
+    assert main([*SYNTH_MODEL, "--out", str(out)]) == 0
+    assert "x_table" in load_file(out / "model.safetensors")
+    assert isinstance(load_model(str(out), device="cpu"), TableEmbedTransformer)

@@ -167,3 +167,22 @@ def test_user_task_from_a_python_file(tmp_path):
 def test_user_task_from_a_module_may_be_a_task_object():
     task = make_task("python:interplab.toy.tasks:SkipTrigramTask")
     assert isinstance(task, SkipTrigramTask) and task.d_vocab == 17
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("notes.txt", "just some words\n", r"notes.txt is not a Python file \(\.py\)"),
+    ("broken.py", "def f(n, generator:\n    return 1\n", r"broken.py is not valid Python \(line 1"),
+    ("binary.py", b"\xff\xfe\x00\x01garbage", r"binary.py is not valid Python"),
+    ("fails.py", "import no_such_module_for_interplab\n", r"running .*fails.py raised ModuleNotFoundError"),
+    ("ok.py", USER_TASK, r"has no attribute 'missing'"),
+    ("args.py", "def f():\n    return 1\n", r"f\(\) cannot be called as f\(n, generator\)"),
+    ("value.py", "f = 3\n", r"f is neither a Task nor a function"),
+    ("raises.py", "def f(n, generator):\n    raise RuntimeError('boom')\n", r"raised RuntimeError .*: boom"),
+])
+def test_a_user_task_that_is_not_a_task_function_is_one_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    attr = "missing" if name == "ok.py" else "f"
+    with pytest.raises(InterplabError, match=message) as info:
+        make_task(f"python:{path}:{attr}")
+    assert "\n" not in str(info.value)

@@ -176,3 +176,11 @@ def test_modular_addition_groks_memorising_first_and_generalising_later(tmp_path
     assert jump is not None and jump >= start + 300
     assert result["final"]["train_acc"] > 0.99 and result["final"]["test_acc"] > 0.8
     assert start in result["checkpoints"]
+
+
+def test_a_task_file_that_is_not_python_is_refused_before_anything_is_written(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not python\n")
+    with pytest.raises(InterplabError, match="is not a Python file"):
+        run_toy_train(tiny(tmp_path / "r", task=f"python:{notes}:f"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

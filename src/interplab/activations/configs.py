@@ -4,6 +4,7 @@ them without importing torch)."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 
 from interplab.config import DTYPE_NAMES, ModelFields, TextFields
@@ -55,6 +56,13 @@ class HarvestConfig(TextFields, ModelFields):
             raise InterplabError(f"--ctx-len must be at least 2 (BOS plus one token), got {self.ctx_len}")
         if self.batch_size < 1 or self.contexts_per_shard < 1:
             raise InterplabError("--batch-size and --contexts-per-shard must be at least 1")
+        # Python counts contexts in machine-sized integers (itertools.islice); no corpus comes close to the limit.
+        for flag, value, limit in (("--tokens", self.tokens, sys.maxsize * self.ctx_len),
+                                   ("--batch-size", self.batch_size, sys.maxsize),
+                                   ("--contexts-per-shard", self.contexts_per_shard, sys.maxsize)):
+            if value > limit:
+                raise InterplabError(f"{flag} {value} is more than any corpus can supply (at most {limit:.3g}); "
+                                     "a harvest stops early, with a note, when its corpus runs out")
         if not self.hooks:
             raise InterplabError("--hooks needs at least one hook name, e.g. blocks.6.hook_resid_post")
         if self.dtype not in DTYPE_NAMES:

@@ -22,12 +22,14 @@ from tqdm.auto import tqdm
 from interplab import distributed as D
 from interplab.activations import ranked
 from interplab.activations.configs import HarvestConfig
+from interplab.activations.inputs import model_identity
 from interplab.activations.writer import StoreWriter
 from interplab.data.corpus import iter_contexts
 from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
 from interplab.models.hooked import HookedModel
 from interplab.models.load import load_model
+from interplab.runs import check_output_folder
 
 
 class HarvestResult(NamedTuple):
@@ -44,6 +46,8 @@ class HarvestResult(NamedTuple):
     of wall time, writes (and the merge) included."""
     already_complete: bool
     """The store was complete before this run: nothing was done."""
+    n_tokens_added: int = 0
+    """Tokens this run harvested (n_tokens less those a resumed store already held)."""
 
 
 def harvest(cfg: HarvestConfig, model: HookedModel | None = None, *, progress: bool = True) -> HarvestResult:
@@ -56,6 +60,7 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None, *, progress: b
     store, so `--resume` must be given with the same number of processes.
     """
     cfg.validate()
+    check_output_folder(cfg.out, "--out")  # before the model is loaded: a read-only or file --out fails at once
     r = D.ranks()
     if r.distributed:
         if cfg.device_map is not None:
@@ -72,7 +77,7 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None, *, progress: b
     if r.distributed:
         return _harvest_ranked(cfg, model, contexts, shapes, r, progress)
 
-    writer = StoreWriter(cfg.out, config=cfg.store_identity(), hooks=list(cfg.hooks), shapes=shapes,
+    writer = StoreWriter(cfg.out, config=store_identity(cfg), hooks=list(cfg.hooks), shapes=shapes,
                          dtype=cfg.dtype, contexts_per_shard=cfg.shard_contexts, resume=cfg.resume)
     start = time.perf_counter()
     with writer:
@@ -86,7 +91,13 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None, *, progress: b
     harvested = (writer.n_contexts - done) * cfg.ctx_len
     _note_short_corpus(cfg, writer.n_contexts)
     return HarvestResult(cfg.out, writer.n_contexts, writer.n_contexts * cfg.ctx_len, seconds,
-                         harvested / seconds if seconds else 0.0, False)
+                         harvested / seconds if seconds else 0.0, False, harvested)
+
+
+def store_identity(cfg: HarvestConfig) -> dict[str, object]:
+    """What a store harvested by `cfg` is: its settings and the identity of the model's files (weights replaced
+    under the same path make it another store; see `interplab.activations.inputs.model_identity`)."""
+    return {**cfg.store_identity(), "model_files": model_identity(cfg.model)}
 
 
 def _harvest_ranked(cfg: HarvestConfig, model: HookedModel, contexts: Iterator[torch.Tensor],
@@ -95,11 +106,11 @@ def _harvest_ranked(cfg: HarvestConfig, model: HookedModel, contexts: Iterator[t
     top = ranked.check_ranked_out(cfg.out, r.world_size, cfg.resume)  # the same verdict on every rank
     if top is not None:
         # Complete: opening it as a writer checks it holds these settings (and changes nothing).
-        StoreWriter(cfg.out, config=cfg.store_identity(), hooks=list(cfg.hooks), shapes=shapes, dtype=cfg.dtype,
+        StoreWriter(cfg.out, config=store_identity(cfg), hooks=list(cfg.hooks), shapes=shapes, dtype=cfg.dtype,
                     contexts_per_shard=cfg.shard_contexts, resume=True)
         return HarvestResult(cfg.out, top["n_contexts"], top["n_tokens"], 0.0, 0.0, True)
     D.barrier()  # every rank has read the folder before any rank writes to it
-    config = {**cfg.store_identity(), "rank": r.rank, "world_size": r.world_size}
+    config = {**store_identity(cfg), "rank": r.rank, "world_size": r.world_size}
     writer = ranked.on_every_rank(lambda: StoreWriter(
         ranked.rank_url(cfg.out, r.rank), config=config, hooks=list(cfg.hooks), shapes=shapes, dtype=cfg.dtype,
         contexts_per_shard=cfg.shard_contexts, resume=cfg.resume))
@@ -120,7 +131,8 @@ def _harvest_ranked(cfg: HarvestConfig, model: HookedModel, contexts: Iterator[t
     if r.is_main:
         _note_short_corpus(cfg, n_contexts)
     tokens_per_s = harvested * cfg.ctx_len / seconds if seconds else 0.0
-    return HarvestResult(cfg.out, n_contexts, n_contexts * cfg.ctx_len, seconds, tokens_per_s, False)
+    return HarvestResult(cfg.out, n_contexts, n_contexts * cfg.ctx_len, seconds, tokens_per_s, False,
+                         harvested * cfg.ctx_len)
 
 
 def _contexts(cfg: HarvestConfig, model: HookedModel) -> Iterator[torch.Tensor]:

@@ -88,6 +88,12 @@ def read_manifest(url: str) -> JSONDict | None:
         raw = fs.cat_file(join(root, MANIFEST_NAME))
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise InterplabError(f"{url} is a file, not an activation store (a folder holding {MANIFEST_NAME}, written "
+                             "by interplab harvest)") from None
+    except OSError as e:  # a folder named manifest.json, an unreadable file
+        raise InterplabError(f"{join(url, MANIFEST_NAME)} cannot be read ({type(e).__name__}: "
+                             f"{getattr(e, 'strerror', None) or e})") from None
     try:
         manifest = json.loads(raw)
     except ValueError as e:
@@ -193,7 +199,7 @@ class ActivationStore:
             raise CorruptShardError(
                 f"{info.file} in {self.url} is corrupt: expected sha256 {info.sha256}, got {digest}; harvest again"
             )
-        tensors = load_safetensors(data)
+        tensors = self._tensors(info, data)
         if check_finite:
             for hook in wanted:
                 if not bool(torch.isfinite(tensors[hook]).all()):
@@ -202,6 +208,29 @@ class ActivationStore:
                         f"{info.file} in {self.url} holds {bad} non-finite (NaN/inf) values at {hook}", info.file
                     )
         return {hook: tensors[hook] for hook in wanted} | {TOKENS_KEY: tensors[TOKENS_KEY]}
+
+    def _tensors(self, info: ShardInfo, data: bytes) -> dict[str, Tensor]:
+        """The tensors of a shard whose bytes match the manifest, checked against what the manifest says they are:
+        a hand-edited manifest (another `d`, a checksum of a file that is not safetensors) is named here, in one
+        line, rather than failing later as a shape or parsing error."""
+        try:
+            tensors = load_safetensors(data)
+        except Exception as e:  # safetensors raises its own SafetensorError, or others, on foreign bytes
+            raise CorruptShardError(f"{info.file} in {self.url} is not a safetensors file ({type(e).__name__}: "
+                                    f"{str(e)[:120]}); its manifest entry was edited by hand: harvest again") from None
+        expected = {hook: ([info.n_contexts, *shape], self.dtype) for hook, shape in self.manifest["shapes"].items()}
+        expected[TOKENS_KEY] = ([info.n_contexts, self.ctx_len], torch.int32)
+        for key, (shape, dtype) in expected.items():
+            if key not in tensors:
+                raise CorruptShardError(f"{info.file} in {self.url} holds no tensor {key!r} (it holds "
+                                        f"{', '.join(sorted(tensors))}), unlike its manifest; harvest again")
+            got = tensors[key]
+            if list(got.shape) != shape or got.dtype != dtype:
+                raise CorruptShardError(
+                    f"{info.file} in {self.url} holds {key} of shape {list(got.shape)} {str(got.dtype)[6:]}, but "
+                    f"the manifest says {shape} {str(dtype)[6:]} (n_contexts, ctx_len, d); the manifest does not "
+                    "describe this store: harvest again")
+        return tensors
 
     def iter_batches(
         self,

@@ -14,6 +14,7 @@ byte-identical to an uninterrupted one. Works on any fsspec URL; `s3://` needs `
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from types import TracebackType
 
@@ -38,7 +39,7 @@ from interplab.activations.store import (
 from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
 from interplab.fileio import atomic_write, join, list_files, open_url, sha256_hex
-from interplab.runs import JSONDict, config_differences
+from interplab.runs import JSONDict, LOCK, check_output_folder, config_differences, folder_lock
 
 # Manifest fields that identify a store: reopening it with any of them different is an error, not a resume.
 IDENTITY_FIELDS = ("config", "hooks", "shapes", "dtype", "ctx_len", "contexts_per_shard")
@@ -74,11 +75,25 @@ class StoreWriter:
         self._buffer: dict[str, list[Tensor]] = {key: [] for key in [*self.hooks, TOKENS_KEY]}
         self._n_buffered = 0
 
+        self._created_here = False
+        self._lock = ExitStack()
+        check_output_folder(url, "--out")
         existing = read_manifest(url)
-        if existing is None:
-            self._create()
-        else:
-            self._reopen(existing, resume)
+        if existing is not None and existing["complete"]:
+            self._reopen(existing, resume)  # a complete store is only read: no lock, nothing written
+            return
+        # Two writers must never interleave: a resumer's tidy-up would delete the shards another writer has just
+        # moved into place ahead of its manifest. The lock is held until the writer is finished or closed.
+        self._lock.enter_context(folder_lock(url, "harvest"))
+        try:
+            existing = read_manifest(url)  # again, under the lock: another writer may have changed it
+            if existing is None:
+                self._create()
+            else:
+                self._reopen(existing, resume)
+        except BaseException:
+            self._lock.close()
+            raise
 
     @property
     def identity(self) -> JSONDict:
@@ -96,17 +111,19 @@ class StoreWriter:
         if self._fs.exists(self._root) and not self._fs.isdir(self._root):
             raise InterplabError(f"{self.url} is a file; an activation store needs a new or empty directory")
         files = list_files(self._fs, self._root)
-        foreign = sorted(name for name in files if not TMP_RE.fullmatch(name))
+        foreign = sorted(name for name in files if not TMP_RE.fullmatch(name) and not name.startswith(LOCK))
         if foreign:
             raise InterplabError(
                 f"{self.url} is not empty and holds no interplab store (found {', '.join(foreign[:3])}); "
                 "choose a new or empty directory"
             )
         for name in files:  # only our own tmp files, left by a run killed before its first manifest
-            self._fs.rm(join(self._root, name))
+            if TMP_RE.fullmatch(name):
+                self._fs.rm(join(self._root, name))
         self._fs.makedirs(self._root, exist_ok=True)
         self._created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._write_manifest(self._shards, complete=False)
+        self._created_here = True
 
     def _reopen(self, existing: JSONDict, resume: bool) -> None:
         differs = config_differences(existing["config"], self._identity["config"])
@@ -174,6 +191,7 @@ class StoreWriter:
             self._write_shard(self._n_buffered)
         self._write_manifest(self._shards, complete=True)
         self.complete = True
+        self._lock.close()  # a complete store is never written again
 
     def _write_shard(self, n: int) -> None:
         """Write the first `n` buffered contexts as the next shard, then list it in the manifest."""
@@ -225,10 +243,23 @@ class StoreWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.close(failed=exc_type is not None)
+
+    def close(self, *, failed: bool = False) -> None:
+        """Stop writing and release the store's lock; the durable shards stay for `resume=True`. A store this
+        writer created that holds no shard yet is removed when `failed`, so that a run that failed before its
+        first shard leaves nothing behind (no manifest that a rerun would take for a partial store)."""
         # Drop the unwritten partial shard: writing it now could record a half-finished batch as durable.
         self._buffer = {key: [] for key in self._buffer}
         self._n_buffered = 0
         self._closed = True
+        try:
+            if failed and self._created_here and not self._shards and not self.complete:
+                for name in list_files(self._fs, self._root):
+                    if name == MANIFEST_NAME or TMP_RE.fullmatch(name):
+                        self._fs.rm(join(self._root, name))
+        finally:
+            self._lock.close()  # also removes the lock, and the folder if the lock created it, once it is empty
 
 
 def write_manifest(

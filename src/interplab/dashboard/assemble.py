@@ -164,7 +164,7 @@ def assemble(cfg: DashboardConfig, stats: LatentStats, logits: dict[str, torch.T
             yield [latent(i) for i in range(c * chunk_size, min(d, (c + 1) * chunk_size))]
 
     meta = {"format": store.FORMAT, "sae": info["sae"], "model": info["model"], "hook": info["hook"],
-            "corpus": cfg.corpus, "split": cfg.split, "n_tokens": int(n), "n_contexts": int(contexts.shape[0]),
+            "corpus": info["corpus"], "split": cfg.split, "n_tokens": int(n), "n_contexts": int(contexts.shape[0]),
             "ctx_len": int(T), "d_sae": d, "chunk_size": chunk_size, "n_chunks": n_chunks,
             "window": [before, after], "top_k": K, "quantile_examples": m,
             "hist_edges": stats.hist_edges.cpu().tolist(),

@@ -21,6 +21,7 @@ the sampled firing); `context` is the context's index in the stream read and `po
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, Iterator
@@ -53,6 +54,26 @@ dictionaries get no `corr_latents` (empty lists, meta "corr_latents": false)."""
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------------
+def place_label(spec: str, site: str) -> str:
+    """How the site names a model, SAE or corpus `spec` without telling where the files of the machine are: a local
+    path inside the folder that holds the site (or the site itself) as a path relative to the site ("../saes/k32"),
+    another local path by its name alone, and anything that is not a local path (a hub id, a built-in corpus, an
+    s3:// URL) as given. The site is meant to be shared; an absolute path would show a user name and a layout."""
+    path = spec[len("file://"):] if spec.startswith("file://") else spec
+    if not path or "://" in path or not (os.path.isabs(path) or os.path.exists(path)):
+        return spec
+    path = os.path.abspath(path)
+    name = os.path.basename(path.rstrip(os.sep)) or spec
+    local_site = site[len("file://"):] if site.startswith("file://") else site
+    if "://" in local_site:
+        return name
+    site_dir = os.path.abspath(local_site)
+    parent = os.path.dirname(site_dir)
+    if path != parent and not path.startswith(parent.rstrip(os.sep) + os.sep):
+        return name
+    return os.path.relpath(path, site_dir).replace(os.sep, "/")
+
+
 def collect_contexts(cfg: DashboardConfig, tokenizer: PreTrainedTokenizerBase | ByteTokenizer,
                      ) -> Int[torch.Tensor, "n_contexts ctx_len"]:
     """The first ceil(tokens / ctx_len) contexts of the corpus, int32 [n_contexts, ctx_len] on the CPU."""
@@ -152,13 +173,15 @@ def build_dashboard_data(cfg: DashboardConfig, *, model: HookedModel | None = No
     directions = logit_directions(model, sae, hook)
     logits = logit_effects(*directions, n_top=N_TOP_LOGITS) if directions is not None else None
     meta, index, chunks = assemble(cfg, stats, logits, contexts, model.tokenizer,
-                                   info={"sae": cfg.sae, "model": spec, "hook": hook,
+                                   info={"sae": place_label(cfg.sae, cfg.out), "model": place_label(spec, cfg.out),
+                                         "corpus": place_label(cfg.corpus, cfg.out), "hook": hook,
                                          "neuron_hook": mlp_hook})
     t_final = time.perf_counter()
     store.write_site_data(cfg.out, meta, index, chunks)
     t_end = time.perf_counter()
     return {"data": store.data_dir(cfg.out), "n_tokens": n_ctx * T, "n_contexts": n_ctx, "d_sae": sae.cfg.d_sae,
             "hook": hook, "model": spec, "config": asdict(cfg),
+            "labels": {k: meta[k] for k in ("sae", "model", "corpus")},  # as the site names them
             "setup_s": t_setup - t_start, "forward_s": forward_s, "stats_s": stats_s,
             "finalize_s": t_final - t_pass, "write_s": t_end - t_final, "total_s": t_end - t_start}
 

@@ -207,10 +207,22 @@ def _metadata_rows(cfg: NeuronpediaConfig, ctx: _Context) -> dict[str, dict]:
     }
 
 
+def _check_latents(site: str, meta: dict, ctx: _Context) -> None:
+    """Convert every latent once without writing, so that damaged data is one error before any file is written."""
+    for latent in store.iter_latents(site):
+        try:
+            export_rows(batch_feature(latent, meta), ctx)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise InterplabError(f"latent {latent.get('id')!r} in {site} is not dashboard data ({type(e).__name__}: "
+                                 f"{str(e)[:80]}); rebuild the site with `interplab dashboard build`") from None
+
+
 def export_neuronpedia(cfg: NeuronpediaConfig) -> dict[str, Any]:
-    """Write the site's latents in the chosen layout(s); return counts and paths."""
+    """Write the site's latents in the chosen layout(s); return counts and paths. The site's data is read and
+    checked whole first: a damaged or foreign data/ is one `InterplabError` and nothing is written."""
     meta = store.load_meta(cfg.site)
     ctx = _context(cfg, meta)
+    _check_latents(cfg.site, meta, ctx)
     export_dir = join(join(cfg.out, ctx.model_id), ctx.source_id)
     want_export, want_batches = cfg.layout in ("export", "both"), cfg.layout in ("saedashboard", "both")
     n_features = n_activations = n_batches = 0

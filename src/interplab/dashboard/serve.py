@@ -5,6 +5,12 @@ that address can read the site), answers only GET and HEAD, and serves only regu
 path is percent-decoded once, then refused with 403 if any segment is `..` or `.`, holds a NUL, a backslash or a
 drive, or if the file it names resolves (symlinks followed) outside SITE; anything else not found is a 404.
 Directory listings are never produced: a folder is served as its index.html or not at all.
+
+DNS rebinding: a web page on evil.example can point its own name at 127.0.0.1 and then read this server as if it
+were its own site, unless the server looks at the name the browser asked for. So every request must carry exactly
+one Host header naming this server: localhost, 127.0.0.1 or [::1], or the bound address, each with the bound port
+(on a wildcard bind, 0.0.0.0 or ::, any IP address with the port, since rebinding needs a DNS name; to reach the
+site by a machine name, bind to that name with --host). Anything else gets 403 and no file.
 """
 
 from __future__ import annotations
@@ -24,12 +30,17 @@ from interplab.dashboard.configs import ServeConfig
 from interplab.errors import InterplabError
 
 
-# Served with every file: no sniffing a .js as something else, no inline or foreign scripts (the pages need none:
-# a corpus string that somehow became markup still could not run), no referrer leaking the site's paths.
+PAGE_POLICY = "default-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'"
+"""The Content-Security-Policy of every page interplab writes: no inline or foreign scripts (the pages need none: a
+corpus string that somehow became markup still could not run), nothing fetched from another host, no plugins, no
+<base>. The dashboard pages carry it in a <meta> tag (so it holds over file:// too), and so do `report runs` pages
+(which add the hash of their one inline stylesheet). A <meta> policy cannot hold frame-ancestors; the server adds it."""
+
+# Served with every file: no sniffing a .js as something else, the page policy (framing refused too), no referrer
+# leaking the site's paths.
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; "
-                               "frame-ancestors 'none'",
+    "Content-Security-Policy": f"{PAGE_POLICY}; frame-ancestors 'none'",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",  # a rebuilt site must show its new data on reload
 }
@@ -46,6 +57,35 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str]:
+    """The Host header values (lowercase) a server bound to (host, port) answers: the loopback names and the bound
+    address, with the port (and without it on port 80, where browsers leave it out)."""
+    names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
+    out = {f"{name.lower()}:{port}" for name in names}
+    return frozenset(out | ({name.lower() for name in names} if port == 80 else set()))
+
+
+def host_allowed(value: str | None, allowed: frozenset[str], port: int, wildcard: bool) -> bool:
+    """Whether a request's Host header `value` names this server (see the module docstring)."""
+    if not value:
+        return False
+    value = value.strip().lower()
+    if value in allowed:
+        return True
+    if not wildcard:
+        return False
+    name, sep, got_port = value.rpartition(":")
+    if not sep or got_port != str(port):
+        name, got_port = value, ""
+        if port != 80:
+            return False
+    try:
+        ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+    except ValueError:
+        return False
+    return True
 
 
 def resolve_request(root: Path, raw_path: str) -> tuple[int, Path | None]:
@@ -81,8 +121,13 @@ class SiteHandler(BaseHTTPRequestHandler):
         self._serve(send_body=False)
 
     def _serve(self, send_body: bool) -> None:
+        server: SiteServer = self.server  # type: ignore[assignment]
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1 or not host_allowed(hosts[0], server.allowed, server.server_address[1], server.wildcard):
+            self.send_error(HTTPStatus.FORBIDDEN)  # a DNS-rebound or foreign name: no file, nothing echoed
+            return
         try:
-            status, path = resolve_request(self.server.root, self.path)  # type: ignore[attr-defined]
+            status, path = resolve_request(server.root, self.path)
         except (UnicodeDecodeError, ValueError, OSError):  # undecodable escapes, over-long names
             status, path = HTTPStatus.NOT_FOUND, None
         if path is None:
@@ -116,6 +161,8 @@ class SiteServer(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, SiteHandler)
+        self.wildcard = address[0] in ("0.0.0.0", "::", "")
+        self.allowed = allowed_hosts(address[0], self.server_address[1])  # the real port when 0 was asked
 
     @property
     def url(self) -> str:

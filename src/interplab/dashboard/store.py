@@ -93,14 +93,27 @@ def _strip(text: str, prefix: str, suffix: str, what: str) -> str:
     return text[len(prefix):len(text) - len(suffix)]
 
 
+def _loads(text: str, what: str, kind: type) -> Any:
+    """The JSON payload of a data file, which must be a `kind` (dict or list); one InterplabError otherwise."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InterplabError(f"{what} is not dashboard data: its JSON does not parse ({e}); rebuild the site with "
+                             "`interplab dashboard build`") from None
+    if not isinstance(value, kind):
+        raise InterplabError(f"{what} is not dashboard data: holds JSON {type(value).__name__}, expected "
+                             f"{kind.__name__}")
+    return value
+
+
 def decode_meta(text: str, what: str = META_FILE) -> dict:
     """Parse the text of `meta.js` back to its JSON object."""
-    return json.loads(_strip(text, META_PREFIX, ASSIGN_SUFFIX, what))
+    return _loads(_strip(text, META_PREFIX, ASSIGN_SUFFIX, what), what, dict)
 
 
 def decode_index(text: str, what: str = INDEX_FILE) -> dict:
     """Parse the text of `index.js` back to its JSON object."""
-    return json.loads(_strip(text, INDEX_PREFIX, ASSIGN_SUFFIX, what))
+    return _loads(_strip(text, INDEX_PREFIX, ASSIGN_SUFFIX, what), what, dict)
 
 
 def decode_chunk(text: str, what: str = "chunk") -> tuple[int, list[dict]]:
@@ -109,17 +122,30 @@ def decode_chunk(text: str, what: str = "chunk") -> tuple[int, list[dict]]:
     head, sep, rest = body.partition(", ")
     if not sep or not head.isdigit():
         raise InterplabError(f"{what} is not dashboard data: expected '{CHUNK_PREFIX}<int>, [...]);'")
-    return int(head), json.loads(rest)
+    latents = _loads(rest, what, list)
+    if not all(isinstance(x, dict) for x in latents):
+        raise InterplabError(f"{what} is not dashboard data: its list holds something other than latent objects")
+    return int(head), latents
+
+
+def _is_int(v: Any, minimum: int) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v >= minimum
 
 
 def _check_meta(meta: Mapping[str, Any]) -> None:
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise InterplabError(f"dashboard meta lacks {missing}; required keys: {list(META_KEYS)}")
-    for key in ("d_sae", "chunk_size"):
+    for key, minimum in (("d_sae", 1), ("chunk_size", 1), ("ctx_len", 1), ("n_tokens", 0)):
+        if not _is_int(meta[key], minimum):
+            raise InterplabError(f"dashboard meta {key} must be an integer >= {minimum}, got {meta[key]!r}")
+    for key in ("sae", "model", "hook", "corpus"):
+        if not isinstance(meta[key], str):
+            raise InterplabError(f"dashboard meta {key} must be a string, got {meta[key]!r}")
+    for key in ("hist_edges", "logit_hist_edges"):
         v = meta[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InterplabError(f"dashboard meta {key} must be an integer >= 1, got {v!r}")
+        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise InterplabError(f"dashboard meta {key} must be a list of numbers")
     expected = n_chunks_for(meta["d_sae"], meta["chunk_size"])
     if meta["n_chunks"] != expected:
         raise InterplabError(
@@ -131,7 +157,8 @@ def _check_index(index: Mapping[str, Any], d_sae: int) -> None:
     missing = [k for k in INDEX_COLUMNS if k not in index]
     if missing:
         raise InterplabError(f"dashboard index lacks columns {missing}; required: {list(INDEX_COLUMNS)}")
-    bad = {k: len(v) for k, v in index.items() if len(v) != d_sae}
+    bad = {k: len(v) if isinstance(v, list) else type(v).__name__ for k, v in index.items()
+           if not isinstance(v, list) or len(v) != d_sae}
     if bad:
         raise InterplabError(f"dashboard index columns must have length d_sae={d_sae}, got lengths {bad}")
 
@@ -217,10 +244,17 @@ def _resolve(folder: str) -> str:
 
 
 def _read_text(url: str, what: str) -> str:
-    data = read_url(url)
+    try:
+        data = read_url(url)
+    except OSError as e:  # a folder where the file should be, unreadable, ...
+        raise InterplabError(f"cannot read {what} at {url}: {e.strerror or e}") from None
     if data is None:
         raise InterplabError(f"{what} not found at {url}; build the dashboard data first (it may be incomplete)")
-    return data.decode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InterplabError(f"{url} is not dashboard data: not UTF-8 text (a binary or damaged file); rebuild the "
+                             "site with `interplab dashboard build`") from None
 
 
 def load_meta(folder: str) -> dict:
@@ -229,14 +263,23 @@ def load_meta(folder: str) -> dict:
     meta = decode_meta(_read_text(join(d, META_FILE), "dashboard meta.js"), join(d, META_FILE))
     if meta.get("format") != FORMAT:
         raise InterplabError(f"{join(d, META_FILE)} has format {meta.get('format')!r}; this version reads {FORMAT}")
+    try:
+        _check_meta(meta)
+    except InterplabError as e:
+        raise InterplabError(f"{join(d, META_FILE)}: {e}") from None
     return meta
 
 
 def load_index(folder: str) -> dict:
     """The index columns of site folder `folder` (id, freq, max_act, mean_act, top_token, top_logit)."""
-    load_meta(folder)  # refuses an incomplete data folder
+    meta = load_meta(folder)  # refuses an incomplete data folder
     d = _resolve(folder)
-    return decode_index(_read_text(join(d, INDEX_FILE), "dashboard index.js"), join(d, INDEX_FILE))
+    index = decode_index(_read_text(join(d, INDEX_FILE), "dashboard index.js"), join(d, INDEX_FILE))
+    try:
+        _check_index(index, meta["d_sae"])
+    except InterplabError as e:
+        raise InterplabError(f"{join(d, INDEX_FILE)}: {e}") from None
+    return index
 
 
 def load_chunk(folder: str, chunk: int, meta: Mapping[str, Any] | None = None) -> list[dict]:
@@ -248,6 +291,10 @@ def load_chunk(folder: str, chunk: int, meta: Mapping[str, Any] | None = None) -
     got, latents = decode_chunk(_read_text(url, f"dashboard chunk {chunk}"), url)
     if got != chunk:
         raise InterplabError(f"{url} says it is chunk {got}, expected {chunk}")
+    try:
+        _check_chunk(chunk, latents, meta)
+    except InterplabError as e:
+        raise InterplabError(f"{url}: {e}") from None
     return latents
 
 

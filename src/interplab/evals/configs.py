@@ -6,6 +6,7 @@ context length) run in `sae_eval` and `perturb` once the model is loaded, still 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from interplab.config import ModelFields, TextFields
@@ -17,6 +18,25 @@ SCALE_PER = ("latent", "output")
 """What one learned decoder scale multiplies (see `scale_tune`): each latent's code, or each output dimension."""
 TARGET_KINDS = ("isotropic", "mean_cov", "real", "sae_decoder")
 """The perturbation target kinds (see `perturb`)."""
+SPLITS = ("train", "test", "all")
+
+
+def _positive(option: str, value: float) -> None:
+    """Refuse a float option that is not a finite number > 0 (nan and inf pass a plain `> 0` or fail it silently)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InterplabError(f"{option} must be a finite number > 0, got {value!r}")
+
+
+def _check_text(split: str, test_fraction: float) -> None:
+    """The corpus split and the held-out share: a valid split, 0 <= test_fraction < 1 (> 0 to read the test split)."""
+    if split not in SPLITS:
+        raise InterplabError(f"--split {split!r} is not valid; valid: {', '.join(SPLITS)}")
+    if (isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float))
+            or not math.isfinite(test_fraction) or not 0 <= test_fraction < 1):
+        raise InterplabError(f"--test-fraction must be a number in [0, 1), got {test_fraction!r}")
+    if split == "test" and test_fraction == 0:
+        raise InterplabError("--test-fraction 0 holds no document out, so the test split is empty; use --split all "
+                             "or a test fraction > 0")
 
 
 @dataclass
@@ -35,7 +55,8 @@ class EvalConfig(TextFields, ModelFields):
     tokens: int = 65_536
     """Tokens to evaluate on (rounded down to whole contexts)."""
     out: str | None = None
-    """Where to write the metrics JSON (local path or fsspec URL); not written if omitted."""
+    """JSON file to write the metrics to (local path or fsspec URL); not written if omitted. It must be new, or hold
+    this same evaluation (then it is recomputed and replaced); anything else is refused before any work."""
     figures: str | None = None
     """Folder to write the PNG figures to (kl_histograms.png, kl_gap_vs_frequency.png); none if omitted."""
     scale_tune: str = "none"
@@ -61,6 +82,10 @@ class EvalConfig(TextFields, ModelFields):
         if self.scale_tune != "none" and self.scale_tune_tokens < self.ctx_len:
             raise InterplabError(f"--scale-tune-tokens {self.scale_tune_tokens} is less than one context "
                                  f"(--ctx-len {self.ctx_len})")
+        if self.scale_tune_epochs < 1:
+            raise InterplabError(f"--scale-tune-epochs must be >= 1, got {self.scale_tune_epochs}")
+        _positive("--scale-tune-lr", self.scale_tune_lr)
+        _check_text(self.split, self.test_fraction)
 
 
 @dataclass
@@ -88,7 +113,8 @@ class PerturbConfig(TextFields, ModelFields):
     later_hook: str | None = None
     """Later hook whose change is measured (default: the last block's hook_resid_post, else ln_final)."""
     out: str | None = None
-    """Where to write the result JSON (local path or fsspec URL); not written if omitted."""
+    """JSON file to write the result to (local path or fsspec URL); not written if omitted. It must be new, or hold
+    this same sweep (then it is recomputed and replaced); anything else is refused before any work."""
     figures: str | None = None
     """Folder to write perturbation_curves.png to; none if omitted."""
 
@@ -97,9 +123,10 @@ class PerturbConfig(TextFields, ModelFields):
         unknown = [k for k in self.targets if k not in TARGET_KINDS]
         if unknown:
             raise InterplabError(f"unknown target kind(s) {unknown}; valid kinds: {', '.join(TARGET_KINDS)}")
+        _positive("--max-step", self.max_step)
+        _positive("--kl-threshold", self.kl_threshold)
+        _check_text(self.split, self.test_fraction)
         checks = [(self.n_steps >= 2, f"--n-steps must be >= 2 (0 and at least one step), got {self.n_steps}"),
-                  (self.max_step > 0, f"--max-step must be > 0, got {self.max_step}"),
-                  (self.kl_threshold > 0, f"--kl-threshold must be > 0, got {self.kl_threshold}"),
                   (self.n_contexts >= 2, f"--n-contexts must be >= 2 (real targets need another context), "
                                          f"got {self.n_contexts}"),
                   (self.ctx_len >= 2, f"--ctx-len must be >= 2 (BOS plus the perturbed position), got {self.ctx_len}"),

@@ -61,27 +61,50 @@ def summarise(kl_t: dict[str, Tensor], ce_t: dict[str, Tensor], moments: Moments
     kl_sae, kl_zero = kl_stats["sae"]["mean"], kl_stats["zero_ablation"]["mean"]
     sparsity = sparsity_metrics(last_f, counts)
     sparsity["l0"], sparsity["l1"] = l0_sum / moments.n, l1_sum / moments.n
+    reconstruction = moments.metrics()
+    performance = {
+        "ce_loss_without_sae": ce_m["clean"],
+        "ce_loss_with_sae": ce_m["sae"],
+        "ce_loss_with_ablation": ce_m["zero_ablation"],
+        "ce_loss_with_mean_ablation": ce_m["mean_ablation"],
+        "ce_loss_score": ce_loss_recovered(ce_m["clean"], ce_m["sae"], ce_m["zero_ablation"]),
+        "ce_loss_score_mean_ablation": ce_loss_recovered(ce_m["clean"], ce_m["sae"], ce_m["mean_ablation"]),
+    }
+    behavior = {
+        "kl_div_with_sae": kl_sae,
+        "kl_div_with_sae_sem": kl_stats["sae"]["sem"],
+        "kl_div_with_ablation": kl_zero,
+        "kl_div_score": (kl_zero - kl_sae) / kl_zero if abs(kl_zero) > 1e-12 else math.nan,
+        "kl_ratio": kl_ratio,
+        "kl_ratio_sem": kl_ratio_sem,
+    }
     return {
-        "reconstruction": moments.metrics(),
+        "reconstruction": reconstruction,
         "sparsity": sparsity,
-        "model_performance": {
-            "ce_loss_without_sae": ce_m["clean"],
-            "ce_loss_with_sae": ce_m["sae"],
-            "ce_loss_with_ablation": ce_m["zero_ablation"],
-            "ce_loss_with_mean_ablation": ce_m["mean_ablation"],
-            "ce_loss_score": ce_loss_recovered(ce_m["clean"], ce_m["sae"], ce_m["zero_ablation"]),
-            "ce_loss_score_mean_ablation": ce_loss_recovered(ce_m["clean"], ce_m["sae"], ce_m["mean_ablation"]),
-        },
-        "model_behavior": {
-            "kl_div_with_sae": kl_sae,
-            "kl_div_with_sae_sem": kl_stats["sae"]["sem"],
-            "kl_div_with_ablation": kl_zero,
-            "kl_div_score": (kl_zero - kl_sae) / kl_zero if abs(kl_zero) > 1e-12 else math.nan,
-            "kl_ratio": kl_ratio,
-            "kl_ratio_sem": kl_ratio_sem,
-        },
+        "model_performance": performance,
+        "model_behavior": behavior,
         "kl": kl_stats,
         "ce_loss": ce_stats,
+        **saelens_groups(reconstruction, performance, behavior, moments.n),
+    }
+
+
+def saelens_groups(reconstruction: dict[str, float], performance: dict[str, float], behavior: dict[str, float],
+                   n_tokens: int) -> dict[str, dict[str, float]]:
+    """The metric groups of SAELens's `run_evals` (evals.py), with SAELens's key names, holding the same numbers as
+    interplab's own groups, so that tools reading SAELens eval files read ours ("sparsity" {l0, l1} already shares
+    SAELens's name). Left out: `explained_variance_legacy`, SAELens's superseded per-token formula whose mean it
+    subtracts per evaluation batch, so that its value depends on the batch size (`explained_variance` is the correct
+    one, present). Tokens are counted without BOS, which interplab leaves out of every statistic."""
+    return {
+        "reconstruction_quality": {k: reconstruction[k] for k in ("explained_variance", "mse", "cossim")},
+        "shrinkage": {k: reconstruction[k] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio",
+                                                      "relative_reconstruction_bias")},
+        "model_performance_preservation": {k: performance[k] for k in ("ce_loss_score", "ce_loss_with_ablation",
+                                                                        "ce_loss_with_sae", "ce_loss_without_sae")},
+        "model_behavior_preservation": {k: behavior[k] for k in ("kl_div_score", "kl_div_with_ablation",
+                                                                  "kl_div_with_sae")},
+        "token_stats": {"total_tokens_eval_reconstruction": n_tokens, "total_tokens_eval_sparsity_variance": n_tokens},
     }
 
 

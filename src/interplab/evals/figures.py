@@ -7,7 +7,6 @@ the file is either absent/old or complete). Each returns the path it wrote.
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 from typing import Any, Mapping, Sequence
@@ -16,13 +15,15 @@ import numpy as np
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from interplab.errors import InterplabError
-from interplab.fileio import read_url
+from interplab.fileio import open_url
 from interplab.plotting import new_figure, num, save_figure
+from interplab.runs import read_json_object
 
 KL_FLOOR = 1e-8
 """KL values below this (0 for an untouched token, or tiny negative float error) are drawn at this value on the
 log-x histograms; the legend says how many."""
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _COLORS = {"sae": "tab:red", "epsilon_random": "tab:blue", "sae_norm_patch": "tab:green"}
 _LABELS = {"sae": "SAE", "epsilon_random": "ε-random", "sae_norm_patch": "SAE-norm patch"}
 
@@ -132,23 +133,48 @@ def point_from_metrics(result: Mapping[str, Any], label: str | None = None) -> d
     """The Pareto point of one `interplab sae eval` result dict (label: the SAE folder's name by default)."""
     try:
         m = result["metrics"]
-        return {"label": label or sae_label(result),
-                "l0": m["sparsity"]["l0"], "fvu": m["reconstruction"]["fvu"],
-                "ce_loss_score": m["model_performance"]["ce_loss_score"],
-                "fvu_typical": (m.get("reconstruction_typical") or {}).get("fvu")}
-    except (KeyError, TypeError) as e:
-        raise InterplabError(f"not an `interplab sae eval` metrics file (missing {e})") from e
+        point = {"label": label or sae_label(result),
+                 "l0": m["sparsity"]["l0"], "fvu": m["reconstruction"]["fvu"],
+                 "ce_loss_score": m["model_performance"]["ce_loss_score"],
+                 "fvu_typical": (m.get("reconstruction_typical") or {}).get("fvu")}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise InterplabError(f"not an `interplab sae eval` metrics file (missing {e})") from None
+    for key in ("l0", "fvu", "ce_loss_score", "fvu_typical"):  # None (a NaN written as null) leaves a gap
+        value = point[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InterplabError(f"not an `interplab sae eval` metrics file ({key} is {value!r}, not a number)")
+    return point
+
+
+def check_png_out(out: str) -> None:
+    """Refuse a figure path that is a folder, sits under a file, or is a file other than a PNG (a PNG is replaced)."""
+    fs, path = open_url(out)
+    if fs.exists(path):
+        if fs.isdir(path):
+            raise InterplabError(f"--out {out} is a folder; --out names the PNG file to write")
+        with fs.open(path, "rb") as f:
+            if f.read(len(PNG_MAGIC)) != PNG_MAGIC:
+                raise InterplabError(f"--out {out} exists and is not a PNG; choose a new file or delete it")
+        return
+    parent = posixpath.dirname(path.rstrip("/"))
+    while parent and not fs.exists(parent) and posixpath.dirname(parent) != parent:
+        parent = posixpath.dirname(parent)
+    if parent and fs.exists(parent) and not fs.isdir(parent):
+        raise InterplabError(f"--out {out}: {parent} is a file, not a folder")
 
 
 def pareto_from_metrics(paths: Sequence[str], out_png: str) -> str:
-    """Read several metrics.json files written by `interplab sae eval --out` and draw their Pareto plot."""
+    """Read several metrics.json files written by `interplab sae eval --out` and draw their Pareto plot. Every file
+    is read and checked, and `out_png` too, before anything is drawn: a bad one is one `InterplabError`."""
+    check_png_out(out_png)
     points = []
     for p in paths:
-        data = read_url(p)
-        if data is None:
+        fs, path = open_url(p)
+        if not fs.exists(path):
             raise InterplabError(f"{p} does not exist")
+        result = read_json_object(p)  # not UTF-8, not JSON, not an object: one line naming the file
         try:
-            points.append(point_from_metrics(json.loads(data)))
+            points.append(point_from_metrics(result))
         except InterplabError as e:
-            raise InterplabError(f"{p}: {e}") from e
+            raise InterplabError(f"{p}: {e}") from None
     return pareto(points, out_png)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 from dataclasses import asdict, replace
 from typing import Any, NamedTuple, Sequence
@@ -39,16 +38,20 @@ from interplab.evals.controls import error_covariance_factor, random_unit_vector
 from interplab.evals.metrics import kl_per_token
 from interplab.evals.perturb_figures import perturbation_curves
 from interplab.evals.perturb_stats import curve_summary, plateau_summary
-from interplab.fileio import join, write_url_atomic
+from interplab.evals.outputs import check_figures_folder, check_result_file, write_result
+from interplab.fileio import join
 from interplab.models.hooked import HookedModel, Prefix
 from interplab.models.hooks import parse_block_hook
 from interplab.models.load import load_model
 from interplab.sae.base import SparseAutoencoder
 from interplab.sae.loading import load_sae_and_model
 
-__all__ = ["STARTS", "format_summary", "perturbation_sweep"]
+__all__ = ["KIND", "STARTS", "check_outputs", "format_summary", "perturbation_sweep"]
 
 STARTS = ("real", "synthetic")
+KIND = "perturb"
+"""The "kind" of the result JSON (as in a run folder's metrics.json)."""
+FIGURES = ("perturbation_curves.png",)
 
 
 # ---- input checks, all before the first forward pass -----------------------------------------------------------
@@ -61,6 +64,14 @@ def _kinds_to_run(cfg: PerturbConfig, has_sae: bool) -> list[str]:
     if not kinds:
         raise InterplabError(f"no target kinds to run; choose from {', '.join(TARGET_KINDS)}")
     return kinds
+
+
+def check_outputs(cfg: PerturbConfig) -> None:
+    """Refuse --out and --figures unless this sweep may write there (evals/outputs.py), before any work; a later hook
+    not given is compared once resolved (`perturbation_sweep` calls this again then)."""
+    check_result_file(cfg.out, KIND, asdict(cfg), resolved_later=("later_hook",),
+                      is_legacy=lambda saved: "plateau" in saved and "curves" in saved)
+    check_figures_folder(cfg.figures, FIGURES)
 
 
 def _layer(name: str) -> float:
@@ -76,7 +87,7 @@ def _resolve(cfg: PerturbConfig, model: HookedModel, kinds: list[str]) -> Pertur
     later = cfg.later_hook
     if later is None:  # the last residual if it comes after the hook (it need not, e.g. at the last block)
         last = f"blocks.{model.info.n_layers - 1}.hook_resid_post"
-        later = last if _layer(last) > _layer(cfg.hook) else "ln_final.hook_normalized"
+        later = last if _layer(last) > _layer(cfg.hook) else "ln_final.hook_out"
     model.check_hook_names([later])
     if model.hook_dim(later) is None:
         raise InterplabError(f"--later-hook {later}: attention patterns are not one vector per token")
@@ -266,6 +277,7 @@ def perturbation_sweep(cfg: PerturbConfig, *, model: HookedModel | None = None,
     """
     cfg.validate()
     kinds = _kinds_to_run(cfg, has_sae=sae is not None or bool(cfg.sae))
+    check_outputs(replace(cfg, targets=kinds))  # the kinds run, as the result records them
     if sae is not None or cfg.sae:  # the SAE must read --hook of this model
         loaded = load_sae_and_model(cfg.sae or "", cfg.model, cfg.hook, cfg.device, loaded_sae=sae,
                                     loaded_model=model, same_hook=True)
@@ -273,6 +285,7 @@ def perturbation_sweep(cfg: PerturbConfig, *, model: HookedModel | None = None,
     elif model is None:
         model = load_model(cfg.model, device=cfg.device)
     cfg = _resolve(cfg, model, kinds)
+    check_outputs(cfg)  # again with the later hook resolved, still before the first forward pass
     later_hook = cfg.later_hook
     assert later_hook is not None
 
@@ -316,7 +329,7 @@ def perturbation_sweep(cfg: PerturbConfig, *, model: HookedModel | None = None,
     bar.close()
 
     result: dict[str, Any] = {
-        "config": asdict(cfg), "model": model.info.to_dict(), "n_pairs": len(contexts),
+        "kind": KIND, "config": asdict(cfg), "model": model.info.to_dict(), "n_pairs": len(contexts),
         "step_unit": stats.step_unit, "step_unit_is": "median L2 norm of the non-BOS activations at the hook",
         "steps": steps.tolist(), "curves": curves, "plateau": plateau,
     }
@@ -324,7 +337,7 @@ def perturbation_sweep(cfg: PerturbConfig, *, model: HookedModel | None = None,
         result["figures"] = {"perturbation_curves": perturbation_curves(
             result, join(cfg.figures, "perturbation_curves.png"))}
     if cfg.out:
-        write_url_atomic(cfg.out, (json.dumps(result, indent=2) + "\n").encode())
+        write_result(cfg.out, result)
     return result
 
 

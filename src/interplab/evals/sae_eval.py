@@ -17,7 +17,11 @@ no per-token statistic counts it (its norm is an outlier that would dominate MSE
 `reconstruction_typical`: the same reconstruction metrics over the tokens with ‖x‖ ≤ MASSIVE_NORM_FACTOR × the
 median norm, with the count of the others (a few massive activations can dominate MSE and FVU).
 KL(clean ‖ variant) is per position 1..T−1; CE is the next-token loss predicted from positions 1..T−2.
-Key names follow SAELens's `evals.py` (ce_loss_score, kl_div_score, explained_variance, l0, ...).
+Key names follow SAELens's `evals.py` (ce_loss_score, kl_div_score, explained_variance, l0, ...), and SAELens's
+groups are there too (reconstruction_quality, shrinkage, model_performance_preservation, model_behavior_preservation,
+sparsity, token_stats; `eval_summary.saelens_groups`), without `explained_variance_legacy` (batch-size dependent).
+The result carries "kind": "sae eval"; --out is checked before any work (evals/outputs.py: new, or this evaluation's
+own earlier result, which is recomputed and replaced).
 
 `metrics.per_token` (see `token_analysis`): the per-token KL gap (sae − epsilon_random) against log10 token frequency,
 each KL position labelled with its INPUT token id tokens[:, t] (the token whose activation was replaced and from which
@@ -28,7 +32,6 @@ With `figures` set, kl_histograms.png and kl_gap_vs_frequency.png are written th
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, replace
@@ -48,12 +51,17 @@ from interplab.evals.figures import kl_gap_vs_frequency, kl_histograms
 from interplab.evals.metrics import clean_log_probs, firing_counts, kl_and_ce_per_token
 from interplab.evals.scale_tune import ScaleTuneResult, decode_scaled, tune_decoder_scale
 from interplab.evals.token_analysis import per_token_analysis
-from interplab.fileio import join, write_url_atomic
+from interplab.evals.outputs import check_figures_folder, check_result_file, write_result
+from interplab.fileio import join
 from interplab.models.hooked import HookedModel
 from interplab.sae.base import SparseAutoencoder
 from interplab.sae.loading import load_sae_and_model
 
-__all__ = ["PER_TOKEN_VARIANTS", "TUNED_VARIANTS", "VARIANTS", "evaluate", "format_summary"]
+__all__ = ["KIND", "PER_TOKEN_VARIANTS", "TUNED_VARIANTS", "VARIANTS", "check_outputs", "evaluate", "format_summary"]
+
+KIND = "sae eval"
+"""The "kind" of the result JSON (as in a run folder's metrics.json)."""
+FIGURES = ("kl_histograms.png", "kl_gap_vs_frequency.png")
 
 VARIANTS = ("sae", "zero_ablation", "mean_ablation", "epsilon_random", "sae_norm_patch",
             "sae_output_at_original_norm", "covariance_matched")
@@ -87,6 +95,18 @@ def _check_model(cfg: EvalConfig, model: HookedModel) -> None:
         raise InterplabError(f"{model.info.spec} has no tokenizer, so it cannot read a text corpus")
 
 
+def _is_legacy_result(saved: dict[str, Any]) -> bool:
+    """A result of `sae eval` written before results carried "kind"."""
+    return isinstance(saved.get("metrics"), dict) and "sae_config" in saved
+
+
+def check_outputs(cfg: EvalConfig) -> None:
+    """Refuse --out and --figures unless this evaluation may write there (evals/outputs.py), before any work; with
+    model and hook not given, they are compared once resolved (`evaluate` calls this again then)."""
+    check_result_file(cfg.out, KIND, asdict(cfg), is_legacy=_is_legacy_result, resolved_later=("model", "hook"))
+    check_figures_folder(cfg.figures, FIGURES)
+
+
 def _tune(cfg: EvalConfig, sae: SparseAutoencoder, model: HookedModel, progress: bool) -> ScaleTuneResult:
     """Fit the decoder scales on train-split contexts (held out from a test-split evaluation)."""
     contexts = list(itertools.islice(iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split="train",
@@ -102,10 +122,12 @@ def evaluate(cfg: EvalConfig, *, sae: SparseAutoencoder | None = None, model: Ho
     """Run the evaluation; return {"config", "sae_config", "n_tokens", "n_contexts", "metrics"} (also written to
     cfg.out as JSON if set). `sae` and `model` may be passed already loaded (then cfg.sae / cfg.model only label)."""
     cfg.validate()
+    check_outputs(cfg)
     loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device, loaded_sae=sae, loaded_model=model)
     model = loaded.model
     _check_model(cfg, model)
     cfg = replace(cfg, model=loaded.model_spec, hook=loaded.hook)
+    check_outputs(cfg)  # again with the model and hook the SAE recorded, still before the first forward pass
     sae = loaded.sae.float()
     hook = loaded.hook
     tuned = _tune(cfg, sae, model, progress) if cfg.scale_tune != "none" else None
@@ -192,13 +214,13 @@ def evaluate(cfg: EvalConfig, *, sae: SparseAutoencoder | None = None, model: Ho
                                          "massive_fraction": 1 - typical.n / moments.n}
     per_token_kl = {k: kl_t[k].float().numpy() for k in PER_TOKEN_VARIANTS}  # 1-D float32, n_tokens
     metrics["per_token"] = per_token_analysis(per_token_kl, torch.cat(token_ids).numpy())
-    result = {"config": asdict(cfg), "sae_config": sae.cfg.to_dict(), "n_contexts": done,
+    result = {"kind": KIND, "config": asdict(cfg), "sae_config": sae.cfg.to_dict(), "n_contexts": done,
               "n_tokens": moments.n, "n_tokens_total": done * cfg.ctx_len, "bos_excluded": True, "metrics": metrics}
     if cfg.figures:
         result["figures"] = _write_figures(cfg.figures, per_token_kl, metrics["per_token"])
     result = _finite(result)
     if cfg.out:
-        write_url_atomic(cfg.out, (json.dumps(result, indent=2) + "\n").encode())
+        write_result(cfg.out, result)
     return result
 
 

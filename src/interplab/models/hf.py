@@ -32,10 +32,12 @@ from interplab.models.hooks import (
     ActFn,
     CallbackHandle,
     Handle,
+    check_replacement,
     hook_module_input,
     hook_module_output,
     hook_names_for,
     parse_block_hook,
+    split_norm,
 )
 
 ATTN_IMPL = "interplab_eager"
@@ -120,6 +122,11 @@ class HFHookedModel(HookedModel):
     def _final_norm(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         return self.model.get_submodule(self.arch.final_norm)(resid)
 
+    def _weigh_normalized(
+        self, normalized: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        return split_norm(self.model.get_submodule(self.arch.final_norm))[1](normalized)
+
     def _unembed(
         self, normalized: Float[torch.Tensor, "batch pos d_model"]
     ) -> Float[torch.Tensor, "batch pos d_vocab"]:
@@ -132,10 +139,12 @@ class HFHookedModel(HookedModel):
         top = {
             "hook_embed": self.arch.embed,
             "hook_pos_embed": self.arch.pos_embed,
-            "ln_final.hook_normalized": self.arch.final_norm,
+            "ln_final.hook_out": self.arch.final_norm,
         }
         if name in top:
             return [hook_module_output(self.model.get_submodule(top[name]), name, fn)]
+        if name == "ln_final.hook_normalized":
+            return [_attach_normalized(self.model.get_submodule(self.arch.final_norm), name, fn)]
         layer, point = parse_block_hook(name)  # type: ignore[misc]  # valid names were checked by the caller
         block = self.blocks[layer]
         if point == "hook_resid_pre":
@@ -188,6 +197,21 @@ class HFHookedModel(HookedModel):
                 self.model.config._attn_implementation = self._default_attn_impl
 
         return CallbackHandle(remove)
+
+
+def _attach_normalized(norm: nn.Module, name: str, fn: ActFn) -> Handle:
+    """`ln_final.hook_normalized` on an HF norm: `fn` sees the normalised input before the weight (recomputed from
+    the norm's input, as the norm computes it); a replacement is weighted as the norm weights, and becomes its output.
+    """
+    normalize, weigh = split_norm(norm)
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        x = args[0] if args else kwargs["hidden_states"]
+        normalized = normalize(x.to(output.device))  # under a device_map the input may sit on the previous device
+        new = check_replacement(name, normalized, fn(normalized))
+        return None if new is None else weigh(new).to(output.dtype)
+
+    return norm.register_forward_hook(hook, with_kwargs=True)
 
 
 def _execution_device(hook: Any) -> torch.device | None:

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float, Int
 
 from interplab.errors import InterplabError
-from interplab.models.hooks import BLOCK_HOOKS, ActFn, Handle, HookFn, StopForward, parse_block_hook
+from interplab.models.hooks import BLOCK_HOOKS, FINAL_HOOKS, ActFn, Handle, HookFn, StopForward, parse_block_hook
 from interplab.models.tokens import ByteTokenizer
 
 if TYPE_CHECKING:  # for the annotation only: toy-model users need not import transformers
@@ -102,7 +102,13 @@ class HookedModel(ABC):
 
     @abstractmethod
     def _final_norm(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
-        """ln_final, with its hook point (the output of this is `ln_final.hook_normalized`)."""
+        """ln_final, with its hook points (the output of this is `ln_final.hook_out`)."""
+
+    @abstractmethod
+    def _weigh_normalized(
+        self, normalized: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """ln_final's weight (and bias) applied to `ln_final.hook_normalized`: what ln_final outputs."""
 
     @abstractmethod
     def _unembed(
@@ -247,8 +253,10 @@ class HookedModel(ABC):
         if not isinstance(replacement, torch.Tensor) or replacement.shape != prefix.act.shape:
             raise InterplabError(f"replacement for '{prefix.hook}' must have shape {tuple(prefix.act.shape)}, "
                                  f"got {_describe(replacement)}")
-        if prefix.hook == "ln_final.hook_normalized":
+        if prefix.hook == "ln_final.hook_out":
             return self._unembed(replacement)
+        if prefix.hook == "ln_final.hook_normalized":
+            return self._unembed(self._weigh_normalized(replacement))
         if prefix.layer is None:  # embedding hooks: everything after them is the whole model
             return self.run_with_hooks(prefix.tokens, [(prefix.hook, lambda act, name: replacement)])
         point = parse_block_hook(prefix.hook)[1]  # type: ignore[index]
@@ -286,6 +294,6 @@ def _describe(x: object) -> str:
 def _summarise_hook_names(names: list[str], n_layers: int) -> str:
     """The valid names, with the per-block ones written once as `blocks.{0..L-1}.X`."""
     block_suffixes = [h for h in BLOCK_HOOKS if f"blocks.0.{h}" in names]
-    top = [n for n in names if parse_block_hook(n) is None]
+    before = [n for n in names if parse_block_hook(n) is None and n not in FINAL_HOOKS]
     per_block = [f"blocks.{{0..{n_layers - 1}}}.{h}" for h in block_suffixes]
-    return ", ".join(top[:-1] + per_block + top[-1:])
+    return ", ".join(before + per_block + [n for n in FINAL_HOOKS if n in names])

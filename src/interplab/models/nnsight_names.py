@@ -5,13 +5,16 @@ HF module (see hf.py): `blocks.6.hook_resid_post` on a Llama is `model.model.lay
 a decoder layer returns its hidden states as a plain tensor, while attention modules return (output, weights),
 hence `.output` on blocks and `.output[0]` on attention. `.input` is nnsight's first argument of a module's call.
 
-Two hook points are not one module's input or output in both directions:
+Three hook points are not one module's input or output in both directions:
 
 - `hook_resid_mid` is read as the input of the norm before the MLP (the residual stream after attention is
   exactly what that norm receives). Assigning to that input would change only what the MLP sees, not the residual
   stream the rest of the model reads, so it is refused with `write=True`.
 - `attn.hook_pattern` is the second output of an attention module only under eager attention; fused kernels
   (sdpa, flash, the usual choice on NDIF) never materialise it, and writing it changes nothing downstream.
+- `ln_final.hook_normalized` (TransformerLens's: the final norm's normalised input, before its weight) lives inside
+  the norm's forward; it has no path and is refused with the way to compute it. `ln_final.hook_out` is the norm's
+  output.
 """
 
 from __future__ import annotations
@@ -94,15 +97,20 @@ def _check_hook(model: HookedModel | ModelInfo | PretrainedConfig, hook: str) ->
     if hook not in valid:
         raise InterplabError(f"unknown hook name '{hook}' for {spec} ({arch_name}, {n_layers} layers); valid names "
                              f"look like hook_embed, blocks.{{0..{n_layers - 1}}}.hook_resid_post, "
-                             "ln_final.hook_normalized")
+                             "ln_final.hook_out")
     return arch_name
 
 
 def _relative_path(arch: HFArch, arch_name: str, hook: str, *, write: bool, eager_attention: bool) -> str:
     """The expression below the nnsight root (which stands for the HF causal LM itself)."""
-    top = {"hook_embed": arch.embed, "hook_pos_embed": arch.pos_embed, "ln_final.hook_normalized": arch.final_norm}
+    top = {"hook_embed": arch.embed, "hook_pos_embed": arch.pos_embed, "ln_final.hook_out": arch.final_norm}
     if hook in top:
         return f"{top[hook]}.output"
+    if hook == "ln_final.hook_normalized":
+        raise InterplabError(
+            f"{hook} (the final norm's normalised input, before its weight) is computed inside {arch.final_norm} "
+            f"and is no module's input or output: normalise {arch.final_norm}.input yourself, or use "
+            f"ln_final.hook_out ({arch.final_norm}.output, weight applied)")
     layer, point = parse_block_hook(hook)  # type: ignore[misc]  # checked above
     block = f"{arch.blocks}[{layer}]"
     if point == "hook_resid_pre":

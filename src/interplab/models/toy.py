@@ -21,7 +21,7 @@ from torch import nn
 from interplab.errors import InterplabError
 from interplab.fileio import write_url_atomic
 from interplab.models.hooked import HookedModel, ModelInfo
-from interplab.models.hooks import ActFn, Handle, hook_module_output, hook_names_for
+from interplab.models.hooks import ActFn, Handle, hook_module_output, hook_names_for, split_norm
 from interplab.models.tokens import ByteTokenizer
 from interplab.runs import JSONDict
 
@@ -147,6 +147,7 @@ class ToyTransformer(nn.Module, HookedModel):
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
         self.hook_embed, self.hook_pos_embed, self.hook_normalized = HookPoint(), HookPoint(), HookPoint()
+        self.hook_ln_final_out = HookPoint()  # ln_final.hook_out (hook points hold no weights: files are unchanged)
         self.info = ModelInfo(
             spec=spec, arch="toy", n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
             d_head=cfg.d_head, d_mlp=cfg.d_mlp, n_ctx=cfg.n_ctx, d_vocab=cfg.d_vocab,
@@ -192,7 +193,14 @@ class ToyTransformer(nn.Module, HookedModel):
         return self(tokens)
 
     def _final_norm(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
-        return self.hook_normalized(self.ln_final(resid))
+        """ln_final in two steps, so that `ln_final.hook_normalized` is TransformerLens's (before the weight)."""
+        normalize, weigh = split_norm(self.ln_final)
+        return self.hook_ln_final_out(weigh(self.hook_normalized(normalize(resid))))
+
+    def _weigh_normalized(
+        self, normalized: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        return split_norm(self.ln_final)[1](normalized)
 
     def _unembed(
         self, normalized: Float[torch.Tensor, "batch pos d_model"]
@@ -201,7 +209,8 @@ class ToyTransformer(nn.Module, HookedModel):
 
     def _attach(self, name: str, fn: ActFn) -> list[Handle]:
         module_path = {"hook_embed": "hook_embed", "hook_pos_embed": "hook_pos_embed",
-                       "ln_final.hook_normalized": "hook_normalized"}.get(name, name)
+                       "ln_final.hook_normalized": "hook_normalized",
+                       "ln_final.hook_out": "hook_ln_final_out"}.get(name, name)
         return [hook_module_output(self.get_submodule(module_path), name, fn)]
 
     # ---- files ---------------------------------------------------------------------------------------------

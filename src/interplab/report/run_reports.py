@@ -49,6 +49,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf", ".pth", ".ckpt")
 NOT_METRICS = ("config", "sae_config", "figures")
 """Top-level keys of a result JSON that are not metrics: configs are shown as configs, figures as images."""
 PRUNED_DIRS = {"checkpoints", "__pycache__", "node_modules"}
+DASHBOARD_KINDS = ("dashboard", "dashboard build")
+"""A dashboard site, sniffed (older sites) or recorded by `interplab dashboard build`: linked as is, never given a
+report.html, and its data/ not searched."""
 NAMED_KINDS = (("toy inspect", "inspect.json"), ("probe", "probe.json"), ("refusal", "refusal.json"),
                ("synth tms", "tms.json"), ("weights svd", "svd.json"), ("weights outliers", "outliers.json"),
                ("lens", "lens.json"), ("beliefs msp", "msp.json"), ("synth bench", "bench.json"))
@@ -70,6 +73,7 @@ HEADLINE_KEYS: dict[str, tuple[str, ...]] = {  # by kind: a command name, as rec
     "lens": ("n_tokens", "final_entropy"),
     "synth tms": ("pictures.represented", "sweep.d_star"),
     "dashboard": ("d_sae", "n_tokens", "hook"),
+    "dashboard build": ("d_sae", "n_tokens", "hook"),
 }
 """Flattened keys (or dotted suffixes of them) shown first for each kind; other scalars follow in file order."""
 
@@ -89,7 +93,7 @@ class Run:
     @property
     def page(self) -> Path:
         """What the index links to: the report, or a dashboard's own index.html."""
-        return self.path / ("index.html" if self.kind == "dashboard" else REPORT_NAME)
+        return self.path / ("index.html" if self.kind in DASHBOARD_KINDS else REPORT_NAME)
 
 
 # ---- finding runs -----------------------------------------------------------------------------------------------
@@ -193,7 +197,7 @@ def find_runs(root: Path) -> list[Run]:
         if kind is None:
             continue
         runs.append(_load_run(folder, kind, files, results, recorded is not None))
-        if kind == "dashboard":
+        if kind in DASHBOARD_KINDS:
             dirnames[:] = []  # a site's data/ is the dashboard's business
     runs.sort(key=lambda r: r.path.parts)
     for run in runs:
@@ -264,7 +268,7 @@ def run_headline(run: Run, n: int) -> dict[str, Any]:
     for name, data in run.results.items():
         if isinstance(data, dict):
             flat.update(metric_values(run, data))
-    if run.kind == "dashboard":
+    if run.kind in DASHBOARD_KINDS:
         flat.update(_dashboard_meta(run.path))
     return headline(run.kind, flat, n)
 
@@ -349,7 +353,7 @@ def write_run_reports(cfg: RunReportConfig) -> dict[str, Any]:
             "tms.json, svd.json, outliers.json, lens.json, msp.json, bench.json, an sae-eval JSON, report.md + "
             "saes/, a dashboard's data/meta.js) or a config.json beside other *.json / *.png files")
     for run in runs:
-        if run.kind != "dashboard":
+        if run.kind not in DASHBOARD_KINDS:
             _write_html(run.page, render_report(run, cfg, root, index), REPORT_MARKER)
     _write_html(index, render_index(runs, root, index), INDEX_MARKER)
     return {"root": str(root), "index": str(index), "n_runs": len(runs),

@@ -69,6 +69,26 @@ def inspect_run_folder(out: str, identity: Mapping[str, JSONValue]) -> RunFolder
     return RunFolder("partial", load_checkpoint(out) if CHECKPOINT in names else None, None)
 
 
+def refuse_changed_store(out: str, store: str | None, identity: Mapping[str, JSONValue]) -> None:
+    """Refuse, in one line, to continue a run in `out` whose store has changed since it started (grown,
+    harvested again): its train_config.json records another `store_data` than `identity` (`sources.run_identity`)."""
+    if store is None or RUN_CONFIG not in folder_entries(out):
+        return
+    saved, now = read_json_object(join(out, RUN_CONFIG)).get("store_data"), identity.get("store_data")
+    if not isinstance(saved, dict) or not isinstance(now, dict) or saved == now:
+        return  # no record (another kind of run, or an older interplab): check_identity names the difference
+
+    def described(data: Mapping[str, JSONValue]) -> str:
+        state = "complete" if data.get("complete") else "unfinished"
+        widths = data.get("d") if isinstance(data.get("d"), dict) else {}
+        return (f"{data.get('shards')} shards, {data.get('tokens'):,} tokens, "
+                f"d={'/'.join(map(str, widths.values())) or '?'}, {state}, "
+                f"manifest {str(data.get('manifest_sha256'))[:12]}")
+
+    raise InterplabError(f"{store} has changed since the run in {out} started on it ({described(saved)} → "
+                         f"{described(now)}); continuing would train on other data: train into a new --out")
+
+
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ Every field has its docstring under it: the `interplab sae` command-line options
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -12,6 +13,8 @@ from interplab.errors import InterplabError
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 """The dictionary architectures interplab builds, trains and saves."""
+_FLOATS = ("l1_coefficient", "l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold", "aux_coefficient")
+_STRINGS = ("arch", "hook_name", "model")
 
 
 @dataclass
@@ -66,7 +69,9 @@ class SAEConfig:
         return self.arch in ("topk", "batchtopk", "matryoshka")
 
     def validate(self) -> None:
-        """Raise an InterplabError naming the first invalid field."""
+        """Raise an InterplabError naming the first invalid field (also a value of the wrong type, as a hand-edited
+        cfg.json can hold, or a float that is not finite)."""
+        self._check_types()
         if self.arch not in ARCHS:
             raise InterplabError(f"unknown SAE architecture {self.arch!r}; valid: {', '.join(ARCHS)}")
         for name in ("d_in", "d_sae"):
@@ -80,7 +85,7 @@ class SAEConfig:
                 raise InterplabError(f"k={self.k} must be < d_sae={self.d_sae}")
             if self.aux_k < 1:
                 raise InterplabError(f"aux_k must be >= 1, got {self.aux_k}")
-        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient"):
+        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient"):  # finite: _check_types
             if getattr(self, name) < 0:
                 raise InterplabError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
@@ -92,6 +97,26 @@ class SAEConfig:
                 raise InterplabError(f"matryoshka_prefixes must be positive and strictly increasing, got {p}")
             if p[-1] != self.d_sae:
                 raise InterplabError(f"the last of matryoshka_prefixes must equal d_sae={self.d_sae}, got {p}")
+
+    def _check_types(self) -> None:
+        """Each field holds a value of its type: ints are not bools or floats, floats are finite numbers."""
+        for name in _STRINGS:
+            if not isinstance(getattr(self, name), str):
+                raise InterplabError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("d_in", "d_sae", "k", "aux_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InterplabError(f"{name} must be a positive integer, got {value!r}")
+        for name in _FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InterplabError(f"{name} must be a finite number, got {value!r}")
+        if self.apply_b_dec_to_input is not None and not isinstance(self.apply_b_dec_to_input, bool):
+            raise InterplabError(f"apply_b_dec_to_input must be true, false or null, got {self.apply_b_dec_to_input!r}")
+        prefixes = self.matryoshka_prefixes
+        if prefixes is not None and (not isinstance(prefixes, list) or not all(
+                isinstance(p, int) and not isinstance(p, bool) for p in prefixes)):
+            raise InterplabError(f"matryoshka_prefixes must be a list of integers, got {prefixes!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

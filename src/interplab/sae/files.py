@@ -19,6 +19,7 @@ subtracts b_dec from its input, f = TopK(ReLU(pre)), which is exactly our topk.
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 
 import torch
@@ -27,7 +28,7 @@ from safetensors.torch import load as load_safetensors
 
 from interplab.errors import InterplabError
 from interplab.fileio import join, list_files, open_url
-from interplab.runs import JSONDict
+from interplab.runs import JSONDict, JSONValue
 from interplab.sae.base import SparseAutoencoder
 from interplab.sae.config import SAEConfig
 from interplab.sae.layout import CFG_FILE, FROM_SAELENS_ARCH, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS
@@ -66,12 +67,18 @@ def _load_folder(path: str) -> SparseAutoencoder:
 
 
 def _read(fs: AbstractFileSystem, root: str, weights_name: str) -> tuple[JSONDict, dict[str, torch.Tensor]]:
+    """cfg.json (a UTF-8 JSON object) and the weights of the folder, or one InterplabError naming what is wrong."""
+    cfg_path = join(root, CFG_FILE)
     try:
-        cfg_dict = json.loads(fs.cat_file(join(root, CFG_FILE)))
+        cfg_dict = json.loads(fs.cat_file(cfg_path).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InterplabError(f"{cfg_path} is not UTF-8 text (byte {e.start}); cfg.json must be a JSON object") from e
     except json.JSONDecodeError as e:
-        raise InterplabError(f"{join(root, CFG_FILE)} is not valid JSON: {e}") from e
+        raise InterplabError(f"{cfg_path} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise InterplabError(f"cannot read {cfg_path}: {e}") from e
     if not isinstance(cfg_dict, dict):
-        raise InterplabError(f"{join(root, CFG_FILE)} holds JSON {type(cfg_dict).__name__}, not an object")
+        raise InterplabError(f"{cfg_path} holds JSON {type(cfg_dict).__name__}, not an object")
     try:
         tensors = load_safetensors(fs.cat_file(join(root, weights_name)))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
@@ -99,10 +106,9 @@ def _int_field(cfg_dict: JSONDict, name: str, where: str) -> int:
 def _from_saelens(cfg_dict: JSONDict, tensors: dict[str, torch.Tensor], path: str) -> SparseAutoencoder:
     where = join(path, SAELENS_WEIGHTS)
     ours = cfg_dict.get("interplab")
-    if isinstance(ours, dict):
-        cfg = SAEConfig.from_dict(ours)
-    else:
-        cfg = _config_from_saelens(cfg_dict, path)
+    if ours is not None and not isinstance(ours, dict):
+        raise InterplabError(f"{join(path, CFG_FILE)}: 'interplab' must be an object, got {ours!r}")
+    cfg = SAEConfig.from_dict(ours) if ours is not None else _config_from_saelens(cfg_dict, path)
     try:
         sae = make_sae(cfg)
     except InterplabError as e:
@@ -110,6 +116,8 @@ def _from_saelens(cfg_dict: JSONDict, tensors: dict[str, torch.Tensor], path: st
     d_in, d_sae = cfg.d_in, cfg.d_sae
     weights = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
     loaded = {name: _take(tensors, name, shape, where) for name, shape in weights.items()}
+    if cfg.arch == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:  # SAELens < 6 training
+        tensors = {**tensors, "threshold": _take(tensors, "log_threshold", (d_sae,), where).exp()}
     dtype = loaded["W_enc"].dtype
     sae.to(dtype)
     with torch.no_grad():
@@ -123,51 +131,118 @@ def _from_saelens(cfg_dict: JSONDict, tensors: dict[str, torch.Tensor], path: st
             else:
                 theta = _take(tensors, "threshold", (d_sae,), where)[:1]
             sae.threshold.copy_(theta.reshape(()).to(sae.threshold.dtype))
-            updates = ours.get("threshold_updates", 0) if isinstance(ours, dict) else 0
-            sae.threshold_updates.fill_(int(updates))
-        if cfg_dict.get("rescale_acts_by_decoder_norm"):
+            updates = ours.get("threshold_updates", 0) if ours is not None else 0
+            if not isinstance(updates, int) or isinstance(updates, bool):
+                raise InterplabError(f"{join(path, CFG_FILE)}: threshold_updates must be an integer, got {updates!r}")
+            sae.threshold_updates.fill_(updates)
+        if ours is None and cfg.arch in ("topk", "batchtopk", "matryoshka") and _flag(
+                cfg_dict, "rescale_acts_by_decoder_norm", path):
             # SAELens TopK option: pre-activations are multiplied by ‖W_dec[i]‖ and f divided by it before
             # decoding; folding ‖W_dec[i]‖ into W_enc, b_enc and W_dec gives the same outputs without it.
             norms = sae.W_dec.norm(dim=1).clamp_min(1e-8)
             sae.W_enc.mul_(norms)
             sae.b_enc.mul_(norms)
             sae.W_dec.div_(norms[:, None])
+        if ours is None and _flag(cfg_dict, "finetuning_scaling_factor", path):
+            # SAELens < 6: x̂ = (f · scaling_factor) @ W_dec + b_dec; the per-latent factor folds into W_dec's rows.
+            sae.W_dec.mul_(_take(tensors, "scaling_factor", (d_sae,), where).to(dtype)[:, None])
     return sae
 
 
+def _flag(cfg_dict: JSONDict, name: str, path: str) -> bool:
+    """A true/false option of cfg.json (absent or null: false)."""
+    value = cfg_dict.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InterplabError(f"{join(path, CFG_FILE)}: {name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _saelens_value(cfg_dict: JSONDict, *names: str) -> JSONValue:
+    """The first value that is set among `names` (current name first, then the names before SAELens 6.0), looked up
+    in "metadata" (where SAELens 6 keeps model and hook) and at the top level (where older versions kept them)."""
+    metadata = cfg_dict.get("metadata")
+    for name in names:
+        for source in (metadata if isinstance(metadata, dict) else {}, cfg_dict):
+            if source.get(name) is not None:
+                return source[name]
+    return None
+
+
+def _normalization(cfg_dict: JSONDict, where: str) -> None:
+    """Refuse an input normalisation interplab's SAEs do not apply (SAELens < 6 wrote it as a bool)."""
+    norm = cfg_dict.get("normalize_activations")
+    if norm is None or norm is False or norm == "none":
+        return
+    if norm is True or norm == "expected_average_only_in":
+        raise InterplabError(
+            f"{where}: normalize_activations='expected_average_only_in' means the weights expect activations scaled "
+            "by a factor this folder does not record (SAELens folds it into the weights and writes 'none' when "
+            "training ends); fold it (SAELens: sae.fold_activation_norm_scaling_factor) and save again")
+    raise InterplabError(f"{where}: normalize_activations={norm!r} is not supported (only 'none': interplab's SAEs "
+                         "read the activations as they are)")
+
+
 def _config_from_saelens(cfg_dict: JSONDict, path: str) -> SAEConfig:
-    """Our SAEConfig for a cfg.json written by SAELens itself (no "interplab" entry)."""
+    """Our SAEConfig for a cfg.json written by SAELens itself (no "interplab" entry), of any version.
+
+    Before 6.0 (as SAELens's own `handle_pre_6_0_config` reads them): `hook_point` and `hook_point_head_index` for
+    hook_name and hook_head_index, model/hook at the top level rather than in "metadata", `activation_fn_str` (with
+    `activation_fn_kwargs`) for the activation, TopK as architecture "standard" (or none) with activation "topk" and
+    k in its kwargs, normalize_activations as a bool, `finetuning_scaling_factor` with a `scaling_factor` tensor.
+    Every key that changes the maths and that interplab cannot reproduce exactly is refused, never guessed."""
     where = join(path, CFG_FILE)
     arch_name = cfg_dict.get("architecture", "standard")
+    if not isinstance(arch_name, str):
+        raise InterplabError(f"{where}: architecture must be a string, got {arch_name!r}")
+    activation = _saelens_value(cfg_dict, "activation_fn", "activation_fn_str")
+    kwargs = cfg_dict.get("activation_fn_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise InterplabError(f"{where}: activation_fn_kwargs must be an object, got {kwargs!r}")
+    if activation not in (None, "relu", "topk"):
+        raise InterplabError(f"{where}: activation function {activation!r} is not supported (interplab loads "
+                             "'relu' and 'topk')")
+    if activation == "topk":
+        if arch_name not in ("standard", "topk"):
+            raise InterplabError(f"{where}: activation 'topk' does not fit architecture {arch_name!r}")
+        arch_name = "topk"  # before SAELens 6.0 a TopK SAE was a "standard" one with a topk activation
     if arch_name not in FROM_SAELENS_ARCH:
         raise InterplabError(f"{where}: unknown SAE architecture {arch_name!r}; interplab loads "
                              f"{', '.join(FROM_SAELENS_ARCH)}")
     arch = FROM_SAELENS_ARCH[arch_name]
-    norm = cfg_dict.get("normalize_activations") or "none"
-    if norm not in ("none", "expected_average_only_in", False):
-        raise InterplabError(f"{where}: normalize_activations={norm!r} is not supported (only 'none', or "
-                             "'expected_average_only_in' with the scale already folded into the weights)")
-    metadata = cfg_dict.get("metadata") or {}
-    cfg = SAEConfig(
-        arch=arch,
-        d_in=_int_field(cfg_dict, "d_in", where),
-        d_sae=_int_field(cfg_dict, "d_sae", where),
-        apply_b_dec_to_input=bool(cfg_dict.get("apply_b_dec_to_input", True)),
-        hook_name=str(metadata.get("hook_name") or cfg_dict.get("hook_name") or ""),
-        model=str(metadata.get("model_name") or cfg_dict.get("model_name") or ""),
-    )
+    unknown = sorted(set(kwargs) - {"k"})
+    if unknown:
+        raise InterplabError(f"{where}: activation_fn_kwargs {unknown} are not understood (only k)")
+    _normalization(cfg_dict, where)
+    head = _saelens_value(cfg_dict, "hook_head_index", "hook_point_head_index")
+    if head is not None:
+        raise InterplabError(f"{where}: the SAE reads attention head {head!r} alone (hook_head_index); interplab's "
+                             "hooks give the whole vector of a position")
+    reshape = cfg_dict.get("reshape_activations") or "none"
+    if reshape not in ("none", "hook_z"):  # hook_z: heads flattened into d_in, the same maths on that vector
+        raise InterplabError(f"{where}: reshape_activations={reshape!r} is not supported (only 'none' or 'hook_z')")
+    hook_name = _saelens_value(cfg_dict, "hook_name", "hook_point") or ""
+    model = _saelens_value(cfg_dict, "model_name") or ""
+    cfg = SAEConfig(arch=arch, d_in=_int_field(cfg_dict, "d_in", where), d_sae=_int_field(cfg_dict, "d_sae", where),
+                    apply_b_dec_to_input=_flag({"apply_b_dec_to_input": True, **cfg_dict}, "apply_b_dec_to_input",
+                                               path),
+                    hook_name=hook_name, model=model)  # types checked by validate() (make_sae)
     if arch in ("topk", "batchtopk", "matryoshka"):
-        k = cfg_dict.get("k", 100)
-        if not isinstance(k, (int, float)) or k != int(k):
-            raise InterplabError(f"{where}: k={k!r} is not a whole number of latents")
-        cfg.k = int(k)
+        ks = [v for v in (cfg_dict.get("k"), kwargs.get("k")) if v is not None]
+        if not ks:
+            raise InterplabError(f"{where}: a {arch_name} SAE needs k (the active latents per token)")
+        if len(ks) == 2 and ks[0] != ks[1]:
+            raise InterplabError(f"{where}: k={cfg_dict.get('k')!r} and activation_fn_kwargs k={kwargs.get('k')!r} "
+                                 "disagree")
+        k = ks[0]
+        if isinstance(k, float) and k.is_integer():  # 8.0 from some writers
+            k = int(k)
+        cfg.k = k  # type: ignore[assignment]  # anything but an int is refused by validate()
     if arch == "matryoshka":
-        cfg.matryoshka_prefixes = list(cfg_dict.get("matryoshka_widths") or []) or None
-    for ours, theirs in (("l1_coefficient", "l1_coefficient"), ("l0_coefficient", "l0_coefficient"),
-                         ("jumprelu_bandwidth", "jumprelu_bandwidth"),
-                         ("jumprelu_init_threshold", "jumprelu_init_threshold")):
-        if isinstance(cfg_dict.get(theirs), (int, float)) and cfg_dict[theirs] > 0:
-            setattr(cfg, ours, float(cfg_dict[theirs]))
+        cfg.matryoshka_prefixes = cfg_dict.get("matryoshka_widths") or None  # type: ignore[assignment]
+    for name in ("l1_coefficient", "l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold"):
+        value = cfg_dict.get(name)  # training settings: kept when sensible, never needed to run the SAE
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            setattr(cfg, name, float(value))
     return cfg
 
 
@@ -181,7 +256,8 @@ def _from_sparsify(cfg_dict: JSONDict, tensors: dict[str, torch.Tensor], path: s
     for flag in ("transcode", "skip_connection", "embed_skip", "gram_lookup"):
         if cfg_dict.get(flag):
             raise InterplabError(f"{cfg_where}: sparsify option {flag}=true is not supported (plain SAEs only)")
-    d_sae = cfg_dict.get("num_latents") or d_in * cfg_dict.get("expansion_factor", 32)
+    d_sae = (_int_field(cfg_dict, "num_latents", cfg_where) if cfg_dict.get("num_latents")
+             else d_in * _int_field({"expansion_factor": 32, **cfg_dict}, "expansion_factor", cfg_where))
     if "encoder.weight" in tensors and tensors["encoder.weight"].ndim == 2 and not cfg_dict.get("num_latents"):
         d_sae = tensors["encoder.weight"].shape[0]
     k = _int_field(cfg_dict, "k", cfg_where)

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interplab.activations.inputs import manifest_digest
 from interplab.activations.store import ActivationStore
 from interplab.data.corpus import iter_contexts
 from interplab.errors import InterplabError
@@ -69,6 +70,25 @@ def open_source(cfg: TrainConfig) -> BatchSource:
                         model_batch_size=cfg.model_batch_size, shuffle_buffer=cfg.shuffle_buffer,
                         batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
                         test_fraction=cfg.test_fraction, skip_positions=int(cfg.exclude_bos))
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, object]:
+    """What defines the run `cfg` describes, written to its train_config.json: its settings, and what it reads.
+
+    From a store: the digest of its manifest (with its shard count and tokens, to make a refusal readable), so that
+    resuming after the store grew or was harvested again is refused. A store whose harvest is unfinished is refused unless `cfg.allow_incomplete_store`.
+    """
+    identity = cfg.identity()
+    if cfg.store is not None:
+        store = ActivationStore(cfg.store)  # a missing store, a file, a broken manifest: one line each
+        if not store.complete and not cfg.allow_incomplete_store:
+            raise InterplabError(f"{cfg.store} is an unfinished harvest ({store.n_tokens:,} tokens in "
+                                 f"{len(store.shards)} shards, manifest complete=false): finish it with interplab "
+                                 "harvest ... --resume, or pass --allow-incomplete-store to train on what is there")
+        identity["store_data"] = {"manifest_sha256": manifest_digest(store.manifest), "shards": len(store.shards),
+                                  "tokens": store.n_tokens, "complete": store.complete,
+                                  "d": {hook: store.d(hook) for hook in store.hooks}}
+    return identity
 
 
 class StoreSource:

@@ -27,7 +27,7 @@ SWEPT: dict[str, tuple[str, ...]] = {
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 # Fields that do not change what is trained: a resumed run may set them differently.
-NOT_IDENTITY = ("out", "resume", "device", "checkpoint_every", "wandb_project")
+NOT_IDENTITY = ("out", "resume", "device", "checkpoint_every", "wandb_project", "allow_incomplete_store")
 
 
 class SweepPoint(NamedTuple):
@@ -121,6 +121,9 @@ class TrainConfig(TextFields):
     device. topk only; equal to the unsharded SAE up to float rounding. Without torchrun it changes nothing."""
     resume: bool = False
     """Continue an interrupted run in --out from its last checkpoint (ends bit-identical to an uninterrupted run)."""
+    allow_incomplete_store: bool = False
+    """Train on a store whose harvest has not finished (manifest complete=false); refused without this flag. The
+    run records the store as it is: resuming after the harvest went on is refused."""
     wandb_project: str | None = None
     """Log metrics to this Weights & Biases project (needs pip install interplab[wandb])."""
 

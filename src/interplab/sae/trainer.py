@@ -20,6 +20,7 @@ import math
 import posixpath
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict
 from types import ModuleType
 from typing import NamedTuple
@@ -29,10 +30,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interplab import distributed as D
-from interplab.activations.store import NonFiniteShardError
+from interplab.activations.store import CorruptShardError, NonFiniteShardError
 from interplab.errors import InterplabError
 from interplab.fileio import join
-from interplab.runs import write_json
+from interplab.runs import check_output_folder, folder_lock, write_json
 from interplab.sae.base import SparseAutoencoder
 from interplab.sae.checkpoint import (
     RUN_CONFIG,
@@ -40,6 +41,7 @@ from interplab.sae.checkpoint import (
     Checkpoint,
     delete_checkpoint,
     inspect_run_folder,
+    refuse_changed_store,
     remove_stale_tmp,
     save_checkpoint,
     save_sae_folder,
@@ -47,7 +49,7 @@ from interplab.sae.checkpoint import (
 from interplab.sae.config import SAEConfig
 from interplab.sae.sae_run import SAERun
 from interplab.sae.sharded import ShardedTopKSAE
-from interplab.sae.sources import BatchSource, open_source
+from interplab.sae.sources import BatchSource, open_source, run_identity
 from interplab.sae.train_config import TrainConfig
 
 INIT_TOKENS = 65_536
@@ -106,7 +108,20 @@ def train(cfg: TrainConfig, source: BatchSource | None = None, *, progress: bool
         _check_data_parallel(cfg, ranks)
         D.init(D.rank_device(cfg.device))
     wandb = _import_wandb() if cfg.wandb_project and ranks.is_main else None
-    folder = inspect_run_folder(cfg.out, cfg.identity())
+    check_output_folder(cfg.out, "--out")
+    identity = run_identity(cfg)
+    refuse_changed_store(cfg.out, cfg.store, identity)
+    inspect_run_folder(cfg.out, identity)  # a foreign folder is refused before the lock writes into it
+    # Rank 0 alone writes the run folder; its lock keeps a second `sae train` from writing the same one.
+    with folder_lock(cfg.out, "sae train") if ranks.is_main else nullcontext():
+        return _train_locked(cfg, identity, source, ranks, wandb, progress, callback)
+
+
+def _train_locked(cfg: TrainConfig, identity: dict[str, object], source: BatchSource | None, ranks: D.Ranks,
+                  wandb: ModuleType | None, progress: bool, callback: Callable[[Trainer], None] | None
+                  ) -> TrainResult:
+    """The rest of `train`, with --out locked (on rank 0)."""
+    folder = inspect_run_folder(cfg.out, identity)  # again: another process may have written it meanwhile
     if ranks.distributed:
         D.barrier()  # every rank has read --out before rank 0 writes to it
     if folder.status == "complete":
@@ -118,7 +133,8 @@ def train(cfg: TrainConfig, source: BatchSource | None = None, *, progress: bool
         at = f"checkpoint at step {folder.checkpoint['step']}" if folder.checkpoint else "no checkpoint yet"
         raise InterplabError(f"{cfg.out} holds a partial run ({at}); pass --resume to continue it, "
                              "or delete it to start over")
-    trainer = Trainer(cfg, folder.checkpoint, source, progress=progress, callback=callback, ranks=ranks)
+    trainer = Trainer(cfg, folder.checkpoint, source, progress=progress, callback=callback, ranks=ranks,
+                      identity=identity)
     return trainer.run(wandb)
 
 
@@ -147,8 +163,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, checkpoint: Checkpoint | None, source: BatchSource | None = None, *,
                  progress: bool = True, callback: Callable[[Trainer], None] | None = None,
-                 ranks: D.Ranks = D.Ranks(0, 1, 0)) -> None:
+                 ranks: D.Ranks = D.Ranks(0, 1, 0), identity: dict[str, object] | None = None) -> None:
         self.cfg, self.callback, self.ranks = cfg, callback, ranks
+        self.identity = identity if identity is not None else cfg.identity()
+        """What train_config.json and the checkpoint record of the run (`sources.run_identity`)."""
         self.progress = progress and ranks.is_main
         self.latent_shards = ranks.world_size if cfg.shard_latents else 1
         """Ranks each SAE's latents are split over (--shard-latents under torchrun; 1 otherwise)."""
@@ -213,7 +231,7 @@ class Trainer:
             saved = {name: [states[name] for states in per_rank] for name in self.runs} if per_rank else None
         if self.ranks.is_main:
             save_checkpoint(self.cfg.out, {
-                "config": self.cfg.identity(), "d_in": self.d_in, "step": self.step, "scale": self.scale,
+                "config": self.identity, "d_in": self.d_in, "step": self.step, "scale": self.scale,
                 "torch_rng": torch.get_rng_state(), "runs": saved, "latent_shards": self.latent_shards,
             })
         if self.ranks.distributed:
@@ -231,7 +249,7 @@ class Trainer:
             batches = self._initialize(batches)
         if self.ranks.is_main:
             remove_stale_tmp(cfg.out)
-            write_json(join(cfg.out, RUN_CONFIG), cfg.identity())  # from here on, --out holds this run
+            write_json(join(cfg.out, RUN_CONFIG), self.identity)  # from here on, --out holds this run
         per_pass = self._tokens_per_pass()
         if self.progress and per_pass and self.n_steps * B > per_pass and resumed_from == 0:
             tqdm.write(f"note: {self.source.describe} holds {per_pass:,} tokens of whole batches; training on "
@@ -294,7 +312,7 @@ class Trainer:
     def _next_batch(self, batches: Iterator[Tensor], step: int) -> Tensor:
         try:
             x = next(batches)
-        except NonFiniteShardError as e:
+        except (NonFiniteShardError, CorruptShardError) as e:
             raise InterplabError(f"step {step + 1}: {e}; {self._stopped()}") from None
         if not bool(torch.isfinite(x).all()):
             raise InterplabError(f"step {step + 1}: the batch from {self.source.describe} holds NaN/inf "

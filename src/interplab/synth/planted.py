@@ -31,10 +31,14 @@ from typing import Mapping
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
 
 from interplab.errors import InterplabError
+from interplab.fileio import join
 from interplab.models.table_embed import TABLE_EMBED_MARKER, TableEmbedConfig, TableEmbedTransformer
 from interplab.models.tokens import ByteTokenizer
+from interplab.models.toy import TOY_MARKER
+from interplab.runs import config_differences, folder_entries, folder_lock, read_json_object, run_settings
 from interplab.synth.animals import ONTOLOGIES, Animals
 from interplab.synth.configs import PlantedConfig
 from interplab.synth.sparse import derive_seed
@@ -46,6 +50,8 @@ PLANTED_KEY = "config"
 """The config.json key holding the PlantedConfig (the key planted folders have always used)."""
 TABLE_CHUNK = 4096
 """Table rows drawn per generator call; chunk c is drawn with a generator seeded by (seed, _TABLE_KEY, c)."""
+MODEL_CONFIG, MODEL_WEIGHTS = "config.json", "model.safetensors"
+"""The two files of a planted-model folder (as of every toy model: `ToyTransformer.save`)."""
 _TABLE_KEY = 7  # derive_seed key: the table's stream is unrelated to the generator's training batches
 
 
@@ -68,12 +74,71 @@ def planted_model(cfg: PlantedConfig, spec: str = "planted") -> TableEmbedTransf
 
 
 def build_planted(cfg: PlantedConfig) -> dict[str, object]:
-    """`interplab synth model`: build the planted model, save it to cfg.out, and describe it."""
-    model = planted_model(cfg, spec=cfg.out)
-    model.save(cfg.out)
-    truths = {name: list(d.shape) for name, d in true_features(model).items()}
-    return {"out": cfg.out, "d_model": model.cfg.d_model, "n_samples": cfg.n_samples, "generator": cfg.generator,
-            "exact_hooks": list(PLANT_HOOKS), "true_features": truths}
+    """`interplab synth model`: build the planted model, save it to cfg.out, and describe it.
+
+    cfg.out must be new, empty, or a planted model built with the same settings (then nothing is written and
+    "already_built" is True); anything else (a Hugging Face model, another planted model, other files) is one
+    `InterplabError` naming what is there, raised before anything is written."""
+    cfg.validate()
+    generator = _generator(cfg.generator)  # a bad generator spec fails here, before the folder is looked at
+    built = _already_built(cfg)
+    if not built:
+        with folder_lock(cfg.out, "synth model"):
+            built = _already_built(cfg)  # again under the lock: another process may have built it meanwhile
+            if not built:
+                planted_model(cfg, spec=cfg.out).save(cfg.out)
+    truths = {name: list(d.shape) for name, d in _dictionaries(generator).items()}
+    return {"out": cfg.out, "d_model": generator.d, "n_samples": cfg.n_samples, "generator": cfg.generator,
+            "exact_hooks": list(PLANT_HOOKS), "true_features": truths, "already_built": built}
+
+
+def _already_built(cfg: PlantedConfig) -> bool:
+    """True if cfg.out holds this planted model; False if there is nothing to keep (new or empty, or this model in
+    the layout from before the table was saved, which loads no more); else an `InterplabError` naming what is there."""
+    names = folder_entries(cfg.out)
+    if not names:
+        return False
+    if MODEL_CONFIG not in names:
+        raise InterplabError(f"{cfg.out} is not empty and holds no planted model (found {', '.join(names[:3])}); "
+                             "choose a new or empty --out")
+    saved = read_json_object(join(cfg.out, MODEL_CONFIG))
+    if saved.get("interplab_model") != TABLE_EMBED_MARKER or not isinstance(saved.get(PLANTED_KEY), Mapping):
+        raise InterplabError(f"{cfg.out} holds {_what_model(saved)}, not a planted model written by "
+                             "`interplab synth model`; choose a new or empty --out")
+    have, want = run_settings(asdict(_config_from(saved[PLANTED_KEY], cfg.out))), run_settings(asdict(cfg))
+    differs = config_differences(have, want)
+    if differs:
+        changes = ", ".join(f"{k} {json.dumps(have.get(k))} → {json.dumps(want.get(k))}" for k in differs)
+        raise InterplabError(f"{cfg.out} holds a different planted model (differs in: {changes}); "
+                             "choose another --out or delete it")
+    return TableEmbedTransformer.config_key in saved and _has_table(Path(cfg.out) / MODEL_WEIGHTS)
+
+
+def _what_model(config: Mapping[str, object]) -> str:
+    """What a foreign config.json describes, for the refusal."""
+    if config.get("interplab_model") == TABLE_EMBED_MARKER:
+        return "a table-embedding model with no PlantedConfig"
+    if config.get("interplab_model") == TOY_MARKER:
+        return "an interplab toy model"
+    if "model_type" in config:
+        return f"a Hugging Face {config['model_type']} model"
+    return "a config.json of some other program"
+
+
+def _has_table(weights: Path) -> bool:
+    """Whether the weights file holds the embedding table (False if it is missing or unreadable: rebuild it)."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return "x_table" in f.keys()
+    except Exception:  # safetensors raises its own error type for a truncated or foreign file; both mean rebuild
+        return False
+
+
+def _dictionaries(generator: Generator) -> dict[str, Float[torch.Tensor, "m d"]]:
+    """The planted dictionaries of a generator, by ontology (see `true_features`)."""
+    if isinstance(generator, Animals):
+        return {o: generator.dictionary(o) for o in ONTOLOGIES}
+    return {"features": generator.features}
 
 
 def planted_config(model: TableEmbedTransformer) -> PlantedConfig:
@@ -142,7 +207,4 @@ def truth(model: TableEmbedTransformer, tokens: Int[torch.Tensor, "batch pos"]) 
 def true_features(model: TableEmbedTransformer) -> dict[str, Float[torch.Tensor, "m d"]]:
     """The planted dictionaries by ontology: {"features": ...} for `sparse`; animals and attributes (each with the
     independent features) for `animals`."""
-    generator = planted_generator(model)
-    if isinstance(generator, Animals):
-        return {o: generator.dictionary(o) for o in ONTOLOGIES}
-    return {"features": generator.features}
+    return _dictionaries(planted_generator(model))

@@ -14,13 +14,10 @@ accuracy are taken there only. Settings after the colon are the fields of the ta
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -29,6 +26,7 @@ from torch import Tensor
 
 from interplab.config import parse_spec_settings
 from interplab.errors import InterplabError
+from interplab.toy.user_code import check_callable_as, load_python_object
 
 
 class TaskBatch(NamedTuple):
@@ -311,7 +309,11 @@ class PythonTask(Task):
         self._outputs = sorted(set(probe.targets[probe.mask].tolist()))
 
     def _call(self, n: int, generator: torch.Generator, check_vocab: bool = True) -> TaskBatch:
-        out = self.fn(n, generator)
+        try:
+            out = self.fn(n, generator)
+        except Exception as err:  # the user's function failed: say which, in one line
+            raise InterplabError(f"{self._spec} raised {type(err).__name__} when called with (n={n}, generator): "
+                                 f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
         if not (isinstance(out, tuple | list) and len(out) == 3):
             raise InterplabError(f"{self._spec} must return (tokens, targets, mask), got {type(out).__name__}")
         tokens, targets, mask = (torch.as_tensor(x) for x in out)
@@ -352,27 +354,13 @@ def _load_python(spec: str) -> Task:
     if not where or not attr:
         raise InterplabError(f"task spec {spec!r} is not python:path/to/file.py:function or "
                              "python:package.module:function")
-    if where.endswith(".py") or "/" in where:
-        path = Path(where)
-        if not path.is_file():
-            raise InterplabError(f"task spec {spec!r}: no file {path}")
-        module_spec = importlib.util.spec_from_file_location(f"interplab_user_task_{path.stem}", path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as err:
-            raise InterplabError(f"task spec {spec!r}: cannot import {where} ({err})") from None
-    if not hasattr(module, attr):
-        raise InterplabError(f"task spec {spec!r}: {where} has no attribute {attr!r}")
-    obj = getattr(module, attr)
+    obj = load_python_object(f"task spec {spec!r}", where, attr)
     if isinstance(obj, Task):
         return obj
     if isinstance(obj, type) and issubclass(obj, Task):
         return obj()
     _need(callable(obj), f"task spec {spec!r}: {attr} is neither a Task nor a function (n, generator)")
+    check_callable_as(f"task spec {spec!r}", obj, attr, ("n", "generator"), (4096, torch.Generator()))
     return PythonTask(obj, spec)
 
 

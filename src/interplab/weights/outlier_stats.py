@@ -7,7 +7,7 @@ stage of one forward pass, in the standard basis and in a random rotation of it.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from jaxtyping import Float, Int
