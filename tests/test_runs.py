@@ -114,3 +114,15 @@ def test_where_and_how_a_run_goes_is_not_part_of_its_identity(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["config"] == {"seed": 1}
     with Run.open(str(tmp_path), "lens", {"seed": 1, "out": "b", "device": "cuda", "resume": True}) as run:
         assert run.status == "complete"
+
+
+def test_a_failed_run_in_a_foreign_folder_leaves_no_lock_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("theirs")
+    with pytest.raises(InterplabError, match="refused inside"):
+        with folder_lock(str(tmp_path), "test"):
+            raise InterplabError("refused inside")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with pytest.raises(InterplabError):
+        with Run.open(str(tmp_path / "c" / "d"), "probe", {}):
+            raise InterplabError("bad")
+    assert not (tmp_path / "c").exists()  # both folders it made are gone

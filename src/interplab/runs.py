@@ -162,27 +162,33 @@ def folder_lock(out: str, what: str) -> Iterator[None]:
     created = _highest_missing(root)  # the folder makedirs is about to create first, removed if left empty
     fs.makedirs(root, exist_ok=True)
     lock, holder = FileLock(join(root, LOCK)), join(root, LOCK + ".pid")
+    new_lock_file = not os.path.exists(join(root, LOCK))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         pid = open(holder).read().strip() if os.path.exists(holder) else "unknown"
         raise InterplabError(f"{out} is being written by another process (pid {pid}, lock {join(out, LOCK)}); "
                              f"wait for it to finish, or stop it, before running this {what} again") from None
+    failed = True
     try:
         with open(holder, "w") as f:
             f.write(str(os.getpid()))
         yield
+        failed = False
     finally:
         if os.path.exists(holder):
             os.remove(holder)
         lock.release()
-        if not folder_entries(out):  # nothing was written (a refused or failed new run): leave no trace
+        # A refused or failed run leaves no lock file of its own behind (a foreign folder stays as it was), and a
+        # folder where nothing was written no trace at all.
+        empty = not folder_entries(out)
+        if (failed and new_lock_file) or empty:
             os.remove(join(root, LOCK))
-            if created is not None:
-                for folder in [Path(root), *Path(root).parents]:
-                    os.rmdir(folder)
-                    if folder == created:
-                        break
+        if empty and created is not None:
+            for folder in [Path(root), *Path(root).parents]:
+                os.rmdir(folder)
+                if folder == created:
+                    break
 
 
 def _highest_missing(path: str) -> Path | None:

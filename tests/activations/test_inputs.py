@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import interplab.activations.harvest as harvest_module
-import interplab.activations.inputs as inputs_module
+import interplab.runs as runs_module
 from interplab.activations.writer import StoreWriter
 from interplab.cli import main
 from interplab.errors import InterplabError
@@ -59,7 +59,7 @@ def test_an_unwritable_out_is_refused_before_the_model_is_loaded(tiny_gpt2_dir, 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(inputs_module.tempfile, "NamedTemporaryFile", refuse)  # tests run as root: simulate
+    monkeypatch.setattr(runs_module.tempfile, "NamedTemporaryFile", refuse)  # tests run as root: simulate
     monkeypatch.setattr(harvest_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(harvest_args(tiny_gpt2_dir, tmp_path / "o")) == 2
     assert f"cannot write in {tmp_path} (PermissionError: Permission denied)" in one_line(capsys, "harvest")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_sources import HOOK, synthetic, synthetic_store
 
-import interplab.activations.inputs as inputs_module
+import interplab.runs as runs_module
 
 import interplab.sae.trainer as trainer_module
 from interplab.cli import main
@@ -206,7 +206,7 @@ def test_an_unwritable_out_is_one_line_before_any_work(store, tmp_path, capsys, 
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(inputs_module.tempfile, "NamedTemporaryFile", refuse)  # we run as root: simulate
+    monkeypatch.setattr(runs_module.tempfile, "NamedTemporaryFile", refuse)  # we run as root: simulate
     monkeypatch.setattr(trainer_module, "run_identity", lambda cfg: pytest.fail("the store was opened"))
     assert main(args(store, tmp_path / "ro" / "o")) == 2
     err = capsys.readouterr().err.strip()

@@ -23,7 +23,8 @@ from interplab import distributed as D
 from interplab.activations import ranked
 from interplab.activations.configs import HarvestConfig
 from interplab.activations.inputs import model_identity
-from interplab.activations.writer import StoreWriter
+from interplab.activations.store import read_manifest
+from interplab.activations.writer import StoreWriter, refuse_foreign_folder
 from interplab.data.corpus import iter_contexts
 from interplab.dtypes import DTYPES
 from interplab.errors import InterplabError
@@ -61,6 +62,8 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None, *, progress: b
     """
     cfg.validate()
     check_output_folder(cfg.out, "--out")  # before the model is loaded: a read-only or file --out fails at once
+    if read_manifest(cfg.out) is None:
+        refuse_foreign_folder(cfg.out)  # likewise someone else's folder (torchrun's rank folders are not files)
     r = D.ranks()
     if r.distributed:
         if cfg.device_map is not None:

@@ -82,6 +82,8 @@ class StoreWriter:
         if existing is not None and existing["complete"]:
             self._reopen(existing, resume)  # a complete store is only read: no lock, nothing written
             return
+        if existing is None:
+            self._refuse_foreign()  # before the lock, which would otherwise leave its file in someone else's folder
         # Two writers must never interleave: a resumer's tidy-up would delete the shards another writer has just
         # moved into place ahead of its manifest. The lock is held until the writer is finished or closed.
         self._lock.enter_context(folder_lock(url, "harvest"))
@@ -107,16 +109,11 @@ class StoreWriter:
 
     # ---- opening -------------------------------------------------------------------------------------------
 
+    def _refuse_foreign(self) -> dict[str, int]:
+        return refuse_foreign_folder(self.url)
+
     def _create(self) -> None:
-        if self._fs.exists(self._root) and not self._fs.isdir(self._root):
-            raise InterplabError(f"{self.url} is a file; an activation store needs a new or empty directory")
-        files = list_files(self._fs, self._root)
-        foreign = sorted(name for name in files if not TMP_RE.fullmatch(name) and not name.startswith(LOCK))
-        if foreign:
-            raise InterplabError(
-                f"{self.url} is not empty and holds no interplab store (found {', '.join(foreign[:3])}); "
-                "choose a new or empty directory"
-            )
+        files = self._refuse_foreign()
         for name in files:  # only our own tmp files, left by a run killed before its first manifest
             if TMP_RE.fullmatch(name):
                 self._fs.rm(join(self._root, name))
@@ -317,3 +314,17 @@ def _identity(
         "ctx_len": ctx_lens.pop(),
         "contexts_per_shard": contexts_per_shard,
     }
+
+
+def refuse_foreign_folder(url: str) -> dict[str, int]:
+    """The files of a store folder that holds no manifest yet, if they are only our own leftovers (temporary files,
+    the lock); one `InterplabError` if it holds anything else or is a file."""
+    fs, root = open_url(url)
+    if fs.exists(root) and not fs.isdir(root):
+        raise InterplabError(f"{url} is a file; an activation store needs a new or empty directory")
+    files = list_files(fs, root)
+    foreign = sorted(name for name in files if not TMP_RE.fullmatch(name) and not name.startswith(LOCK))
+    if foreign:
+        raise InterplabError(f"{url} is not empty and holds no interplab store (found {', '.join(foreign[:3])}); "
+                             "choose a new or empty directory")
+    return files
