@@ -210,3 +210,15 @@ def test_a_damaged_chunk_is_one_error_before_anything_is_written(site, tmp_path,
     with pytest.raises(InterplabError, match=r"not dashboard data"):
         export_neuronpedia(NeuronpediaConfig(site=site, out=str(out), layout="both"))
     assert not out.exists()  # the first two chunks were fine, yet no batch of them was written
+
+
+def test_a_foreign_out_is_refused_untouched_and_a_previous_export_is_replaced(site, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("theirs")
+    with pytest.raises(InterplabError, match=r"holds files that are not a Neuronpedia export \(found notes.txt\)"):
+        export_neuronpedia(NeuronpediaConfig(site=site, out=str(foreign)))
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    first = export_neuronpedia(NeuronpediaConfig(site=site, out=str(tmp_path / "o"), layout="both"))
+    again = export_neuronpedia(NeuronpediaConfig(site=site, out=str(tmp_path / "o"), layout="both"))
+    assert again["n_features"] == first["n_features"] == D_SAE

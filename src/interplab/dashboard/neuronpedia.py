@@ -53,6 +53,7 @@ from interplab.dashboard.configs import LAYOUTS, NeuronpediaConfig
 from interplab.errors import InterplabError
 from interplab.fileio import join, write_url_atomic
 from interplab.models.hooks import parse_block_hook
+from interplab.runs import folder_entries
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -217,12 +218,27 @@ def _check_latents(site: str, meta: dict, ctx: _Context) -> None:
                                  f"{str(e)[:80]}); rebuild the site with `interplab dashboard build`") from None
 
 
+_BATCH_RE = re.compile(r"batch-\d+\.json")
+
+
+def _check_out(out: str, ctx: _Context) -> None:
+    """--out must be new, empty, or hold only what an export writes (its files are then replaced): Neuronpedia's
+    importers read every file of the folder, so it carries no config.json of ours, and anything else there is
+    someone else's."""
+    ours = {ctx.model_id, "skipped_indexes.json"}
+    others = [n for n in folder_entries(out) if n not in ours and not _BATCH_RE.fullmatch(n)]
+    if others:
+        raise InterplabError(f"{out} holds files that are not a Neuronpedia export (found {', '.join(others[:3])}); "
+                             "choose a new or empty --out")
+
+
 def export_neuronpedia(cfg: NeuronpediaConfig) -> dict[str, Any]:
     """Write the site's latents in the chosen layout(s); return counts and paths. The site's data is read and
     checked whole first: a damaged or foreign data/ is one `InterplabError` and nothing is written."""
     meta = store.load_meta(cfg.site)
     ctx = _context(cfg, meta)
     _check_latents(cfg.site, meta, ctx)
+    _check_out(cfg.out, ctx)
     export_dir = join(join(cfg.out, ctx.model_id), ctx.source_id)
     want_export, want_batches = cfg.layout in ("export", "both"), cfg.layout in ("saedashboard", "both")
     n_features = n_activations = n_batches = 0
