@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"sae"},
     {"synth", "evals", "probes", "weights", "lens", "beliefs", "toy"},
     {"dashboard", "report"},
-    {"demo", "commands", "cli", "__main__"},
+    {"demo", "cli", "__main__"},
 ]
 """Packages (and top-level modules) by layer, lowest first: each may import its own layer and those below it."""
 OPTIONAL_DEPENDENCIES = ("s3fs", "playwright", "sae_lens", "nnsight", "transformer_lens", "wandb", "botocore", "datasets",

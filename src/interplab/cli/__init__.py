@@ -6,7 +6,7 @@ harvest or a training run leaves it resumable and exits with 130.
 
 This module imports only the standard library and the config modules (which import only the standard library), so
 `interplab --help` and `interplab COMMAND --help` never import torch, transformers or matplotlib. The code that runs a
-command is in `interplab.commands`, imported once a command has been parsed.
+command is in `interplab.cli.commands`, imported once a command has been parsed.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "report pareto": (ParetoConfig, "report_pareto",
                       "L0 vs FVU and L0 vs CE-loss-recovered of several evaluated SAEs"),
 }
-"""Each command: its config dataclass (its fields are the options), the function of `interplab.commands` that
+"""Each command: its config dataclass (its fields are the options), the function of `interplab.cli.commands` that
 runs it, and its one-line help."""
 
 GROUPS: dict[str, str] = {
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = f"{args.command} {args.subcommand}" if getattr(args, "subcommand", None) else args.command
     config_cls, runner, _ = COMMANDS[command]
     # Imported only now, so that --help (handled by the parser above) stays free of torch.
-    commands = importlib.import_module("interplab.commands")
+    commands = importlib.import_module("interplab.cli.commands")
     try:
         getattr(commands, runner)(dataclass_from_args(config_cls, args))
     except InterplabError as exc:
