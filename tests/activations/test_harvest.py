@@ -72,7 +72,7 @@ def test_rerun_of_a_complete_store_does_nothing(model, tmp_path):
 
 
 def _harvest_command(model_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "interplab.cli", "harvest", "--model", str(model_dir),
+    return [sys.executable, "-m", "interplab", "harvest", "--model", str(model_dir),
             "--hooks", "blocks.0.hook_resid_post,blocks.2.hook_mlp_out", "--corpus", "python-docs",
             "--tokens", str(64 * 300), "--ctx-len", "64", "--batch-size", "4", "--contexts-per-shard", "8",
             "--device", "cpu", "--out", str(out)]
