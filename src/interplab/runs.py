@@ -43,7 +43,8 @@ LOCK = ".lock"
 NOT_IDENTITY = ("out", "device", "resume", "progress")
 """Config fields that say where and how a run goes, not what it computes: a run moved to another folder, resumed on
 another device or without a progress bar is the same run. They are left out of config.json's identity."""
-_TMP_RE = re.compile(r".*\.tmp-[0-9a-f]{32}")
+TMP_RE = re.compile(r".*\.tmp-[0-9a-f]{32}")
+"""The temporary names of `fileio.atomic_write` (a file not yet moved into place)."""
 _MISSING = object()
 
 JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
@@ -94,7 +95,7 @@ def folder_entries(out: str) -> list[str]:
         raise InterplabError(f"{out} is a file; --out needs a new or empty folder, or this command's own folder")
     fs.invalidate_cache(root)
     names = [posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False)] if fs.exists(root) else []
-    return sorted(n for n in names if not _TMP_RE.fullmatch(n) and not n.startswith(LOCK))
+    return sorted(n for n in names if not TMP_RE.fullmatch(n) and not n.startswith(LOCK))
 
 
 def check_identity(out: str, config_name: str, identity: Mapping[str, JSONValue], what: str) -> JSONDict | None:
@@ -109,12 +110,17 @@ def check_identity(out: str, config_name: str, identity: Mapping[str, JSONValue]
                                  f"{', '.join(names[:3])}); choose a new or empty --out")
         return None
     saved = read_json_object(join(out, config_name))
-    differs = config_differences(saved, identity)
-    if differs:
-        changes = ", ".join(f"{key} {_at(saved, key)} → {_at(identity, key)}" for key in differs)
+    changes = describe_differences(saved, identity)
+    if changes:
         raise InterplabError(f"{out} holds a different {what} run (differs in: {changes}); "
                              "choose another --out or delete it")
     return saved
+
+
+def describe_differences(saved: Mapping[str, JSONValue], wanted: Mapping[str, JSONValue]) -> str:
+    """Each differing key of two configs with its old and new value ("config.seed 0 → 1, lr 0.01 → 0.02"), or ""
+    when they are the same: the words of every "differs in" refusal."""
+    return ", ".join(f"{key} {_at(saved, key)} → {_at(wanted, key)}" for key in config_differences(saved, wanted))
 
 
 def _at(config: Mapping[str, JSONValue], dotted: str) -> str:

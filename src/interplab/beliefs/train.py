@@ -40,7 +40,7 @@ from interplab.beliefs.msp import all_sequences, belief_states, myopic_entropy
 from interplab.beliefs.process import Process, make_process, next_token_probabilities, sample
 from interplab.errors import InterplabError
 from interplab.models.toy import ToyConfig, ToyTransformer
-from interplab.runs import CONFIG, JSONDict, Run, read_json_object, run_settings
+from interplab.runs import CONFIG, JSONDict, Run, read_json_object
 from interplab.toy.loop import StepOutcome, TrainResult, train_loop
 from interplab.toy.loop import saved_checkpoints as saved_steps
 
@@ -63,10 +63,6 @@ def checkpoint_tokens(cfg: BeliefTrainConfig) -> list[int]:
     wanted = cfg.checkpoints or [int(m * 10 ** k) for k in range(4, 13) for m in CHECKPOINT_MANTISSAS]
     return sorted({min(math.ceil(t / per_step), cfg.steps) * per_step for t in wanted if t > 0} | {total})
 
-
-def run_config(cfg: BeliefTrainConfig) -> JSONDict:
-    """The config that identifies a run (config.json's "config"): every field but those a resume may change."""
-    return run_settings(asdict(cfg))
 
 
 def load_config(out: str | Path) -> BeliefTrainConfig:
@@ -139,7 +135,7 @@ def train_beliefs(cfg: BeliefTrainConfig) -> TrainResult:
     start = time.perf_counter()
     cfg.validate()
     process = make_process(cfg.process)
-    with Run.open(cfg.out, KIND, run_config(cfg)) as run:
+    with Run.open(cfg.out, KIND, asdict(cfg)) as run:
         if run.status != "new" and not cfg.resume:
             raise InterplabError(f"{run.out} already holds a run; pass --resume to continue it, or use a new --out")
         if run.metrics is not None:

@@ -26,7 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from interplab.errors import InterplabError
 from interplab.fileio import join, open_url, write_url_atomic
-from interplab.runs import JSONDict, JSONValue, config_differences, read_json_object, run_settings
+from interplab.runs import JSONDict, JSONValue, describe_differences, read_json_object, run_settings
 
 __all__ = ["check_figures_folder", "check_result_file", "write_result"]
 
@@ -87,9 +87,8 @@ def check_result_file(out: str | None, kind: str, config: Mapping[str, JSONValue
                              "choose a new file or delete it")
     have = _identity(saved_config, resolved_later, config)
     want = _identity(config, resolved_later, config)
-    differs = config_differences(have, want)
-    if differs:
-        changes = ", ".join(f"{k} {json.dumps(have.get(k))} → {json.dumps(want.get(k))}" for k in differs)
+    changes = describe_differences(have, want)
+    if changes:
         raise InterplabError(f"--out {out} holds a different {kind} (differs in: {changes}); "
                              "choose another --out or delete it")
 

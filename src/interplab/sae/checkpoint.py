@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import re
 import uuid
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -32,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from interplab.errors import InterplabError
 from interplab.fileio import join, open_url, write_url_atomic
-from interplab.runs import JSONDict, JSONValue, check_identity, folder_entries, read_json_object, write_json
+from interplab.runs import TMP_RE, JSONDict, JSONValue, check_identity, folder_entries, read_json_object, write_json
 from interplab.sae.base import SparseAutoencoder
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,7 +39,6 @@ RUN_CONFIG = "train_config.json"
 SUMMARY = "metrics.json"
 CHECKPOINT_FORMAT = "interplab.sae.checkpoint"
 CHECKPOINT_VERSION = 1
-_TMP_RE = re.compile(r".*\.tmp-[0-9a-f]{32}")
 
 Checkpoint = dict[str, Any]
 """A loaded checkpoint.pt: the trainer's state (tensors, numbers, strings and containers of them; see
@@ -164,5 +162,5 @@ def remove_stale_tmp(out: str) -> None:
     if not fs.exists(root):
         return
     for entry in fs.ls(root, detail=False):
-        if _TMP_RE.fullmatch(posixpath.basename(entry.rstrip("/"))):
+        if TMP_RE.fullmatch(posixpath.basename(entry.rstrip("/"))):
             fs.rm(entry, recursive=True)

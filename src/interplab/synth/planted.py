@@ -38,7 +38,7 @@ from interplab.fileio import join
 from interplab.models.table_embed import TABLE_EMBED_MARKER, TableEmbedConfig, TableEmbedTransformer
 from interplab.models.tokens import ByteTokenizer
 from interplab.models.toy import TOY_MARKER
-from interplab.runs import config_differences, folder_entries, folder_lock, read_json_object, run_settings
+from interplab.runs import describe_differences, folder_entries, folder_lock, read_json_object, run_settings
 from interplab.synth.animals import ONTOLOGIES, Animals
 from interplab.synth.configs import PlantedConfig
 from interplab.synth.sparse import derive_seed
@@ -106,9 +106,8 @@ def _already_built(cfg: PlantedConfig) -> bool:
         raise InterplabError(f"{cfg.out} holds {_what_model(saved)}, not a planted model written by "
                              "`interplab synth model`; choose a new or empty --out")
     have, want = run_settings(asdict(_config_from(saved[PLANTED_KEY], cfg.out))), run_settings(asdict(cfg))
-    differs = config_differences(have, want)
-    if differs:
-        changes = ", ".join(f"{k} {json.dumps(have.get(k))} → {json.dumps(want.get(k))}" for k in differs)
+    changes = describe_differences(have, want)
+    if changes:
         raise InterplabError(f"{cfg.out} holds a different planted model (differs in: {changes}); "
                              "choose another --out or delete it")
     return TableEmbedTransformer.config_key in saved and _has_table(Path(cfg.out) / MODEL_WEIGHTS)

@@ -41,7 +41,7 @@ from jaxtyping import Float
 from interplab.errors import InterplabError
 from interplab.models.load import default_device
 from interplab.models.toy import ToyConfig, ToyTransformer
-from interplab.runs import JSONDict, JSONValue, Run, run_settings
+from interplab.runs import JSONDict, JSONValue, Run
 from interplab.toy.configs import ToyTrainConfig
 from interplab.toy.loop import StepOutcome, TrainResult, train_loop
 from interplab.toy.phases import Phase, Schedule
@@ -155,17 +155,13 @@ def masked_loss(model: ToyTransformer, batch: TaskBatch) -> Float[torch.Tensor, 
     return torch.nn.functional.cross_entropy(model(batch.tokens)[batch.mask], batch.targets[batch.mask])
 
 
-def run_config(cfg: ToyTrainConfig) -> JSONDict:
-    """The config that identifies a run (config.json's "config"): every field but those a resume may change."""
-    return run_settings(asdict(cfg))
-
 
 def run_toy_train(config: ToyTrainConfig) -> TrainResult:
     """Train (or resume, or find complete) the run `config` describes; see the module docstring."""
     start = time.perf_counter()
     task = make_task(config.task)
     cfg = config.resolved()
-    with Run.open(cfg.out, KIND, run_config(cfg)) as run:
+    with Run.open(cfg.out, KIND, asdict(cfg)) as run:
         if run.status != "new" and not cfg.resume:
             raise InterplabError(f"{run.out} already holds a run; pass --resume to continue it, or use a new --out")
         if run.metrics is not None:
