@@ -20,7 +20,8 @@ def tokens(model):
 
 
 def _no_pattern(names):
-    return [n for n in names if "hook_pattern" not in n]
+    """Without the points that switch attention to interplab's eager function (whose rounding differs from sdpa)."""
+    return [n for n in names if "hook_pattern" not in n and "hook_attn_scores" not in n]
 
 
 def test_no_hooks_logits_and_hidden_states_equal_hf_exactly(model, tokens):

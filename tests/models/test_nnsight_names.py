@@ -60,9 +60,14 @@ def read_path(hf_model: torch.nn.Module, path: str, tokens: torch.Tensor, *, eag
     return value
 
 
+DERIVED = ("hook_scale", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+           "attn.hook_attn_scores", "attn.hook_z", "attn.hook_result")
+"""Hook points that are views or functions of module tensors: refused with what to read (tested below)."""
+
+
 def test_every_hook_path_reads_the_same_tensor_as_run_with_cache(model, tokens):
     for hook in model.hook_names:
-        if hook == "ln_final.hook_normalized":  # inside the norm's forward: no module path (tested below)
+        if hook == "ln_final.hook_normalized" or hook.endswith(DERIVED):  # no module path (tested below)
             continue
         # One hook per run: a pattern hook switches the whole model to eager attention, whose rounding differs.
         want = model.run_with_cache(tokens, [hook]).cache[hook]
@@ -95,9 +100,22 @@ def test_hook_normalized_has_no_path_and_says_how_to_get_it(model):
         nnsight_path(model, "ln_final.hook_normalized")
 
 
+def test_derived_points_are_refused_naming_what_to_read(model, tokens):
+    for hook in [h for h in model.hook_names if h.endswith(DERIVED)]:
+        with pytest.raises(InterplabError, match=rf"^{re.escape(hook)} has no nnsight path .*: it is "):
+            nnsight_path(model, hook)
+    # hook_z is the output projection's input, reshaped: read through the named path, it is the cached tensor
+    with pytest.raises(InterplabError) as refusal:
+        nnsight_path(model, "blocks.1.attn.hook_z")
+    path = "model." + str(refusal.value).split(": it is ")[1].split(" viewed as")[0]  # named below the root
+    z = read_path(model.model, path, tokens)
+    want = model.run_with_cache(tokens, ["blocks.1.attn.hook_z"]).cache["blocks.1.attn.hook_z"]
+    assert torch.equal(z.view(want.shape), want)
+
+
 def test_model_info_and_hf_config_give_the_same_paths(model):
     for hook in model.hook_names:
-        if hook.endswith("attn.hook_pattern") or hook == "ln_final.hook_normalized":
+        if hook.endswith(("attn.hook_pattern", *DERIVED)) or hook == "ln_final.hook_normalized":
             continue
         assert nnsight_path(model.model.config, hook) == nnsight_path(model, hook)  # what a remote user has
         if model.info.arch == "gpt_neox" and hook.endswith("hook_resid_mid"):

@@ -60,6 +60,18 @@ def test_suffix_of_a_variant_equals_a_full_hooked_pass(model, site):
     assert not torch.allclose(spliced, model.forward(tokens))
 
 
+
+@pytest.mark.parametrize("site", SITES)
+def test_last_only_suffix_is_the_last_position_of_the_full_one(model, site):
+    tokens = _tokens(model)
+    if (prefix := _prefix_or_refusal(model, tokens, site)) is None:
+        return
+    variant = prefix.act * 0.5
+    with torch.no_grad():
+        full, last = model.run_suffix(prefix, variant), model.run_suffix(prefix, variant, last_only=True)
+    assert last.shape == (tokens.shape[0], 1, model.info.d_vocab)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
 def test_prefix_stops_early_and_suffix_skips_earlier_blocks(hf_model):
     tokens = _tokens(hf_model)
     calls = []

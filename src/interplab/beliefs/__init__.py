@@ -12,7 +12,10 @@ hidden state, and the mixed-state presentation those beliefs form.
 - configs.py: the commands' configs (standard library only).
 - train.py: `interplab beliefs train`, a toy transformer trained on a process (through `interplab.toy.loop`), with
   its loss against h(L).
-- regress.py: `interplab beliefs regress`, affine maps from activations onto the beliefs, with CV and shuffles.
+- regress.py: `interplab beliefs regress`, affine maps from activations onto the beliefs, with CV and shuffles, the
+  same fit onto the Bayes-optimal next-token probabilities, and belief patching at the last checkpoint.
+- patch.py: belief patching (Shai et al.): the belief subspace of one sequence moved into another, with the KLs to
+  both Bayes-optimal predictions, beside a random-subspace control.
 - describe.py: `interplab beliefs msp`, a process described exactly (entropies, MSP, spectrum, belief simplex).
 - msp.py: the belief tree and the mixed-state presentation, its spectrum, beliefs for given sequences, every
   sequence of a length with its probability, exact myopic entropies h(L) and the entropy rate with bounds.
@@ -30,7 +33,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "process": ["PROCESSES", "Process", "ProcessSample", "even_process", "golden_mean", "load_process",
                     "make_process", "mess3", "next_token_probabilities", "rrxor", "sample", "sample_with_states",
                     "stationary_distribution", "token_distribution", "validate_transitions", "z1r"],
-        "regress": ["run_regress"],
+        "patch": ["AffineMap", "BeliefPatch", "belief_patch", "belief_subspace", "fit_affine", "random_subspace"],
+        "regress": ["next_token_control", "run_regress"],
         "train": ["train_beliefs"],
     },
 )

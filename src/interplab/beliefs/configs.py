@@ -136,8 +136,14 @@ class BeliefRegressConfig:
     """Regress on this many sampled sequences instead of every sequence (needed when there are too many)."""
     max_sequences: int = 200_000
     """Most sequences to enumerate (n_tokens^ctx); beyond it, use --sample."""
+    patch_pairs: int = 256
+    """Belief patching at the last checkpoint (Shai et al.): move the belief subspace of one sampled sequence's last
+    position into another's, over this many pairs, beside a random-subspace control (0: skip)."""
+    patch_hook: str = ""
+    """Hook to patch at, one of the regressed hooks (default: the final layer's resid_post)."""
     figures: bool = True
-    """Draw the simplex, MSE-vs-tokens and per-layer figures into the run folder."""
+    """Draw the simplex, MSE-vs-tokens, per-layer (MSE; R² on beliefs and on next-token probabilities) and belief
+    patching figures into the run folder."""
     out: str = ""
     """JSON to write (default: RUN/regress.json)."""
     seed: int = 0
@@ -148,6 +154,8 @@ class BeliefRegressConfig:
         if self.folds < 2 or self.shuffles < 0 or self.sample < 0 or self.max_sequences < 1:
             raise InterplabError(f"need --folds >= 2, --shuffles >= 0, --sample >= 0 and --max-sequences >= 1; got "
                                  f"{self.folds}, {self.shuffles}, {self.sample}, {self.max_sequences}")
+        if self.patch_pairs == 1 or self.patch_pairs < 0:
+            raise InterplabError(f"--patch-pairs must be 0 (no belief patching) or >= 2, got {self.patch_pairs}")
         if self.sample and self.weighted:
             raise InterplabError("--weighted applies to enumerated sequences; sampled ones (--sample) are already "
                                  "drawn in proportion to their probability")

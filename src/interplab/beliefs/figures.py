@@ -8,6 +8,10 @@
     mse_curve    MSE of every target (each hook, the concatenation) against training tokens, log-log, with the
                  shuffle control of the final checkpoint as a dashed line
     per_layer    final-checkpoint MSE per target (bars), with its cross-validated MSE and the shuffle control
+    r2           final-checkpoint R² per target onto the beliefs and onto the Bayes-optimal next-token probabilities
+                 (bars), with the belief R² the next-token probabilities alone give (affine, and any function) as lines
+    patch        belief patching: KL to A's and to B's Bayes-optimal prediction before and after each patch (belief
+                 subspace, the readout's own subspace, a random one), with A's clean run as the floor; ± 1 SEM
 """
 
 from __future__ import annotations
@@ -140,10 +144,55 @@ def per_layer(result: Mapping[str, Any], path: str) -> str:
     return save_figure(fig, path)
 
 
+def r2_per_layer(result: Mapping[str, Any], path: str) -> str:
+    """R² onto beliefs and onto next-token probabilities per target, with the next-token-only belief R² as lines."""
+    names = list(result["final"])
+    final = [result["final"][n] for n in names]
+    fig, ax = new_figure(max(6.0, 1.1 * len(names) + 2), 4.5)
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [f["r2"] for f in final], width=0.4, label="R² onto the beliefs", color="tab:blue")
+    ax.bar(x + 0.2, [f["next_token_r2"] for f in final], width=0.4, label="R² onto next-token probabilities",
+           color="tab:green")
+    control = result["next_token_control"]
+    ax.axhline(control["r2"], color="k", linestyle="--", linewidth=1,
+               label=f"belief R² from next-token probs, affine ({control['r2']:.3f})")
+    ax.axhline(control["r2_any_function"], color="0.5", linestyle=":", linewidth=1.2,
+               label=f"belief R² from next-token probs, any function ({control['r2_any_function']:.3f})")
+    ax.set_ylim(min(0.0, *(f["r2"] for f in final)), 1.05)
+    ax.set_xticks(x, [n.replace("blocks.", "").replace(".hook_", " ") for n in names], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("R² (pooled over coordinates)")
+    ax.set_title(f"{result['process']} at {result['final_checkpoint']:,} tokens: beliefs vs next-token probabilities")
+    ax.legend(fontsize=7, loc="lower left")
+    return save_figure(fig, path)
+
+
+PATCH_CONDITIONS = (("before", "B clean"), ("belief", "belief subspace"), ("readout", "readout subspace (col W)"),
+                    ("random", "random subspace"), ("clean_a", "A clean (floor)"))
+
+
+def patch_figure(patch: Mapping[str, Any], title: str, path: str) -> str:
+    """KL(p_A ‖ q) and KL(p_B ‖ q) for B before and after each patch, and A's clean run, with ± 1 SEM."""
+    fig, ax = new_figure(7.5, 4.5)
+    x = np.arange(len(PATCH_CONDITIONS))
+    for offset, key, label, color in ((-0.2, "kl_to_a", "KL(p_A ‖ q)", "tab:red"),
+                                      (0.2, "kl_to_b", "KL(p_B ‖ q)", "tab:blue")):
+        ax.bar(x + offset, [patch[c][key]["mean"] for c, _ in PATCH_CONDITIONS], width=0.4, label=label, color=color,
+               yerr=[patch[c][key]["sem"] for c, _ in PATCH_CONDITIONS], capsize=3)
+    ticks = [f"{name}\nmoved {patch[c]['moved']:.2f}" if patch[c].get("moved") is not None else name
+             for c, name in PATCH_CONDITIONS]
+    ax.set_xticks(x, ticks, fontsize=8)
+    ax.set_ylabel("KL from the Bayes-optimal prediction (nats)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def belief_figures(result: Mapping[str, Any], true: torch.Tensor, predicted: Mapping[str, torch.Tensor],
                    weight: torch.Tensor, folder: str) -> dict[str, str]:
     """The figures into `folder`: a simplex for the headline target (the final layer) and, when fitted, for the
-    concatenation of all hooks; MSE vs tokens; per layer. Returns {name: path}."""
+    concatenation of all hooks; MSE vs tokens; MSE and R² per layer; belief patching when run. Returns
+    {name: path}."""
     root = folder.rstrip("/")
     paths = {}
     for name, file in ((result["headline"], "belief_simplex.png"), ("concat", "belief_simplex_concat.png")):
@@ -155,4 +204,10 @@ def belief_figures(result: Mapping[str, Any], true: torch.Tensor, predicted: Map
             paths[key] = simplex(true.numpy(), predicted[name].numpy(), weight.numpy(), f"{root}/{file}", title)
     paths["mse_curve"] = mse_curve(result, f"{root}/belief_mse_vs_tokens.png")
     paths["per_layer"] = per_layer(result, f"{root}/belief_mse_per_layer.png")
+    paths["r2"] = r2_per_layer(result, f"{root}/belief_r2_vs_next_token.png")
+    if "patch" in result:
+        pa = result["patch"]
+        title = (f"{result['process']}: belief patching at {pa['hook']}, {result['final_checkpoint']:,} tokens\n"
+                 f"({pa['n_pairs']} pairs, {pa['dim']}-dim subspaces; last position of B gets A's component)")
+        paths["patch"] = patch_figure(pa, title, f"{root}/belief_patching.png")
     return paths

@@ -23,6 +23,17 @@ in-sample MSE). The p-value uses the latter, p = (1 + #{null MSE ≤ real MSE}) 
 beliefs no affine map can beat the least-squares fit to them in-sample, so a p-value built on `shuffle_mse` would
 be 1/(1 + shuffles) even for activations unrelated to the beliefs.
 
+Next-token control. Beside every fit onto the beliefs, the same fit (same activations, same folds, CV at the last
+checkpoint, no shuffles) onto the Bayes-optimal next-token probabilities p = P(· | η) (`next_token_r2`, pooled over
+tokens). p is linear in η, so activations that hold the beliefs hold p too; the converse is the question. So
+`next_token_control` asks how much of the beliefs a representation of p alone could give: the belief regression
+with p as the activations (affine), and the conditional mean E[η | p] (any function of p), as R². For Mess3 p
+determines η (its emission matrix is invertible: R² 1); for RRXOR several beliefs share one p (at ctx 8:
+35 beliefs, 11 distinct p), so a belief R² above it shows the activations hold more than the next-token prediction.
+
+Belief patching (`patch.py`, --patch-pairs, at the last checkpoint): the belief subspace of one sequence's last
+position moved into another's, with the KLs to both Bayes-optimal predictions, beside a random-subspace control.
+
 Speed. A point's activation and belief depend only on its prefix w_0..j, so the 590,490 points are 88,572 distinct
 (prefix, position) rows (per fold) with multiplicities as weights: every sum above is computed on those, exactly.
 Activations are standardised (a fixed affine change, so the fitted family is the same) and solved through the
@@ -45,8 +56,10 @@ from tqdm.auto import tqdm
 
 from interplab.beliefs.configs import BeliefRegressConfig, BeliefTrainConfig
 from interplab.beliefs.figures import belief_figures
-from interplab.beliefs.msp import all_sequences, belief_states
-from interplab.beliefs.process import Process, make_process, sample
+from interplab.beliefs.msp import MERGE_TOL, all_sequences, belief_states
+from interplab.beliefs.patch import belief_patch
+from interplab.beliefs.patch import summarise as summarise_patch
+from interplab.beliefs.process import Process, make_process, next_token_probabilities, sample
 from interplab.beliefs.train import load_config, saved_checkpoints
 from interplab.errors import InterplabError
 from interplab.fileio import write_url_atomic
@@ -157,23 +170,26 @@ def design(X: Float[Tensor, "n d"], points: Points, folds: int) -> Design:
     mean = (w[:, None] * X).sum(0) / w.sum()
     std = ((w[:, None] * (X - mean) ** 2).sum(0) / w.sum()).sqrt()
     Z = torch.cat([(X - mean) / torch.where(std > 0, std, 1.0), torch.ones(len(X), 1, dtype=X.dtype)], 1)
-    grams, rhs = [], []
-    for f in range(folds):
-        rows = points.fold == f
-        Zw = Z[rows] * w[rows, None]
-        grams.append(Zw.T @ Z[rows])
-        rhs.append(Zw.T @ points.beliefs[rows])
-    return Design(Z, torch.stack(grams), torch.stack(rhs))
+    grams = torch.stack([(Z[rows] * w[rows, None]).T @ Z[rows] for rows in (points.fold == f for f in range(folds))])
+    return Design(Z, grams, fold_rhs(Z, points, points.beliefs, folds))
+
+
+def fold_rhs(Z: Float[Tensor, "n D"], points: Points, Y: Float[Tensor, "n k"], folds: int) -> Float[Tensor, "f D k"]:
+    """Z_fᵀ W_f Y_f for each fold f: the right-hand sides of the normal equations for the target Y."""
+    return torch.stack([(Z[rows] * points.weight[rows, None]).T @ Y[rows]
+                        for rows in (points.fold == f for f in range(folds))])
 
 
 def _mse(pred: Tensor, truth: Tensor, w: Tensor) -> float:
     return float((w[:, None] * (pred - truth) ** 2).sum() / (w.sum() * truth.shape[1]))
 
 
-def fit_target(d: Design, cols: Tensor, points: Points, controls: bool, shuffles: int, seed: int) -> Fit:
-    """Fit the target whose columns of Z are `cols` (its hooks' columns and the ones column)."""
-    Z, Y, w = d.Z[:, cols], points.beliefs, points.weight
-    G, B = d.grams[:, cols][:, :, cols], d.rhs[:, cols]
+def fit_target(d: Design, cols: Tensor, points: Points, controls: bool, shuffles: int, seed: int,
+               Y: Float[Tensor, "n k"] | None = None) -> Fit:
+    """Fit Y (default: the beliefs) from the columns `cols` of Z (a target's hooks' columns and the ones column)."""
+    B = (d.rhs if Y is None else fold_rhs(d.Z, points, Y, len(d.grams)))[:, cols]
+    Z, Y, w = d.Z[:, cols], points.beliefs if Y is None else Y, points.weight
+    G = d.grams[:, cols][:, :, cols]
     beta = _solve(G.sum(0), B.sum(0))
     pred = Z @ beta
     mse = _mse(pred, Y, w)
@@ -203,6 +219,42 @@ def fit_target(d: Design, cols: Tensor, points: Points, controls: bool, shuffles
         null.append(float(own) / total)
     p = (1 + sum(s <= mse for s in null)) / (1 + shuffles) if shuffles else None
     return Fit(mse, r2, cv, shuffled, null, p, pred)
+
+
+def _fit_both(d: Design, cols: Tensor, points: Points, next_probs: Tensor, last: bool,
+              cfg: BeliefRegressConfig) -> tuple[dict[str, Any], Fit]:
+    """One target's fit onto the beliefs and onto the Bayes-optimal next-token probabilities (same activations, same
+    folds; the shuffles only for the beliefs), as its JSON entry (with the controls when `last`) and the belief fit."""
+    fit = fit_target(d, cols, points, last, cfg.shuffles, cfg.seed)
+    nxt = fit_target(d, cols, points, last, 0, cfg.seed, Y=next_probs)
+    entry: dict[str, Any] = {"mse": fit.mse, "r2": fit.r2, "next_token_mse": nxt.mse, "next_token_r2": nxt.r2}
+    if last:
+        shuffled = torch.tensor(fit.shuffle_mse, dtype=torch.float64)
+        entry.update({"cv_mse": fit.cv_mse, "next_token_cv_mse": nxt.cv_mse, "dims": len(cols) - 1,
+                      "shuffle_mse_mean": float(shuffled.mean()) if len(shuffled) else None,
+                      "shuffle_mse_min": float(shuffled.min()) if len(shuffled) else None,
+                      "shuffle_mse": fit.shuffle_mse, "null_mse": fit.null_mse, "p_value": fit.p_value})
+    return entry, fit
+
+
+def _distinct(x: Float[Tensor, "n k"]) -> Int[Tensor, " n"]:
+    """Group index of every row, rows equal within MERGE_TOL sharing one."""
+    return torch.unique(torch.round(x / MERGE_TOL).to(torch.int64), dim=0, return_inverse=True)[1]
+
+
+def next_token_control(points: Points, next_probs: Float[Tensor, "n x"], folds: int) -> dict[str, Any]:
+    """How much of the beliefs a representation holding only the Bayes-optimal next-token probabilities p = P(· | η)
+    could give: the belief regression with p as the activations (affine, same points, weights and folds), and the
+    best any function of p can do, the conditional mean E[η | p] (rows with equal p pooled), as R²."""
+    fit = fit_target(design(next_probs, points, folds), torch.arange(next_probs.shape[1] + 1), points, True, 0, 0)
+    group, w, Y = _distinct(next_probs), points.weight, points.beliefs
+    n = int(group.max()) + 1
+    sums = torch.zeros(n, Y.shape[1], dtype=Y.dtype).index_add_(0, group, w[:, None] * Y)
+    mean_given_p = (sums / torch.zeros(n, dtype=w.dtype).index_add_(0, group, w)[:, None])[group]
+    total = (w[:, None] * (Y - (w[:, None] * Y).sum(0) / w.sum()) ** 2).sum()
+    r2_any = 1 - float((w[:, None] * (mean_given_p - Y) ** 2).sum() / total)
+    return {"r2": fit.r2, "mse": fit.mse, "cv_mse": fit.cv_mse, "r2_any_function": r2_any,
+            "n_distinct_next_token": n, "n_distinct_beliefs": int(_distinct(Y).max()) + 1}
 
 
 def default_hooks(n_layers: int) -> list[str]:
@@ -255,6 +307,9 @@ def run_regress(cfg: BeliefRegressConfig, *, progress: bool = True) -> dict[str,
     if bad:
         raise InterplabError(f"{bad}: attention patterns are [batch, head, q, k], not one vector per position; "
                              "choose residual, attention-output or MLP hooks")
+    if cfg.patch_pairs and cfg.patch_hook and cfg.patch_hook not in hooks:
+        raise InterplabError(f"--patch-hook {cfg.patch_hook} is not among the regressed hooks {hooks}; choose one of "
+                             "them (or leave it empty for the final layer)")
     concat = (not cfg.hooks) if cfg.concat is None else cfg.concat
     tokens, seq_weight = sequences(process, ctx, cfg)
     points = make_points(tokens, belief_states(process, tokens), seq_weight, cfg.folds, cfg.seed)
@@ -264,6 +319,7 @@ def run_regress(cfg: BeliefRegressConfig, *, progress: bool = True) -> dict[str,
     targets = {h: torch.tensor([*range(bounds[i], bounds[i + 1]), ones]) for i, h in enumerate(hooks)}
     if concat and len(hooks) > 1:
         targets[CONCAT] = torch.arange(ones + 1)
+    next_probs = next_token_probabilities(process, points.beliefs)
     curve, final, predicted = [], {}, {}
     for n, (tokens_seen, path) in enumerate(tqdm(saved, desc="regress", disable=not progress)):
         last = n == len(saved) - 1
@@ -271,14 +327,9 @@ def run_regress(cfg: BeliefRegressConfig, *, progress: bool = True) -> dict[str,
         d = design(activations(model, tokens, points, hooks), points, cfg.folds)
         row: dict[str, Any] = {"tokens": tokens_seen, "targets": {}}
         for name, cols in targets.items():
-            fit = fit_target(d, cols, points, last, cfg.shuffles, cfg.seed)
-            row["targets"][name] = {"mse": fit.mse, "r2": fit.r2}
+            row["targets"][name], fit = _fit_both(d, cols, points, next_probs, last, cfg)
             if last:
-                shuffled = torch.tensor(fit.shuffle_mse, dtype=torch.float64)
-                final[name] = {"mse": fit.mse, "r2": fit.r2, "cv_mse": fit.cv_mse, "dims": len(cols) - 1,
-                               "shuffle_mse_mean": float(shuffled.mean()) if len(shuffled) else None,
-                               "shuffle_mse_min": float(shuffled.min()) if len(shuffled) else None,
-                               "shuffle_mse": fit.shuffle_mse, "null_mse": fit.null_mse, "p_value": fit.p_value}
+                final[name] = row["targets"][name]
                 predicted[name] = fit.predicted
         curve.append(row)
     final_layer = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
@@ -288,7 +339,11 @@ def run_regress(cfg: BeliefRegressConfig, *, progress: bool = True) -> dict[str,
         "n_points": len(points.point_row), "n_distinct_rows": len(points.weight), "hooks": hooks,
         "mse_definition": "mean over points and belief coordinates of the squared error (sklearn "
                           "mean_squared_error); points weigh 1 each" + (" × P(w)" if cfg.weighted else ""),
-        "final_checkpoint": saved[-1][0], "headline": headline, "final": final, "curve": curve, "figures": {}}
+        "final_checkpoint": saved[-1][0], "headline": headline, "final": final, "curve": curve,
+        "next_token_control": next_token_control(points, next_probs, cfg.folds), "figures": {}}
+    if cfg.patch_pairs:
+        result["patch"] = summarise_patch(belief_patch(model, process, cfg.patch_hook or headline, ctx,
+                                                       n_pairs=cfg.patch_pairs, seed=cfg.seed))
     if cfg.figures:
         result["figures"] = belief_figures(result, points.beliefs, predicted, points.weight,
                                            f"{cfg.run.rstrip('/')}/{FIGURES}")
@@ -310,6 +365,20 @@ def format_summary(result: dict[str, Any]) -> str:
     for name, f in result["final"].items():
         shuffle = (f"shuffle {f['shuffle_mse_mean']:.4f} (min {f['shuffle_mse_min']:.4f}, p = {f['p_value']:.3g})"
                    if f["shuffle_mse_mean"] is not None else "no shuffle control")
-        lines.append(f"  {name:<26} MSE {f['mse']:.5f}  R² {f['r2']:.4f}  CV MSE {f['cv_mse']:.5f}  {shuffle}")
+        lines.append(f"  {name:<26} MSE {f['mse']:.5f}  R² {f['r2']:.4f}  CV MSE {f['cv_mse']:.5f}  {shuffle}  "
+                     f"next-token R² {f['next_token_r2']:.4f}")
+    c = result["next_token_control"]
+    lines.append(f"beliefs from the Bayes-optimal next-token probabilities alone: R² {c['r2']:.4f} (affine), "
+                 f"{c['r2_any_function']:.4f} (any function; {c['n_distinct_next_token']} distinct next-token "
+                 f"distributions for {c['n_distinct_beliefs']} beliefs)")
+    if "patch" in result:
+        pa = result["patch"]
+        lines.append(f"belief patching at {pa['hook']} ({pa['n_pairs']} pairs, {pa['dim']}-dim subspace): "
+                     "KL(p_A ‖ q) / KL(p_B ‖ q), nats")
+        for name in ("before", "belief", "readout", "random", "clean_a"):
+            moved = f"  moved {pa[name]['moved']:.3f}, variance {pa[name]['variance']:.3f}" if "moved" in pa[name] \
+                else ""
+            lines.append(f"  {name:<8} {pa[name]['kl_to_a']['mean']:.4f} ± {pa[name]['kl_to_a']['sem']:.4f} / "
+                         f"{pa[name]['kl_to_b']['mean']:.4f} ± {pa[name]['kl_to_b']['sem']:.4f}{moved}")
     lines += [f"figure: {p}" for p in result["figures"].values()]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from typing import NoReturn, Sequence
 
 from interplab.activations.configs import HarvestConfig, InspectConfig
 from interplab.beliefs.configs import BeliefRegressConfig, BeliefTrainConfig, MSPConfig
+from interplab.circuits.configs import DLAConfig, HeadsConfig, PatchConfig
 from interplab.config import add_dataclass_args, dataclass_from_args
 from interplab.dashboard.configs import DashboardConfig, NeuronpediaConfig, ServeConfig
 from interplab.demo_config import DemoConfig
@@ -81,6 +82,13 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "weights outliers": (OutliersConfig, "weights_outliers",
                          "residual-stream outlier dimensions: massive activations and rogue dims per layer, the "
                          "tokens that carry them, beside the same statistics in a random rotation of the basis"),
+    "patch": (PatchConfig, "patch",
+              "activation and attribution patching over clean/corrupted prompt pairs (residual stream, layers, "
+              "heads, q/k/v, paths), each effect beside its null control and SEM"),
+    "dla": (DLAConfig, "dla", "direct logit attribution: the answer − wrong logit difference split into embedding, "
+            "heads, MLPs and biases through the frozen final norm, beside a random-direction control"),
+    "heads": (HeadsConfig, "heads", "head detectors (previous-token, duplicate-token, induction, copying) for every "
+              "head, beside shuffled-position and random-weights controls"),
     "lens": (LensConfig, "lens",
              "logit lens and tuned lens: every layer's residual stream decoded to the vocabulary, KL to the final "
              "distribution per layer beside a context-free control, top predictions for a prompt"),

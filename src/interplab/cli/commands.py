@@ -20,6 +20,7 @@ from interplab.beliefs import describe as beliefs_describe
 from interplab.beliefs import regress as beliefs_regress_module
 from interplab.beliefs import train as beliefs_train_module
 from interplab.beliefs.configs import BeliefRegressConfig
+from interplab.circuits import run_dla, run_heads, run_patch
 from interplab.dashboard import neuronpedia, serve, site
 from interplab.dashboard.configs import DashboardConfig, ServeConfig
 from interplab.distributed import ranks
@@ -184,6 +185,11 @@ weights_svd = summarised(svd_run.run_svd, svd_run.format_summary,
                          "numbers: {OUT}/metrics.json, figures: {OUT}/figures/")
 weights_outliers = summarised(outliers_module.run_outliers, outliers_module.format_summary,
                               "numbers: {OUT}/metrics.json")
+patch = summarised(run_patch.run_patch, run_patch.format_summary,
+                   "numbers: {OUT}/metrics.json, report: {OUT}/report.md, figures: {OUT}/figures/")
+dla = summarised(run_dla.run_dla, run_dla.format_summary, "numbers: {OUT}/metrics.json, report: {OUT}/report.md")
+heads = summarised(run_heads.run_heads, run_heads.format_summary,
+                   "numbers: {OUT}/metrics.json, report: {OUT}/report.md, figures: {OUT}/figures/")
 lens = summarised(lens_run.run_lens, lens_run.format_summary, "numbers: {OUT}/metrics.json, figures: {OUT}/figures/")
 
 

@@ -5,9 +5,12 @@ those parts, so with no hooks attached the logits are exactly HF's. Two points h
 
 - `hook_resid_mid` (resid_pre + attn_out) is read by adding the two; an edit to it is applied as the same edit to
   `attn_out`, which is the only way it reaches the rest of the block.
-- `attn.hook_pattern` needs the attention probabilities, which fused kernels never materialise: while such a hook
-  is attached the model switches to interplab's eager attention function (registered with transformers'
-  AttentionInterface), which calls the hook between the softmax and the value mix.
+- `attn.hook_pattern` and `attn.hook_attn_scores` need the attention scores, which fused kernels never
+  materialise: while such a hook is attached the model switches to interplab's eager attention function
+  (registered with transformers' AttentionInterface), which calls the hooks around the softmax. `attn.hook_rot_q|k`
+  (q and k after rotary) are read in the attention function too, which then hands them to the model's own one.
+
+The per-head points and the norms' scales are in `hf_heads.py`.
 
 A model spread by accelerate (load_model(..., device_map=...)) keeps its hooks where they are: accelerate moves
 each module's inputs to that module's device inside the module's forward, so an activation stays on the device of
@@ -23,24 +26,31 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import nn
-from transformers import AttentionInterface, PreTrainedTokenizerBase
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers import PreTrainedTokenizerBase
 
 from interplab.errors import InterplabError
 from interplab.models.hooked import HookedModel, ModelInfo
+from interplab.models.hf_heads import (
+    EAGER_IMPL,
+    NormSite,
+    add_attn_fn,
+    attach_qkv,
+    attach_result,
+    attach_z,
+    qkv_view,
+    register_eager,
+    rotary_impl,
+)
 from interplab.models.hooks import (
     ActFn,
     CallbackHandle,
     Handle,
-    check_replacement,
     hook_module_input,
     hook_module_output,
     hook_names_for,
     parse_block_hook,
     split_norm,
 )
-
-ATTN_IMPL = "interplab_eager"
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,20 @@ class HFArch:
     """Learned position embedding, from the top model, if any."""
     parallel_residual_attr: str | None = None
     """Config attribute that says attention and MLP read the same residual (no resid_mid)."""
+    ln1: str = "input_layernorm"
+    """The norm before attention, from a block."""
+    ln2: str = "post_attention_layernorm"
+    """The norm before the MLP, from a block."""
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    """The q, k, v projections from the attention module: three, or one fused projection."""
+    qkv_layout: str = "separate"
+    """How q, k, v sit in the projection outputs (see `hf_heads.qkv_view`)."""
+    attn_out_proj: str = "o_proj"
+    """The attention's output projection, from the attention module: its input is `attn.hook_z`."""
+    mlp_in: str = "mlp.gate_proj"
+    """The MLP's input projection, from a block: its output is `mlp.hook_pre` (the gate, for gated MLPs)."""
+    rotary: bool = True
+    """Rotary position embeddings, applied to q and k inside the attention (so hook_rot_q/k exist)."""
 
 
 _LLAMA = HFArch("model.embed_tokens", "model.layers", "model.norm", "self_attn", "mlp", "mlp.down_proj")
@@ -72,9 +96,12 @@ ARCHS: dict[str, HFArch] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "gpt2": HFArch("transformer.wte", "transformer.h", "transformer.ln_f", "attn", "mlp", "mlp.c_proj",
-                   pos_embed="transformer.wpe"),
+                   pos_embed="transformer.wpe", ln1="ln_1", ln2="ln_2", qkv=("c_attn",), qkv_layout="thirds",
+                   attn_out_proj="c_proj", mlp_in="mlp.c_fc", rotary=False),
     "gpt_neox": HFArch("gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "attention", "mlp",
-                       "mlp.dense_4h_to_h", parallel_residual_attr="use_parallel_residual"),
+                       "mlp.dense_4h_to_h", parallel_residual_attr="use_parallel_residual",
+                       qkv=("query_key_value",), qkv_layout="interleaved", attn_out_proj="dense",
+                       mlp_in="mlp.dense_h_to_4h"),
 }
 
 
@@ -97,14 +124,17 @@ class HFHookedModel(HookedModel):
         d_mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size
         self.info = ModelInfo(
             spec=spec, arch=model_type, n_layers=len(self.blocks), d_model=cfg.hidden_size, n_heads=n_heads,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
             d_head=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads, d_mlp=d_mlp,
             n_ctx=getattr(cfg, "max_position_embeddings", None) or cfg.n_positions, d_vocab=cfg.vocab_size,
         )
         self._hook_names = hook_names_for(
             self.info.n_layers, has_pos_embed=self.arch.pos_embed is not None, has_mlp=True,
-            has_resid_mid=not self.parallel_residual,
+            has_resid_mid=not self.parallel_residual, has_rotary=self.arch.rotary, has_norm=True,
         )
-        self._n_pattern_hooks = 0
+        self._n_attn_hooks = {"rotary": 0, "eager": 0}
+        """Attention-function hooks attached: any eager one (scores, pattern) switches to interplab's eager
+        attention; rotary ones alone wrap the model's own attention function."""
         self._default_attn_impl = cfg._attn_implementation
 
     @property
@@ -121,6 +151,9 @@ class HFHookedModel(HookedModel):
 
     def _final_norm(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         return self.model.get_submodule(self.arch.final_norm)(resid)
+
+    def _final_norm_module(self) -> nn.Module:
+        return self.model.get_submodule(self.arch.final_norm)
 
     def _weigh_normalized(
         self, normalized: Float[torch.Tensor, "batch pos d_model"]
@@ -143,10 +176,13 @@ class HFHookedModel(HookedModel):
         }
         if name in top:
             return [hook_module_output(self.model.get_submodule(top[name]), name, fn)]
-        if name == "ln_final.hook_normalized":
-            return [_attach_normalized(self.model.get_submodule(self.arch.final_norm), name, fn)]
+        if name in ("ln_final.hook_scale", "ln_final.hook_normalized"):
+            kind = name.removeprefix("ln_final.hook_")
+            return [NormSite.of(self.model.get_submodule(self.arch.final_norm)).attach(kind, name, fn)]
         layer, point = parse_block_hook(name)  # type: ignore[misc]  # valid names were checked by the caller
         block = self.blocks[layer]
+        if point.startswith("attn.") or point in ("ln1.hook_scale", "ln2.hook_scale", "mlp.hook_pre"):
+            return [self._attach_head_point(block, point, name, fn)]
         if point == "hook_resid_pre":
             return [hook_module_input(block, name, fn)]
         if point == "hook_resid_post":
@@ -159,9 +195,29 @@ class HFHookedModel(HookedModel):
             return [hook_module_input(block.get_submodule(self.arch.mlp_out_proj), name, fn)]
         if point == "hook_resid_mid":
             return self._attach_resid_mid(block, name, fn)
-        if point == "attn.hook_pattern":
-            return [self._attach_pattern(block.get_submodule(self.arch.attn), fn)]
         raise AssertionError(f"no site for {name}")
+
+    def _attach_head_point(self, block: nn.Module, point: str, name: str, fn: ActFn) -> Handle:
+        """The attention's per-head points, the block's norm scales and the MLP's pre-activation."""
+        arch, info = self.arch, self.info
+        if point in ("ln1.hook_scale", "ln2.hook_scale"):
+            norm = block.get_submodule(arch.ln1 if point == "ln1.hook_scale" else arch.ln2)
+            return NormSite.of(norm).attach("scale", name, fn)
+        if point == "mlp.hook_pre":
+            return hook_module_output(block.get_submodule(arch.mlp_in), name, fn)
+        attn = block.get_submodule(arch.attn)
+        kind = point.removeprefix("attn.hook_")
+        if kind in ("q", "k", "v"):
+            which = "qkv".index(kind)
+            proj = attn.get_submodule(arch.qkv[which] if len(arch.qkv) == 3 else arch.qkv[0])
+            view = qkv_view(arch.qkv_layout, which, info.n_heads, info.n_kv_heads, info.d_head)
+            return attach_qkv(proj, name, fn, view, fused=len(arch.qkv) == 1)
+        if kind == "z":
+            return attach_z(attn.get_submodule(arch.attn_out_proj), name, fn, info.n_heads)
+        if kind == "result":
+            return attach_result(attn.get_submodule(arch.attn_out_proj), name, fn, info.n_heads)
+        kind = {"attn_scores": "scores"}.get(kind, kind)
+        return self._attach_attention_fn(attn, kind, name, fn)
 
     def _attach_resid_mid(self, block: nn.Module, name: str, fn: ActFn) -> list[Handle]:
         resid_pre: list[torch.Tensor] = []
@@ -183,35 +239,31 @@ class HFHookedModel(HookedModel):
             hook_module_output(block.get_submodule(self.arch.attn), name, on_attn_out),
         ]
 
-    def _attach_pattern(self, attn: nn.Module, fn: ActFn) -> CallbackHandle:
-        _register_attention_function()
-        fns: list[ActFn] = attn.__dict__.setdefault("_interplab_pattern_fns", [])
-        fns.append(fn)
-        self._n_pattern_hooks += 1
-        self.model.config._attn_implementation = ATTN_IMPL
+    def _attach_attention_fn(self, attn: nn.Module, kind: str, name: str, fn: ActFn) -> CallbackHandle:
+        """A hook inside the attention function (rot_q, rot_k, scores, pattern), switching the implementation."""
+        group = "rotary" if kind in ("rot_q", "rot_k") else "eager"
+        remove_fn = add_attn_fn(attn, kind, name, fn)
+        self._n_attn_hooks[group] += 1
+        self._choose_attention()
 
         def remove() -> None:
-            fns.remove(fn)
-            self._n_pattern_hooks -= 1
-            if self._n_pattern_hooks == 0:
-                self.model.config._attn_implementation = self._default_attn_impl
+            remove_fn()
+            self._n_attn_hooks[group] -= 1
+            self._choose_attention()
 
         return CallbackHandle(remove)
 
-
-def _attach_normalized(norm: nn.Module, name: str, fn: ActFn) -> Handle:
-    """`ln_final.hook_normalized` on an HF norm: `fn` sees the normalised input before the weight (recomputed from
-    the norm's input, as the norm computes it); a replacement is weighted as the norm weights, and becomes its output.
-    """
-    normalize, weigh = split_norm(norm)
-
-    def hook(_mod: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-        x = args[0] if args else kwargs["hidden_states"]
-        normalized = normalize(x.to(output.device))  # under a device_map the input may sit on the previous device
-        new = check_replacement(name, normalized, fn(normalized))
-        return None if new is None else weigh(new).to(output.dtype)
-
-    return norm.register_forward_hook(hook, with_kwargs=True)
+    def _choose_attention(self) -> None:
+        """interplab's eager attention while a scores or pattern hook is attached; the model's own wrapped with the
+        rotary hooks while only those are; else the model's own."""
+        if self._n_attn_hooks["eager"]:
+            register_eager()
+            impl = EAGER_IMPL
+        elif self._n_attn_hooks["rotary"]:
+            impl = rotary_impl(self._default_attn_impl)
+        else:
+            impl = self._default_attn_impl
+        self.model.config._attn_implementation = impl
 
 
 def _execution_device(hook: Any) -> torch.device | None:
@@ -221,35 +273,3 @@ def _execution_device(hook: Any) -> torch.device | None:
         if device is not None:
             return torch.device(device)
     return None
-
-
-def _eager_attention_with_pattern_hook(
-    module: nn.Module,
-    query: Float[torch.Tensor, "batch head q d_head"],
-    key: Float[torch.Tensor, "batch kv_head k d_head"],
-    value: Float[torch.Tensor, "batch kv_head k d_head"],
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **_: Any,
-) -> tuple[Float[torch.Tensor, "batch q head d_head"], Float[torch.Tensor, "batch head q k"]]:
-    """softmax(q kᵀ · scale + mask) v, with the pattern hooks of `module` applied to the softmax."""
-    n_rep = query.shape[1] // key.shape[1]  # grouped-query attention shares each k/v head among n_rep q heads
-    if n_rep > 1:
-        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = query @ key.transpose(-1, -2) * scale
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    for fn in module.__dict__.get("_interplab_pattern_fns", []):
-        new = fn(pattern)
-        pattern = pattern if new is None else new
-    pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
-    out = (pattern @ value).transpose(1, 2).contiguous()
-    return out, pattern
-
-
-def _register_attention_function() -> None:
-    AttentionInterface.register(ATTN_IMPL, _eager_attention_with_pattern_hook)
-    AttentionMaskInterface.register(ATTN_IMPL, eager_mask)

@@ -16,7 +16,17 @@ import torch
 from jaxtyping import Float, Int
 
 from interplab.errors import InterplabError
-from interplab.models.hooks import BLOCK_HOOKS, FINAL_HOOKS, ActFn, Handle, HookFn, StopForward, parse_block_hook
+from interplab.models.hooks import (
+    BLOCK_HOOKS,
+    FINAL_HOOKS,
+    HEAD_HOOKS,
+    ActFn,
+    Handle,
+    HookFn,
+    StopForward,
+    normalize_with_scale,
+    parse_block_hook,
+)
 from interplab.models.tokens import ByteTokenizer
 
 if TYPE_CHECKING:  # for the annotation only: toy-model users need not import transformers
@@ -34,6 +44,8 @@ class ModelInfo:
     n_layers: int
     d_model: int
     n_heads: int
+    n_kv_heads: int
+    """Key/value heads: fewer than n_heads under grouped-query attention (hook_k, hook_v have this many)."""
     d_head: int
     d_mlp: int | None
     """Width of the MLP hidden layer (`mlp.hook_post`); None for attention-only models."""
@@ -105,6 +117,10 @@ class HookedModel(ABC):
         """ln_final, with its hook points (the output of this is `ln_final.hook_out`)."""
 
     @abstractmethod
+    def _final_norm_module(self) -> torch.nn.Module:
+        """ln_final as a module (LayerNorm, RMSNorm, or nn.Identity for none)."""
+
+    @abstractmethod
     def _weigh_normalized(
         self, normalized: Float[torch.Tensor, "batch pos d_model"]
     ) -> Float[torch.Tensor, "batch pos d_model"]:
@@ -128,13 +144,27 @@ class HookedModel(ABC):
             )
 
     def hook_dim(self, name: str) -> int | None:
-        """Width of the per-token vector at a hook point; None for `attn.hook_pattern` ([batch, head, q, k])."""
+        """Width of the per-token vector at a hook point; None for the per-head points (`attn.hook_q`, ...,
+        `attn.hook_pattern` [batch, head, q, k], `attn.hook_result`), whose activations are not [batch, pos, width].
+        """
         self.check_hook_names([name])
-        if name.endswith("attn.hook_pattern"):
+        parsed = parse_block_hook(name)
+        if parsed is not None and parsed[1] in HEAD_HOOKS:
             return None
-        if name.endswith("mlp.hook_post"):
+        if name.endswith("hook_scale"):
+            return 1
+        if name.endswith(("mlp.hook_post", "mlp.hook_pre")):
             return self.info.d_mlp
         return self.info.d_model
+
+    def normalize_final(
+        self, resid: Float[torch.Tensor, "*batch d_model"], scale: Float[torch.Tensor, "*batch 1"]
+    ) -> Float[torch.Tensor, "*batch d_model"]:
+        """ln_final's normalisation with a frozen scale (e.g. the cached `ln_final.hook_scale`), before its weight:
+        (resid - mean resid) / scale for LayerNorm, resid / scale for RMSNorm. Linear in resid, so it can be applied
+        to each part of a decomposed residual stream; with the cached scale,
+        `_unembed(_weigh_normalized(normalize_final(resid, scale)))` gives the logits."""
+        return normalize_with_scale(self._final_norm_module(), resid, scale)
 
     def check_tokens(self, tokens: torch.Tensor) -> Int[torch.Tensor, "batch pos"]:
         """Validate a token batch and move it to the model's device."""
@@ -246,19 +276,25 @@ class HookedModel(ABC):
                 handle.remove()
         return Prefix(hook, act, layer, captured.get("args", ()), captured.get("kwargs", {}), tokens)
 
-    def run_suffix(self, prefix: Prefix, replacement: torch.Tensor) -> Float[torch.Tensor, "batch pos d_vocab"]:
+    def run_suffix(
+        self, prefix: Prefix, replacement: torch.Tensor, *, last_only: bool = False
+    ) -> Float[torch.Tensor, "batch pos d_vocab"]:
         """Logits of the forward pass whose activation at `prefix.hook` is `replacement`; only the block holding
         the hook and the ones after it run. Gradients follow the caller's mode (so a suffix can be trained through).
+
+        `last_only` returns the last position's logits alone (`[batch, 1, d_vocab]`): a metric read there need not
+        pay for unembedding every position, which for a large vocabulary costs as much as several blocks.
         """
         if not isinstance(replacement, torch.Tensor) or replacement.shape != prefix.act.shape:
             raise InterplabError(f"replacement for '{prefix.hook}' must have shape {tuple(prefix.act.shape)}, "
                                  f"got {_describe(replacement)}")
+        keep = slice(-1, None) if last_only else slice(None)
         if prefix.hook == "ln_final.hook_out":
-            return self._unembed(replacement)
+            return self._unembed(replacement[:, keep])
         if prefix.hook == "ln_final.hook_normalized":
-            return self._unembed(self._weigh_normalized(replacement))
+            return self._unembed(self._weigh_normalized(replacement[:, keep]))
         if prefix.layer is None:  # embedding hooks: everything after them is the whole model
-            return self.run_with_hooks(prefix.tokens, [(prefix.hook, lambda act, name: replacement)])
+            return self.run_with_hooks(prefix.tokens, [(prefix.hook, lambda act, name: replacement)])[:, keep]
         point = parse_block_hook(prefix.hook)[1]  # type: ignore[index]
         if point == "hook_resid_post":
             resid = replacement
@@ -269,7 +305,7 @@ class HookedModel(ABC):
                 resid = self._call_block(prefix, prefix.layer, prefix.block_input)
         for layer in range(prefix.layer + 1, len(self.blocks)):
             resid = self._call_block(prefix, layer, resid)
-        return self._unembed(self._final_norm(resid))
+        return self._unembed(self._final_norm(resid[:, keep]))
 
     def _call_block(self, prefix: Prefix, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """Call block `layer` on `resid` with the extra inputs the prefix pass gave its block."""

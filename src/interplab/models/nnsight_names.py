@@ -5,6 +5,10 @@ HF module (see hf.py): `blocks.6.hook_resid_post` on a Llama is `model.model.lay
 a decoder layer returns its hidden states as a plain tensor, while attention modules return (output, weights),
 hence `.output` on blocks and `.output[0]` on attention. `.input` is nnsight's first argument of a module's call.
 
+`mlp.hook_pre` is the output of the MLP's input projection (the gate of gated MLPs). The other per-head points and
+the norms' scales are views or functions of module tensors (`attn.hook_z` is the output projection's input
+reshaped to [batch, pos, head, d_head]): `nnsight_path` refuses them, naming the tensor to read and reshape.
+
 Three hook points are not one module's input or output in both directions:
 
 - `hook_resid_mid` is read as the input of the norm before the MLP (the residual stream after attention is
@@ -63,6 +67,25 @@ def resolve_path(root: Any, path: str) -> Any:
     return root
 
 
+def _source_of_derived(arch: HFArch, block: str, point: str) -> str | None:
+    """For a per-head point or a norm scale: what it is computed from, in nnsight terms (None for other points)."""
+    attn = f"{block}.{arch.attn}"
+    if point in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+        which = "qkv".index(point[-1])
+        proj = arch.qkv[which] if len(arch.qkv) == 3 else arch.qkv[0]
+        return f"{attn}.{proj}.output viewed as [batch, pos, head, d_head] (layout '{arch.qkv_layout}', see hf_heads)"
+    if point == "attn.hook_z":
+        return f"{attn}.{arch.attn_out_proj}.input viewed as [batch, pos, head, d_head]"
+    if point == "attn.hook_result":
+        return f"{attn}.{arch.attn_out_proj}.input per head times that head's slice of its weight"
+    if point in ("attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores"):
+        return f"computed inside {attn}'s attention function, after rotary, which no module returns"
+    if point in ("ln1.hook_scale", "ln2.hook_scale"):
+        norm = arch.ln1 if point == "ln1.hook_scale" else arch.ln2
+        return f"the scale {block}.{norm} divides {block}.{norm}.input by, computed inside it"
+    return None
+
+
 _PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\d+\])*")
 _STEP = re.compile(r"([A-Za-z_]\w*)|\[(\d+)\]")
 
@@ -93,7 +116,7 @@ def _check_hook(model: HookedModel | ModelInfo | PretrainedConfig, hook: str) ->
         raise InterplabError("for gpt_neox models pass the HookedModel or the HF config, not the ModelInfo: "
                              "whether hook_resid_mid exists depends on the config's use_parallel_residual")
     valid = hook_names_for(n_layers, has_pos_embed=ARCHS[arch_name].pos_embed is not None, has_mlp=True,
-                           has_resid_mid=resid_mid is not False)
+                           has_resid_mid=resid_mid is not False, has_rotary=ARCHS[arch_name].rotary, has_norm=True)
     if hook not in valid:
         raise InterplabError(f"unknown hook name '{hook}' for {spec} ({arch_name}, {n_layers} layers); valid names "
                              f"look like hook_embed, blocks.{{0..{n_layers - 1}}}.hook_resid_post, "
@@ -106,6 +129,9 @@ def _relative_path(arch: HFArch, arch_name: str, hook: str, *, write: bool, eage
     top = {"hook_embed": arch.embed, "hook_pos_embed": arch.pos_embed, "ln_final.hook_out": arch.final_norm}
     if hook in top:
         return f"{top[hook]}.output"
+    if hook == "ln_final.hook_scale":
+        raise InterplabError(f"{hook} has no nnsight path (no module's input or output is it as it is): it is the "
+                             f"scale {arch.final_norm} divides {arch.final_norm}.input by, computed inside it")
     if hook == "ln_final.hook_normalized":
         raise InterplabError(
             f"{hook} (the final norm's normalised input, before its weight) is computed inside {arch.final_norm} "
@@ -113,6 +139,11 @@ def _relative_path(arch: HFArch, arch_name: str, hook: str, *, write: bool, eage
             f"ln_final.hook_out ({arch.final_norm}.output, weight applied)")
     layer, point = parse_block_hook(hook)  # type: ignore[misc]  # checked above
     block = f"{arch.blocks}[{layer}]"
+    if point == "mlp.hook_pre":
+        return f"{block}.{arch.mlp_in}.output"
+    if (source := _source_of_derived(arch, block, point)) is not None:
+        raise InterplabError(f"{hook} has no nnsight path (no module's input or output is it as it is): it is "
+                             f"{source}")
     if point == "hook_resid_pre":
         return f"{block}.input"
     if point == "hook_resid_post":

@@ -21,7 +21,15 @@ from torch import nn
 from interplab.errors import InterplabError
 from interplab.fileio import write_url_atomic
 from interplab.models.hooked import HookedModel, ModelInfo
-from interplab.models.hooks import ActFn, Handle, hook_module_output, hook_names_for, split_norm
+from interplab.models.hooks import (
+    ActFn,
+    Handle,
+    hook_module_output,
+    hook_names_for,
+    norm_scale,
+    normalize_with_scale,
+    split_norm,
+)
 from interplab.models.tokens import ByteTokenizer
 from interplab.runs import JSONDict
 
@@ -67,6 +75,48 @@ class ToyConfig:
 class HookPoint(nn.Identity):
     """A named place in the forward pass where hooks attach."""
 
+    @property
+    def hooked(self) -> bool:
+        """Whether a hook is attached (activations computed only for a hook, such as hook_result, need one)."""
+        return bool(self._forward_hooks)
+
+
+def _edited(point: HookPoint, act: torch.Tensor) -> torch.Tensor | None:
+    """Pass an activation computed beside the forward pass through its hook point: the edit (a replacement, or
+    `act` changed in place), or None when the hooks left it untouched."""
+    if not point.hooked:
+        return None
+    version = None if act.is_inference() else act._version
+    new = point(act)
+    if new is not act:
+        return new
+    return act if version is not None and act._version != version else None
+
+
+class HookedLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with `hook_scale` (sqrt(var x + eps), [batch, pos, 1]): with no edit it is nn.LayerNorm to the
+    bit; an edited scale makes it weight * (x - mean x) / scale + bias. Its state dict is nn.LayerNorm's."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model)
+        self.hook_scale = HookPoint()
+
+    def _edited_scale(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos 1"] | None:
+        return _edited(self.hook_scale, norm_scale(self, x)) if self.hook_scale.hooked else None  # no work unhooked
+
+    def normalize(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        """(x - mean x) / scale, before the weight (TransformerLens's hook_normalized), the scale hooked."""
+        scale = self._edited_scale(x)
+        if scale is None:
+            return nn.functional.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        return normalize_with_scale(self, x, scale)
+
+    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        scale = self._edited_scale(x)
+        if scale is None:
+            return super().forward(x)
+        return normalize_with_scale(self, x, scale) * self.weight + self.bias
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ToyConfig):
@@ -77,18 +127,24 @@ class Attention(nn.Module):
         self.W_O = nn.Parameter(torch.empty(h, dh, d))
         self.b_O = nn.Parameter(torch.zeros(d))
         self.register_buffer("causal", torch.ones(cfg.n_ctx, cfg.n_ctx).tril().bool(), persistent=False)
-        self.hook_pattern = HookPoint()
+        for name in ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"):
+            setattr(self, name, HookPoint())
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        """softmax(q kᵀ / √d_head + causal mask) v per head, then z @ W_O + b_O (summed over heads)."""
         pos = x.shape[1]
-        q = torch.einsum("bpd,hde->bhpe", x, self.W_Q) + self.b_Q[:, None]  # [batch head pos d_head]
-        k = torch.einsum("bpd,hde->bhpe", x, self.W_K) + self.b_K[:, None]
-        v = torch.einsum("bpd,hde->bhpe", x, self.W_V) + self.b_V[:, None]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [batch head q k]
-        scores = scores.masked_fill(~self.causal[:pos, :pos], float("-inf"))
+        q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)  # [batch pos head d_head]
+        k = self.hook_k(torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K)
+        v = self.hook_v(torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V)
+        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / math.sqrt(q.shape[-1])  # [batch head q k]
+        scores = self.hook_attn_scores(scores.masked_fill(~self.causal[:pos, :pos], float("-inf")))
         pattern = self.hook_pattern(scores.softmax(dim=-1))
-        z = pattern @ v  # [batch head pos d_head]
-        return torch.einsum("bhpe,hed->bpd", z, self.W_O) + self.b_O
+        z = self.hook_z((pattern @ v.transpose(1, 2)).transpose(1, 2))  # [batch pos head d_head]
+        if self.hook_result.hooked:  # [batch pos head d_model] is large: only for a hook
+            result = _edited(self.hook_result, torch.einsum("bphe,hed->bphd", z, self.W_O))
+            if result is not None:
+                return result.sum(2) + self.b_O
+        return torch.einsum("bphe,hed->bpd", z, self.W_O) + self.b_O
 
 
 class MLP(nn.Module):
@@ -100,15 +156,15 @@ class MLP(nn.Module):
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
         self.act = ACTIVATIONS[cfg.act_fn]
-        self.hook_post = HookPoint()
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
-        neurons = self.hook_post(self.act(x @ self.W_in + self.b_in))  # [batch pos d_mlp]
-        return neurons @ self.W_out + self.b_out
+        pre = self.hook_pre(x @ self.W_in + self.b_in)  # [batch pos d_mlp]
+        return self.hook_post(self.act(pre)) @ self.W_out + self.b_out
 
 
 def _norm(cfg: ToyConfig) -> nn.Module:
-    return nn.LayerNorm(cfg.d_model) if cfg.layer_norm else nn.Identity()
+    return HookedLayerNorm(cfg.d_model) if cfg.layer_norm else nn.Identity()
 
 
 class Block(nn.Module):
@@ -150,10 +206,11 @@ class ToyTransformer(nn.Module, HookedModel):
         self.hook_ln_final_out = HookPoint()  # ln_final.hook_out (hook points hold no weights: files are unchanged)
         self.info = ModelInfo(
             spec=spec, arch="toy", n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
-            d_head=cfg.d_head, d_mlp=cfg.d_mlp, n_ctx=cfg.n_ctx, d_vocab=cfg.d_vocab,
+            n_kv_heads=cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp, n_ctx=cfg.n_ctx, d_vocab=cfg.d_vocab,
         )
         self._hook_names = hook_names_for(
-            cfg.n_layers, has_pos_embed=True, has_mlp=cfg.d_mlp is not None, has_resid_mid=cfg.d_mlp is not None
+            cfg.n_layers, has_pos_embed=True, has_mlp=cfg.d_mlp is not None, has_resid_mid=cfg.d_mlp is not None,
+            has_rotary=False, has_norm=cfg.layer_norm,
         )
         self.reset_parameters()
 
@@ -194,8 +251,12 @@ class ToyTransformer(nn.Module, HookedModel):
 
     def _final_norm(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         """ln_final in two steps, so that `ln_final.hook_normalized` is TransformerLens's (before the weight)."""
-        normalize, weigh = split_norm(self.ln_final)
-        return self.hook_ln_final_out(weigh(self.hook_normalized(normalize(resid))))
+        norm = self.ln_final
+        normalized = norm.normalize(resid) if isinstance(norm, HookedLayerNorm) else resid
+        return self.hook_ln_final_out(split_norm(norm)[1](self.hook_normalized(normalized)))
+
+    def _final_norm_module(self) -> nn.Module:
+        return self.ln_final
 
     def _weigh_normalized(
         self, normalized: Float[torch.Tensor, "batch pos d_model"]
@@ -208,9 +269,9 @@ class ToyTransformer(nn.Module, HookedModel):
         return normalized @ self.W_U + self.b_U
 
     def _attach(self, name: str, fn: ActFn) -> list[Handle]:
-        module_path = {"hook_embed": "hook_embed", "hook_pos_embed": "hook_pos_embed",
-                       "ln_final.hook_normalized": "hook_normalized",
-                       "ln_final.hook_out": "hook_ln_final_out"}.get(name, name)
+        # Every other hook name is the path of its HookPoint (blocks.0.attn.hook_z, ln_final.hook_scale, ...).
+        module_path = {"ln_final.hook_normalized": "hook_normalized", "ln_final.hook_out": "hook_ln_final_out"}.get(
+            name, name)
         return [hook_module_output(self.get_submodule(module_path), name, fn)]
 
     # ---- files ---------------------------------------------------------------------------------------------
