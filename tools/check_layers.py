@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"models", "data"},
     {"activations"},
     {"sae"},
-    {"synth", "evals", "probes", "weights", "lens", "beliefs", "toy", "circuits"},
+    {"synth", "evals", "probes", "weights", "lens", "beliefs", "toy", "circuits", "graphs"},
     {"dashboard", "report"},
     {"demo", "cli", "__main__"},
 ]

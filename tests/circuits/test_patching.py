@@ -85,3 +85,22 @@ def test_patching_refuses_prompts_of_different_lengths(toy, pairs):
     metric = _metric(toy, pairs, "logit-diff")
     with pytest.raises(InterplabError, match="same shape"):
         activation_patch(toy, Runs(pairs[0], pairs[1][:, :-1]), sweep_grids(toy.info, "resid", POS), metric)
+
+
+@pytest.mark.parametrize("max_rows", [4, 256])
+def test_stacked_head_patches_on_hf_models_equal_the_naive_loop(tiny_hf_dir, max_rows):
+    """Variants stacked along the batch (masks and rotary tables repeated with them) give what one full forward pass
+    per patch gives; max_rows 4 forces groups of 2 variants (and a shorter last group) for 2-pair chunks."""
+    from interplab.models import load_model
+
+    model = load_model(str(tiny_hf_dir), device="cpu")
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, model.info.d_vocab, (3, 6), generator=g)
+    corrupted = torch.randint(0, model.info.d_vocab, (3, 6), generator=g)
+    with torch.no_grad():
+        metric = make_metric("kl", MetricTargets(clean[:, 0], clean[:, 1], model.forward(clean)[:, -1]))
+    runs = direction_runs("denoise", clean, corrupted)
+    grids = sweep_grids(model.info, "heads", 6)
+    got = activation_patch(model, runs, grids, metric, batch_size=2, max_rows=max_rows)["head_out"].reshape(3, -1)
+    for cell, node in enumerate(grids[0].nodes):
+        torch.testing.assert_close(got[:, cell], _naive(model, runs, node, metric), atol=1e-5, rtol=1e-4)

@@ -23,7 +23,8 @@ from interplab.config import add_dataclass_args, dataclass_from_args
 from interplab.dashboard.configs import DashboardConfig, NeuronpediaConfig, ServeConfig
 from interplab.demo_config import DemoConfig
 from interplab.errors import InterplabError
-from interplab.evals.configs import EvalConfig, PerturbConfig
+from interplab.evals.configs import EvalConfig, PerturbConfig, TranscoderEvalConfig
+from interplab.graphs.configs import GraphConfig
 from interplab.lens.configs import LensConfig
 from interplab.models.configs import HooksConfig
 from interplab.probes.configs import ProbeConfig, RefusalConfig
@@ -44,6 +45,9 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "inspect": (InspectConfig, "inspect", "describe an activation store and verify its checksums"),
     "sae train": (TrainConfig, "sae_train", "train sparse autoencoders (a sweep in one pass) on a store or a model"),
     "sae eval": (EvalConfig, "sae_eval", "evaluate an SAE spliced into its model, beside its controls"),
+    "transcoder eval": (TranscoderEvalConfig, "transcoder_eval",
+                        "evaluate transcoders spliced in place of their MLPs, one layer at a time and all at once "
+                        "(with and without error terms), beside ε-random and zero-ablation controls"),
     "perturb": (PerturbConfig, "perturb",
                 "activation plateaus: KL and later-layer change along paths from real activations toward targets"),
     "synth bench": (SynthBenchConfig, "synth_bench", "train every SAE architecture on planted-feature generators "
@@ -87,6 +91,10 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
               "heads, q/k/v, paths), each effect beside its null control and SEM"),
     "dla": (DLAConfig, "dla", "direct logit attribution: the answer − wrong logit difference split into embedding, "
             "heads, MLPs and biases through the frozen final norm, beside a random-direction control"),
+    "graph": (GraphConfig, "graph",
+              "an attribution graph of a prompt through per-layer transcoders (frozen attention and norms, error "
+              "nodes), pruned by influence, scored beside a random-dictionary control; a viewer page and a "
+              "Neuronpedia export"),
     "heads": (HeadsConfig, "heads", "head detectors (previous-token, duplicate-token, induction, copying) for every "
               "head, beside shuffled-position and random-weights controls"),
     "lens": (LensConfig, "lens",
@@ -113,6 +121,8 @@ GROUPS: dict[str, str] = {
     "beliefs": "belief-state geometry (Shai et al. 2024): transformers trained on hidden Markov processes, and "
                "affine maps from their residual streams onto the Bayesian belief states",
     "sae": "sparse autoencoders: train dictionaries on activations, evaluate them with controls",
+    "transcoder": "transcoders (train them with `interplab sae train --hook blocks.L.mlp.hook_in --target "
+                  "blocks.L.hook_mlp_out`): evaluation with controls",
     "report": "pages from saved results: run reports and their index, Pareto plots",
     "dashboard": "feature dashboards: a static site per SAE (no server needed), served locally, exported to "
                  "Neuronpedia",

@@ -21,21 +21,26 @@ from interplab.beliefs import regress as beliefs_regress_module
 from interplab.beliefs import train as beliefs_train_module
 from interplab.beliefs.configs import BeliefRegressConfig
 from interplab.circuits import run_dla, run_heads, run_patch
-from interplab.dashboard import neuronpedia, serve, site
+from interplab.dashboard import graph_export, graph_page, neuronpedia, serve, site
 from interplab.dashboard.configs import DashboardConfig, ServeConfig
 from interplab.distributed import ranks
 from interplab.distributed import shutdown as shutdown_distributed
 from interplab.errors import InterplabError
 from interplab.evals import perturb as perturb_module
 from interplab.evals import sae_eval as sae_eval_module
+from interplab.evals import transcoder_eval as transcoder_eval_module
 from interplab.evals.configs import EvalConfig, PerturbConfig
 from interplab.evals.figures import pareto_from_metrics
+from interplab.graphs.run_graph import format_summary as graph_summary
+from interplab.graphs.run_graph import run_graph
+from interplab.graphs.configs import GraphConfig
 from interplab.lens import run as lens_run
 from interplab.models.configs import HooksConfig
 from interplab.models.load import load_model
 from interplab.probes import probe_run, refusal as refusal_module
 from interplab.report import run_reports
 from interplab.report.configs import ParetoConfig
+from interplab.runs import read_json_object
 from interplab.sae.per_hook import hook_run_config, train_hooks
 from interplab.sae.train_config import TrainConfig
 from interplab.sae.trainer import TrainResult, train
@@ -188,6 +193,22 @@ weights_outliers = summarised(outliers_module.run_outliers, outliers_module.form
 patch = summarised(run_patch.run_patch, run_patch.format_summary,
                    "numbers: {OUT}/metrics.json, report: {OUT}/report.md, figures: {OUT}/figures/")
 dla = summarised(run_dla.run_dla, run_dla.format_summary, "numbers: {OUT}/metrics.json, report: {OUT}/report.md")
+transcoder_eval = summarised(transcoder_eval_module.run_transcoder_eval, transcoder_eval_module.format_summary,
+                             "numbers: {OUT}/metrics.json, report: {OUT}/report.md")
+
+
+def graph(cfg: GraphConfig) -> None:
+    """The graph's run folder, then its viewer page (OUT/page/index.html) and Neuronpedia file beside it."""
+    result = run_graph(cfg)
+    out = cfg.out.rstrip("/")
+    graph_json = read_json_object(f"{out}/graph.json")
+    page = graph_page.write_graph_page(graph_json, f"{out}/page")
+    graph_export.export_neuronpedia_graph(graph_json, f"{out}/neuronpedia-graph.json")
+    print(graph_summary(result))
+    print(f"numbers: {out}/metrics.json, graph: {out}/graph.json, report: {out}/report.md, viewer: {page}, "
+          f"Neuronpedia: {out}/neuronpedia-graph.json")
+
+
 heads = summarised(run_heads.run_heads, run_heads.format_summary,
                    "numbers: {OUT}/metrics.json, report: {OUT}/report.md, figures: {OUT}/figures/")
 lens = summarised(lens_run.run_lens, lens_run.format_summary, "numbers: {OUT}/metrics.json, figures: {OUT}/figures/")

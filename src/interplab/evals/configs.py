@@ -1,4 +1,5 @@
-"""The configs of `interplab sae eval` and `interplab perturb` (standard library only, so `--help` stays fast).
+"""The configs of `interplab sae eval`, `interplab transcoder eval` and `interplab perturb` (standard library only,
+so `--help` stays fast).
 
 Their `validate()` methods hold the checks that need no model; the model-dependent ones (hook names, widths,
 context length) run in `sae_eval` and `perturb` once the model is loaded, still before the first forward pass.
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from interplab.config import ModelFields, TextFields
 from interplab.errors import InterplabError
 
-__all__ = ["SCALE_PER", "TARGET_KINDS", "EvalConfig", "PerturbConfig"]
+__all__ = ["SCALE_PER", "TARGET_KINDS", "EvalConfig", "PerturbConfig", "TranscoderEvalConfig"]
 
 SCALE_PER = ("latent", "output")
 """What one learned decoder scale multiplies (see `scale_tune`): each latent's code, or each output dimension."""
@@ -134,3 +135,41 @@ class PerturbConfig(TextFields, ModelFields):
         for ok, message in checks:
             if not ok:
                 raise InterplabError(message)
+
+
+@dataclass
+class TranscoderEvalConfig(TextFields, ModelFields):
+    """Evaluate transcoders spliced in place of their MLPs, one at a time and all at once, beside ε-random controls."""
+
+    model: str | None = None
+    """Model spec (default: the model recorded by the transcoders)."""
+    split: str = "test"
+    """Corpus split: test (held out, the default), train or all."""
+    batch_size: int = 8
+    transcoders: str = ""
+    """Folder of one transcoder, or of a set (one transcoder per layer). Required."""
+    tokens: int = 16_384
+    """Tokens to evaluate on (rounded down to whole contexts)."""
+    layers: list[int] = field(default_factory=list)
+    """Layers whose transcoder is spliced alone (default: every layer the transcoders cover)."""
+    full_replacement: bool = True
+    """Also replace every covered layer's MLP at once (with and without error terms, beside ε-random at each)."""
+    out: str = "transcoder_eval"
+    """Output folder (run folder): config.json, metrics.json, report.md."""
+
+    def validate(self) -> None:
+        """Refuse settings that are wrong whatever the model (an `InterplabError` naming the option)."""
+        if not self.transcoders:
+            raise InterplabError("--transcoders is required: a transcoder folder or a folder of one per layer")
+        if self.ctx_len < 3:
+            raise InterplabError(f"--ctx-len {self.ctx_len} is too short: need >= 3 (BOS plus two predicted tokens)")
+        if self.tokens < self.ctx_len:
+            raise InterplabError(f"--tokens {self.tokens} is less than one context (--ctx-len {self.ctx_len})")
+        if self.batch_size < 1:
+            raise InterplabError(f"--batch-size must be >= 1, got {self.batch_size}")
+        bad = [v for v in self.layers if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        if bad or len(set(self.layers)) != len(self.layers):
+            raise InterplabError(f"--layers must be distinct integers >= 0, got {self.layers}")
+        if not self.out:
+            raise InterplabError("--out is required: the folder to write the evaluation to")
+        _check_text(self.split, self.test_fraction)

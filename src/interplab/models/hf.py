@@ -193,6 +193,8 @@ class HFHookedModel(HookedModel):
             return [hook_module_output(block.get_submodule(self.arch.mlp), name, fn)]
         if point == "mlp.hook_post":
             return [hook_module_input(block.get_submodule(self.arch.mlp_out_proj), name, fn)]
+        if point == "mlp.hook_in":  # what the MLP reads: ln2's output (a transcoder's input)
+            return [hook_module_input(block.get_submodule(self.arch.mlp), name, fn)]
         if point == "hook_resid_mid":
             return self._attach_resid_mid(block, name, fn)
         raise AssertionError(f"no site for {name}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -259,22 +259,30 @@ class HookedModel(ABC):
         Splicing k variants of the activation at `hook` then costs one prefix plus k suffixes, instead of k
         full forward passes.
         """
-        self.check_hook_names([hook])
+        return self.run_prefixes(tokens, [hook])[hook]
+
+    @torch.no_grad()
+    def run_prefixes(self, tokens: Int[torch.Tensor, "batch pos"], hooks: Sequence[str]) -> dict[str, Prefix]:
+        """`run_prefix` for several hooks from one forward pass (stopped after the last of them)."""
+        self.check_hook_names(list(hooks))
         tokens = self.check_tokens(tokens)
-        parsed = parse_block_hook(hook)
-        layer = parsed[0] if parsed else None
-        captured: dict[str, Any] = {}
+        layers = {h: (parsed[0] if (parsed := parse_block_hook(h)) else None) for h in hooks}
+        captured: dict[int, tuple[tuple, dict[str, Any]]] = {}
 
-        def keep_block_inputs(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["args"], captured["kwargs"] = args, dict(kwargs)
+        def keeper(layer: int) -> Callable[..., None]:
+            def keep_block_inputs(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                captured[layer] = (args, dict(kwargs))
+            return keep_block_inputs
 
-        handle = self.blocks[layer].register_forward_pre_hook(keep_block_inputs, with_kwargs=True) if parsed else None
+        handles = [self.blocks[l].register_forward_pre_hook(keeper(l), with_kwargs=True)
+                   for l in sorted({l for l in layers.values() if l is not None})]
         try:
-            act = self.run_with_cache(tokens, [hook]).cache[hook]
+            cache = self.run_with_cache(tokens, list(hooks)).cache
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
-        return Prefix(hook, act, layer, captured.get("args", ()), captured.get("kwargs", {}), tokens)
+        return {h: Prefix(h, cache[h], l, *(captured[l] if l is not None else ((), {})), tokens)
+                for h, l in layers.items()}
 
     def run_suffix(
         self, prefix: Prefix, replacement: torch.Tensor, *, last_only: bool = False

@@ -57,6 +57,7 @@ BLOCK_HOOKS = (
     "hook_attn_out",
     "hook_resid_mid",
     "ln2.hook_scale",
+    "mlp.hook_in",
     "mlp.hook_pre",
     "mlp.hook_post",
     "hook_mlp_out",
@@ -78,7 +79,7 @@ def hook_names_for(
     names = ["hook_embed"] + (["hook_pos_embed"] if has_pos_embed else [])
     skip = set()
     if not has_mlp:
-        skip |= {"ln2.hook_scale", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out"}
+        skip |= {"ln2.hook_scale", "mlp.hook_in", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out"}
     if not has_resid_mid:
         skip.add("hook_resid_mid")
     if not has_rotary:

@@ -141,6 +141,8 @@ def _relative_path(arch: HFArch, arch_name: str, hook: str, *, write: bool, eage
     block = f"{arch.blocks}[{layer}]"
     if point == "mlp.hook_pre":
         return f"{block}.{arch.mlp_in}.output"
+    if point == "mlp.hook_in":
+        return f"{block}.{arch.mlp}.input"
     if (source := _source_of_derived(arch, block, point)) is not None:
         raise InterplabError(f"{hook} has no nnsight path (no module's input or output is it as it is): it is "
                              f"{source}")

@@ -156,9 +156,10 @@ class MLP(nn.Module):
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
         self.act = ACTIVATIONS[cfg.act_fn]
-        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+        self.hook_in, self.hook_pre, self.hook_post = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        x = self.hook_in(x)  # what the MLP reads (ln2's output): a transcoder's input
         pre = self.hook_pre(x @ self.W_in + self.b_in)  # [batch pos d_mlp]
         return self.hook_post(self.act(pre)) @ self.W_out + self.b_out
 

@@ -8,6 +8,8 @@
 
     from interplab.sae import TrainConfig, train      # the trainer: sweeps, checkpoints, exact resume
     train(TrainConfig(store="acts", arch="topk", k=[16, 32], expansion=[16], out="saes"))
+    train(TrainConfig(store="acts", hook="blocks.6.mlp.hook_in", target="blocks.6.hook_mlp_out", out="tcs"))
+    tc = load_transcoder("tcs/topk-k32-x16")           # a Transcoder (SAELens or sparsify transcoder layout)
 
 Every architecture shares `SparseAutoencoder` (base.py); top-k style training uses the sparse kernels of kernels.py.
 Under torchrun the trainer is data-parallel (data_parallel.py), or latent-sharded with --shard-latents
@@ -31,5 +33,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "topk": ["TopKSAE"],
         "train_config": ["TrainConfig"],
         "trainer": ["TrainResult", "train"],
+        "transcoder": ["Transcoder", "TranscoderSet"],
+        "transcoder_files": ["load_transcoder", "load_transcoder_set", "save_transcoder_set"],
     },
 )

@@ -98,11 +98,15 @@ class SparseAutoencoder(nn.Module):
         self,
         x: Float[Tensor, "batch d_in"],
         *,
+        target: Float[Tensor, "batch d_in"] | None = None,
         sparsity_coefficient: float | None = None,
         dead_mask: Bool[Tensor, " d_sae"] | None = None,
     ) -> TrainOutput:
-        """Reconstruction and loss of one training batch.
+        """Reconstruction and loss of one training batch: encode x, decode, compare with `target` (default x).
 
+        A transcoder is trained with target = the MLP's output for input x = the MLP's input: the MSE and the
+        AuxK residual are taken against the target (`recon` predicts it), everything else reads x. A target that
+        requires grad (a skip transcoder's y − x W_skip) receives its gradient ∂loss/∂target.
         `sparsity_coefficient` overrides cfg.l1_coefficient / cfg.l0_coefficient (the trainer warms it up);
         `dead_mask` marks the latents the AuxK loss may use.
         """

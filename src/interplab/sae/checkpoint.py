@@ -33,6 +33,7 @@ from interplab.errors import InterplabError
 from interplab.fileio import join, open_url, write_url_atomic
 from interplab.runs import TMP_RE, JSONDict, JSONValue, check_identity, folder_entries, read_json_object, write_json
 from interplab.sae.base import SparseAutoencoder
+from interplab.sae.transcoder import Transcoder
 
 CHECKPOINT = "checkpoint.pt"
 RUN_CONFIG = "train_config.json"
@@ -125,9 +126,9 @@ def delete_checkpoint(out: str) -> None:
 # ---- final outputs ---------------------------------------------------------------------------------------------
 
 
-def save_sae_folder(out: str, name: str, sae: SparseAutoencoder, *, metadata: Mapping[str, JSONValue],
+def save_sae_folder(out: str, name: str, sae: SparseAutoencoder | Transcoder, *, metadata: Mapping[str, JSONValue],
                     files: Mapping[str, Mapping[str, JSONValue]]) -> str:
-    """Save `sae` (SAELens layout) plus the JSON `files` as OUT/<name>, replacing any earlier copy; return its URL.
+    """Save `sae` (SAELens layout; a transcoder in its layout, transcoder.py) plus the JSON `files` as OUT/<name>, replacing any earlier copy; return its URL.
 
     The folder is written whole under a temporary name, then moved into place.
     """

@@ -65,21 +65,25 @@ JUMPRELU_CHUNK = 512
 
 
 def _reference(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, log_threshold: Tensor,
-               l0_coef: float, bandwidth: float, subtract_b_dec: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, recon, mse, sparsity) with plain autograd and the STE function: the definition, and the fallback."""
+               l0_coef: float, bandwidth: float, subtract_b_dec: bool, target: Tensor | None = None,
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, recon, mse, sparsity) of reconstructing `target` (default x) from x, with plain autograd and the STE
+    function: the definition, and the fallback."""
+    target = x if target is None else target
     pre = (x - b_dec if subtract_b_dec else x) @ W_enc + b_enc                # [batch d_sae]
     f, l0_per_token = _JumpReLUWithL0.apply(pre, log_threshold.exp(), bandwidth)
     recon = f @ W_dec + b_dec
-    mse = (recon - x).pow(2).sum(-1).mean()
+    mse = (recon - target).pow(2).sum(-1).mean()
     sparsity = l0_coef * l0_per_token.mean()
     return mse + sparsity, recon, mse, sparsity
 
 
 class _JumpReLULoss(torch.autograd.Function):
-    """(loss, recon, mse, sparsity, l0, fired) of a batch; parameter gradients accumulated block by block."""
+    """(loss, recon, mse, sparsity, l0, fired) of a batch reconstructing `target` (x for an SAE) from x; parameter
+    gradients accumulated block by block."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+    def forward(ctx: FunctionCtx, x: Tensor, target: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
                 log_threshold: Tensor, l0_coef: float, bandwidth: float, subtract_b_dec: bool, want_grads: bool,
                 ) -> tuple[Tensor, ...]:
         batch, d_sae = x.shape[0], W_enc.shape[1]
@@ -104,7 +108,7 @@ class _JumpReLULoss(torch.autograd.Function):
             f.mul_(gate)                                                        # f = pre · H(pre − θ)
             active_per_latent += gate.sum(0)
             r = torch.addmm(b_dec, f, W_dec, out=recon[start:end])             # matmul 2 [block d_in]
-            diff = r - x[start:end]
+            diff = r - target[start:end]
             sq_err += diff.pow(2).sum()
             if want_grads:
                 gr = diff.mul_(2.0 / batch)                                     # ∂mse/∂x̂
@@ -126,7 +130,7 @@ class _JumpReLULoss(torch.autograd.Function):
             if subtract_b_dec:
                 g_b_dec -= W_enc @ g_b_enc
             saved = (g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_log_threshold)
-        ctx.save_for_backward(x, W_enc, b_enc, W_dec, b_dec, log_threshold, *saved)
+        ctx.save_for_backward(x, target, W_enc, b_enc, W_dec, b_dec, log_threshold, recon, *saved)
         ctx.args = (l0_coef, bandwidth, subtract_b_dec)
         ctx.want_grads = want_grads
         fired = active_per_latent > 0
@@ -140,16 +144,18 @@ class _JumpReLULoss(torch.autograd.Function):
         no_extra = [None] * 4
         if ctx.want_grads and not ctx.needs_input_grad[0] and not g_mse.any() and not g_sparsity.any() \
                 and not g_recon.any():
-            return (None, *(g_loss * g for g in saved[6:]), *no_extra)
+            target, recon = saved[1], saved[7]  # ∂loss/∂target = (2/B)(target − recon)
+            g_target = g_loss * (2.0 / len(target)) * (target - recon) if ctx.needs_input_grad[1] else None
+            return (None, g_target, *(g_loss * g for g in saved[8:]), *no_extra)
         with torch.enable_grad():  # anything else than d(loss): autograd on the definition
-            inputs = [t.detach().requires_grad_(need) for t, need in zip(saved[:6], ctx.needs_input_grad)]
-            outputs = _reference(*inputs, *ctx.args)
+            inputs = [t.detach().requires_grad_(need) for t, need in zip(saved[:7], ctx.needs_input_grad)]
+            outputs = _reference(inputs[0], *inputs[2:], *ctx.args, target=inputs[1])
             wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
             grads = iter(torch.autograd.grad(outputs, wanted, (g_loss, g_recon, g_mse, g_sparsity),
                                              allow_unused=True))
-        out = [next(grads) if need else None for need in ctx.needs_input_grad[:6]]
+        out = [next(grads) if need else None for need in ctx.needs_input_grad[:7]]
         return (*[torch.zeros_like(t) if g is None and need else g
-                  for g, t, need in zip(out, saved[:6], ctx.needs_input_grad)], *no_extra)
+                  for g, t, need in zip(out, saved[:7], ctx.needs_input_grad)], *no_extra)
 
 
 class JumpReLUSAE(SparseAutoencoder):
@@ -198,6 +204,7 @@ class JumpReLUSAE(SparseAutoencoder):
         self,
         x: Float[Tensor, "batch d_in"],
         *,
+        target: Float[Tensor, "batch d_in"] | None = None,
         sparsity_coefficient: float | None = None,
         dead_mask: Bool[Tensor, " d_sae"] | None = None,
     ) -> TrainOutput:
@@ -206,6 +213,6 @@ class JumpReLUSAE(SparseAutoencoder):
         params = (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.log_threshold)
         want_grads = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         loss, recon, mse, sparsity, l0, fired = _JumpReLULoss.apply(
-            x, *params, l0_coef, self.cfg.jumprelu_bandwidth, self.cfg.subtract_b_dec, want_grads)
+            x, x if target is None else target, *params, l0_coef, self.cfg.jumprelu_bandwidth, self.cfg.subtract_b_dec, want_grads)
         return TrainOutput(recon=recon, loss=loss, mse=mse, sparsity_loss=sparsity,
                            aux_loss=torch.zeros((), device=x.device, dtype=x.dtype), l0=l0, fired=fired)

@@ -18,3 +18,11 @@ inference)."""
 FROM_SAELENS_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk",
                      "matryoshka_batchtopk": "matryoshka"}
 """A SAELens architecture -> ours, for folders SAELens wrote."""
+
+SAELENS_TRANSCODER_ARCH = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
+                           ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+"""(Our inference architecture, has W_skip) -> SAELens's transcoder architecture (batchtopk and matryoshka transcoders
+are saved as the JumpReLU they are at inference; SAELens has no TopK transcoder: those go to the sparsify layout)."""
+FROM_SAELENS_TRANSCODER_ARCH = {"transcoder": "standard", "skip_transcoder": "standard",
+                                "jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu"}
+"""A SAELens transcoder architecture -> the SAELens SAE architecture its encoder and decoder compute."""

@@ -49,15 +49,17 @@ class MatryoshkaSAE(BatchTopKSAE):
         self,
         x: Float[Tensor, "batch d_in"],
         *,
+        target: Float[Tensor, "batch d_in"] | None = None,
         sparsity_coefficient: float | None = None,
         dead_mask: Bool[Tensor, " d_sae"] | None = None,
     ) -> TrainOutput:
-        """Σ over prefixes of the MSE, plus AuxK; `sparsity_coefficient` is ignored (k fixes the sparsity)."""
+        """Σ over prefixes of the MSE against `target` (default x), plus AuxK; `sparsity_coefficient` is ignored."""
+        y = x if target is None else target
         x_in, sel, f = self._sparse_encode(x, dead_mask)
         recons = self.nested_recons(f, sel.codes)                               # [level batch d_in]
-        level_mse = (recons - x).pow(2).sum(-1).mean(-1)                        # [level]
+        level_mse = (recons - y).pow(2).sum(-1).mean(-1)                        # [level]
         recon, mse = recons[-1], level_mse[-1]
-        aux = self._aux_loss(x, x_in, recon, sel)
+        aux = self._aux_loss(x, x_in, recon, sel, y)
         l0, fired = self._stats(f, sel.codes)
         zero = torch.zeros((), device=x.device, dtype=x.dtype)
         return TrainOutput(recon=recon, loss=level_mse.sum() + aux, mse=mse, sparsity_loss=zero, aux_loss=aux,

@@ -32,21 +32,26 @@ RELU_CHUNK = 1024
 
 
 def _reference(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, l1: float,
-               subtract_b_dec: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, recon, mse, l1_term) with plain autograd: the definition, and the fallback backward."""
+               subtract_b_dec: bool, target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, recon, mse, l1_term) of reconstructing `target` (default x) from x, with plain autograd: the
+    definition, and the fallback backward."""
+    target = x if target is None else target
     f = torch.relu((x - b_dec if subtract_b_dec else x) @ W_enc + b_enc)     # [batch d_sae]
     recon = f @ W_dec + b_dec                                                 # [batch d_in]
-    mse = (recon - x).pow(2).sum(-1).mean()
+    mse = (recon - target).pow(2).sum(-1).mean()
     l1_term = l1 * (f.sum(0) @ W_dec.norm(dim=1)) / x.shape[0]
     return mse + l1_term, recon, mse, l1_term
 
 
 class _ReLUSAELoss(torch.autograd.Function):
-    """(loss, recon, mse, l1_term, l0_count, f_colsum) of a batch; parameter gradients accumulated block by block."""
+    """(loss, recon, mse, l1_term, l0_count, f_colsum) of a batch reconstructing `target` (x for an SAE) from x;
+    parameter gradients accumulated block by block."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, l1: float,
-                subtract_b_dec: bool, want_grads: bool) -> tuple[Tensor, ...]:
+                subtract_b_dec: bool, want_grads: bool, target: Tensor | None = None) -> tuple[Tensor, ...]:
+        ctx.has_target = target is not None
+        target = x if target is None else target
         batch, d_sae = x.shape[0], W_enc.shape[1]
         x_in = x - b_dec if subtract_b_dec else x                               # [batch d_in]
         norms = W_dec.norm(dim=1).clamp_min(1e-12)                              # [d_sae]
@@ -64,7 +69,7 @@ class _ReLUSAELoss(torch.autograd.Function):
             xb = x_in[start:end]                                                # [block d_in]
             f = torch.addmm(b_enc, xb, W_enc, out=f_block[: end - start]).relu_()        # matmul 1 [block d_sae]
             r = torch.addmm(b_dec, f, W_dec, out=recon[start:end])                      # matmul 2 [block d_in]
-            diff = r - x[start:end]
+            diff = r - target[start:end]
             sq_err += diff.pow(2).sum()
             f_colsum += f.sum(0)
             l0_count += f.sign().sum()                                          # f >= 0; ~20x faster than (f > 0)
@@ -83,7 +88,8 @@ class _ReLUSAELoss(torch.autograd.Function):
             if subtract_b_dec:
                 g_b_dec -= W_enc @ g_b_enc
         grads = (g_W_enc, g_b_enc, g_W_dec, g_b_dec) if want_grads else ()
-        ctx.save_for_backward(x, W_enc, b_enc, W_dec, b_dec, *grads)  # inputs too: in-place changes are detected
+        # inputs too (in-place changes are detected); recon for ∂loss/∂target = (2/B)(target − recon)
+        ctx.save_for_backward(x, W_enc, b_enc, W_dec, b_dec, target, recon, *grads)
         ctx.l1, ctx.subtract_b_dec, ctx.want_grads = l1, subtract_b_dec, want_grads
         l0_count = l0_count.to(x.dtype)
         ctx.mark_non_differentiable(l0_count, f_colsum)
@@ -92,19 +98,22 @@ class _ReLUSAELoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: FunctionCtx, g_loss: Tensor, g_recon: Tensor, g_mse: Tensor, g_l1: Tensor, *_: Tensor,
                  ) -> tuple[Tensor | None, ...]:
-        saved = ctx.saved_tensors
-        if ctx.want_grads and not ctx.needs_input_grad[0] and not g_mse.any() and not g_l1.any() \
-                and not g_recon.any():
-            return (None, *(g_loss * g for g in saved[5:]), None, None, None)
+        saved, given = ctx.saved_tensors, len(ctx.needs_input_grad)  # given: 9 with a target argument, else 8
+        need = [*ctx.needs_input_grad[:5], ctx.has_target and ctx.needs_input_grad[8]]  # x, params, target
+        if ctx.want_grads and not need[0] and not g_mse.any() and not g_l1.any() and not g_recon.any():
+            target, recon = saved[5], saved[6]
+            g_target = g_loss * (2.0 / len(target)) * (target - recon) if need[5] else None
+            return (None, *(g_loss * g for g in saved[7:]), None, None, None, g_target)[:given]
         # anything else than d(loss): autograd on the definition (slower, rarely needed)
         with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need) for t, need in zip(saved[:5], ctx.needs_input_grad)]
-            outputs = _reference(*inputs, ctx.l1, ctx.subtract_b_dec)
-            wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+            inputs = [t.detach().requires_grad_(n) for t, n in zip(saved[:6], need)]
+            outputs = _reference(*inputs[:5], ctx.l1, ctx.subtract_b_dec,
+                                 target=inputs[5] if ctx.has_target else inputs[0])
+            wanted = [t for t, n in zip(inputs, need) if n]
             grads = iter(torch.autograd.grad(outputs, wanted, (g_loss, g_recon, g_mse, g_l1), allow_unused=True))
-        out = [next(grads) if need else None for need in ctx.needs_input_grad[:5]]
-        return (*[torch.zeros_like(t) if g is None and need else g
-                  for g, t, need in zip(out, saved[:5], ctx.needs_input_grad)], None, None, None)
+        out = [next(grads) if n else None for n in need]
+        out = [torch.zeros_like(t) if g is None and n else g for g, t, n in zip(out, saved[:6], need)]
+        return (*out[:5], None, None, None, out[5])[:given]
 
 
 class ReLUSAE(SparseAutoencoder):
@@ -120,6 +129,7 @@ class ReLUSAE(SparseAutoencoder):
         self,
         x: Float[Tensor, "batch d_in"],
         *,
+        target: Float[Tensor, "batch d_in"] | None = None,
         sparsity_coefficient: float | None = None,
         dead_mask: Bool[Tensor, " d_sae"] | None = None,
     ) -> TrainOutput:
@@ -127,7 +137,7 @@ class ReLUSAE(SparseAutoencoder):
         params = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
         want_grads = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         loss, recon, mse, l1_term, l0_count, f_colsum = _ReLUSAELoss.apply(
-            x, *params, l1, self.cfg.subtract_b_dec, want_grads)
+            x, *params, l1, self.cfg.subtract_b_dec, want_grads, target)
         return TrainOutput(
             recon=recon, loss=loss, mse=mse, sparsity_loss=l1_term, aux_loss=torch.zeros((), device=x.device),
             l0=l0_count / x.shape[0], fired=f_colsum > 0,

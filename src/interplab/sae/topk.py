@@ -63,8 +63,10 @@ class TopKSAE(SparseAutoencoder):
         """Hook for running statistics of the kept activations (BatchTopK's threshold)."""
 
     def _aux_loss(self, x: Float[Tensor, "batch d_in"], x_in: Float[Tensor, "batch d_in"],
-                  recon: Float[Tensor, "batch d_in"], sel: Selection) -> Float[Tensor, ""]:
-        """α · mean_b ‖e_b − ê_b‖², e = x − x̂ detached, ê from the top-aux_k dead pre-activations (0 if none dead)."""
+                  recon: Float[Tensor, "batch d_in"], sel: Selection, target: Float[Tensor, "batch d_in"],
+                  ) -> Float[Tensor, ""]:
+        """α · mean_b ‖e_b − ê_b‖², e = target − x̂ detached (target = x for an SAE), ê from the top-aux_k dead
+        pre-activations of the input x (0 if none dead)."""
         if sel.aux is None:
             return torch.zeros((), device=x.device, dtype=x.dtype)
         b_dec = self.b_dec if self.cfg.subtract_b_dec else None
@@ -76,7 +78,7 @@ class TopKSAE(SparseAutoencoder):
             codes, pre_vals = sel.aux
             z = sparse_encode(x, self.W_enc, self.b_enc, codes, b_dec=b_dec, values=pre_vals, x_in=x_in)  # [nnz]
             e_hat = sparse_decode(z, self.W_dec, codes)                      # [batch d_in], no bias
-        e = (x - recon).detach()                                             # [batch d_in]
+        e = (target - recon).detach()                                        # [batch d_in]
         return self.cfg.aux_coefficient * self._mse(e_hat, e)
 
     @staticmethod
@@ -91,14 +93,16 @@ class TopKSAE(SparseAutoencoder):
         self,
         x: Float[Tensor, "batch d_in"],
         *,
+        target: Float[Tensor, "batch d_in"] | None = None,
         sparsity_coefficient: float | None = None,
         dead_mask: Bool[Tensor, " d_sae"] | None = None,
     ) -> TrainOutput:
-        """MSE + AuxK; `sparsity_coefficient` is ignored (k fixes the sparsity)."""
+        """MSE against `target` (default x) + AuxK; `sparsity_coefficient` is ignored (k fixes the sparsity)."""
+        y = x if target is None else target
         x_in, sel, f = self._sparse_encode(x, dead_mask)
         recon = sparse_decode(f, self.W_dec, sel.codes) + self.b_dec     # [batch d_in]
-        mse = self._mse(recon, x)
-        aux = self._aux_loss(x, x_in, recon, sel)
+        mse = self._mse(recon, y)
+        aux = self._aux_loss(x, x_in, recon, sel, y)
         l0, fired = self._stats(f, sel.codes)
         zero = torch.zeros((), device=x.device, dtype=x.dtype)
         return TrainOutput(recon=recon, loss=mse + aux, mse=mse, sparsity_loss=zero, aux_loss=aux, l0=l0,

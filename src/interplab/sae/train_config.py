@@ -50,6 +50,13 @@ class TrainConfig(TextFields):
     """Instead of --hook: train one run (the whole sweep) per hook, each in OUT/<hook>/. Under torchrun the hooks
     are spread over the ranks (rank r trains hooks r, r+N, ... of N ranks), each rank on its own with no
     communication between ranks; otherwise they train one after another."""
+    target: str | None = None
+    """Train transcoders: reconstruct this hook from --hook (e.g. --hook blocks.6.mlp.hook_in --target
+    blocks.6.hook_mlp_out), a per-token hook of the same width, other than --hook; from a store harvested with
+    both hooks in one pass, or (stream mode) from one forward pass reading both. The encoder does not subtract
+    b_dec (it lives in the target's space)."""
+    skip: bool = False
+    """With --target: add a trained linear skip connection x @ W_skip (zero-initialised; a skip transcoder)."""
     model: str | None = None
     """Stream mode: model spec to run directly on --corpus (its --split, --test-fraction, in contexts of --ctx-len
     tokens; no store is written)."""
@@ -146,6 +153,7 @@ class TrainConfig(TextFields):
                 raise InterplabError(f"--hooks lists a hook twice: {self.hooks}")
         elif self.model is not None and not self.hook:
             raise InterplabError("stream mode (--model) needs --hook, e.g. blocks.6.hook_resid_post")
+        self._validate_target()
         if self.tokens is not None and self.tokens < 1:
             raise InterplabError(f"--tokens must be a positive number of tokens, got {self.tokens}")
         if self.model is not None and self.tokens is None:
@@ -186,6 +194,21 @@ class TrainConfig(TextFields):
         for point in self.sweep(max(self.k) + 1, prefixes=False):
             point.cfg.validate()
 
+    def _validate_target(self) -> None:
+        """--target and --skip: a transcoder reads one hook and writes another, from a store or a model."""
+        if self.skip and self.target is None:
+            raise InterplabError("--skip adds a skip connection to a transcoder: give --target too")
+        if self.target is None:
+            return
+        if self.target == self.hook:
+            raise InterplabError(f"--target {self.target} is --hook itself: that trains an SAE, drop --target")
+        if self.hooks or self.synthetic is not None or self.shard_latents:
+            raise InterplabError("--target trains transcoders on one --hook of a store or a model: give it without "
+                                 "--hooks, --synthetic and --shard-latents")
+        if self.hook is None:
+            raise InterplabError(f"--target {self.target} needs --hook, the hook the transcoder reads "
+                                 "(e.g. blocks.6.mlp.hook_in)")
+
     def sweep(self, d_in: int, *, prefixes: bool = True) -> list[SweepPoint]:
         """The SAEs this run trains on activations of width `d_in`, in a fixed order (configs not yet validated)."""
         points = []
@@ -205,7 +228,8 @@ class TrainConfig(TextFields):
         fixed = {name: getattr(self, name)[0] for name in ("k", "l1_coefficient", "l0_coefficient")}
         return SAEConfig(arch=self.arch, d_in=d_in, d_sae=d_sae, **{**fixed, **swept}, **extra,
                          matryoshka_prefixes=list(self.matryoshka_prefixes) or None,
-                         hook_name=self.hook or "", model=self.model or "")
+                         hook_name=self.hook or "", model=self.model or "",
+                         apply_b_dec_to_input=False if self.target is not None else None)
 
     def identity(self) -> dict[str, object]:
         """The settings that define a run: resuming requires them to match."""

@@ -8,8 +8,10 @@
 
 Every SAE of the sweep sees the same batches and has its own Adam optimiser. A step is: read a batch (scaled by
 the normalisation factor), then for each SAE: forward, loss, backward, optimiser step with the decoder-norm
-constraint, dead-latent counters. Checkpoints hold everything a step depends on, so that `resume=True` ends with
-the same weights, bit for bit, as a run that was never interrupted. See `checkpoint.py` for the run folder.
+constraint, dead-latent counters. With `--target` the batches are pairs (x, target) and every SAE is trained as a
+transcoder (target and input normalised by scales of their own, both folded in on save). Checkpoints hold
+everything a step depends on, so that `resume=True` ends with the same weights, bit for bit, as a run that was
+never interrupted. See `checkpoint.py` for the run folder.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict
 from types import ModuleType
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,38 +50,13 @@ from interplab.sae.checkpoint import (
 from interplab.sae.config import SAEConfig
 from interplab.sae.sae_run import SAERun
 from interplab.sae.sharded import ShardedTopKSAE
-from interplab.sae.sources import BatchSource, open_source, run_identity
+from interplab.sae.sources import Batch, BatchSource, open_source, run_identity
 from interplab.sae.train_config import TrainConfig
+from interplab.sae.train_result import Metrics, TrainResult, batch_parts, check_data_parallel, import_wandb
+from interplab.sae.transcoder import Transcoder
 
 INIT_TOKENS = 65_536
 """Tokens (whole batches, at most the whole run) from which the normalisation scale and b_dec are estimated."""
-
-Metrics = dict[str, float | int | str]
-"""One SAE's final metrics (numbers, and its name)."""
-
-
-class TrainResult(NamedTuple):
-    """What a call to `train` did."""
-
-    out: str
-    names: list[str]
-    """The SAEs of the sweep, in order; each is saved in OUT/<name>."""
-    saes: dict[str, SparseAutoencoder | ShardedTopKSAE]
-    """The trained SAEs as they were during training: they read activations x `scale` (the saved ones read raw
-    activations); with --shard-latents under torchrun, this rank's slices. Empty if the run was already complete."""
-    scale: float
-    """Normalisation factor the activations were multiplied by (1.0 without --normalize)."""
-    metrics: dict[str, Metrics]
-    """Final metrics of each SAE (as in OUT/<name>/metrics.json, without the history)."""
-    steps: int
-    tokens: int
-    tokens_per_s: float
-    """Tokens trained in this call per second of training (data included; initialisation and saving excluded)."""
-    resumed_from: int
-    """Steps already done when this call started (0 for a fresh run)."""
-    already_complete: bool
-    """OUT held this complete run before the call: nothing was done."""
-
 
 def train(cfg: TrainConfig, source: BatchSource | None = None, *, progress: bool = True,
           callback: Callable[[Trainer], None] | None = None, data_parallel: bool = True) -> TrainResult:
@@ -105,9 +81,9 @@ def train(cfg: TrainConfig, source: BatchSource | None = None, *, progress: bool
                              "does not import the planted-truth lab")
     ranks = D.ranks() if data_parallel else D.Ranks(0, 1, 0)
     if ranks.distributed:
-        _check_data_parallel(cfg, ranks)
+        check_data_parallel(cfg, ranks)
         D.init(D.rank_device(cfg.device))
-    wandb = _import_wandb() if cfg.wandb_project and ranks.is_main else None
+    wandb = import_wandb() if cfg.wandb_project and ranks.is_main else None
     check_output_folder(cfg.out, "--out")
     identity = run_identity(cfg)
     refuse_changed_store(cfg.out, cfg.store, identity)
@@ -138,26 +114,6 @@ def _train_locked(cfg: TrainConfig, identity: dict[str, object], source: BatchSo
     return trainer.run(wandb)
 
 
-def _check_data_parallel(cfg: TrainConfig, ranks: D.Ranks) -> None:
-    """What data-parallel training needs of the config, checked before joining the process group."""
-    if cfg.batch_size % ranks.world_size:
-        raise InterplabError(f"--batch-size {cfg.batch_size} does not split evenly over {ranks.world_size} ranks; "
-                             f"use a multiple of {ranks.world_size} (it is the whole batch, summed over ranks)")
-    if cfg.model is not None:
-        raise InterplabError("stream mode (--model) under torchrun would run the model on every rank for the same "
-                             "batches: harvest a store first (torchrun ... -m interplab harvest), then train with "
-                             "--store; or train one hook per rank with --hooks")
-
-
-def _import_wandb() -> ModuleType:
-    try:
-        import wandb  # optional: only with --wandb-project
-    except ImportError:
-        raise InterplabError("--wandb-project is set but wandb is not installed: "
-                             "pip install interplab[wandb]") from None
-    return wandb
-
-
 class Trainer:
     """The training loop of one run. Everything is checked in __init__, before anything is written."""
 
@@ -175,6 +131,10 @@ class Trainer:
         self.device = torch.device(D.rank_device(cfg.device))
         self.source = source if source is not None else open_source(cfg)
         self.d_in = self.source.d_in
+        self.target: str | None = getattr(self.source, "target", None)
+        """The hook the transcoders reconstruct (None: SAEs)."""
+        if self.target != cfg.target:
+            raise InterplabError(f"--target is {cfg.target}, but the batch source's target is {self.target}")
         tokens = cfg.tokens or self._tokens_per_pass()
         if tokens is None:
             raise InterplabError(f"{self.source.describe} is endless: give --tokens")
@@ -185,10 +145,12 @@ class Trainer:
             point.cfg.hook_name, point.cfg.model = self.source.hook, self.source.model_spec
             point.cfg.validate()
         self.runs = {p.name: SAERun(p.name, p.cfg, self.device, cfg.lr, cfg.seed, self.batch_ranks,
-                                    sae=self._sharded(p.cfg)) for p in points}
-        self.step, self.scale = 0, 1.0
+                                    sae=self._sharded(p.cfg), skip=cfg.skip) for p in points}
+        self.step, self.scale, self.target_scale = 0, 1.0, 1.0
         self.batch: torch.Tensor | None = None
         """The (normalised) batch of the latest step, for callbacks."""
+        self.target_batch: torch.Tensor | None = None
+        """Its (normalised) targets, with --target."""
         if checkpoint is not None:
             self._restore(checkpoint)
 
@@ -219,6 +181,7 @@ class Trainer:
             state = ckpt["runs"][name]
             run.load_state_dict(state[self.ranks.rank] if self.latent_shards > 1 else state)
         self.step, self.scale = int(ckpt["step"]), float(ckpt["scale"])
+        self.target_scale = float(ckpt.get("target_scale", 1.0))
         torch.set_rng_state(ckpt["torch_rng"])
 
     def _checkpoint(self) -> None:
@@ -232,6 +195,7 @@ class Trainer:
         if self.ranks.is_main:
             save_checkpoint(self.cfg.out, {
                 "config": self.identity, "d_in": self.d_in, "step": self.step, "scale": self.scale,
+                "target_scale": self.target_scale,
                 "torch_rng": torch.get_rng_state(), "runs": saved, "latent_shards": self.latent_shards,
             })
         if self.ranks.distributed:
@@ -267,7 +231,8 @@ class Trainer:
                 bar.update(B)
                 if cfg.resample_every and self.step % cfg.resample_every == 0 and self.step < self.n_steps:
                     for run in self.runs.values():
-                        run.resample(self.batch, self.dead_window)  # the normalised batch, as the SAEs see it
+                        # the normalised batch, as the SAEs see it
+                        run.resample(self.batch, self.dead_window, self.target_batch)
                 if self.step % cfg.log_every == 0 or self.step == self.n_steps:
                     lr = cfg.lr_at(step, self.n_steps)
                     logged = {n: r.log(self.step, self.step * B, lr, self.scale, self.dead_window)
@@ -294,27 +259,34 @@ class Trainer:
         return TrainResult(cfg.out, list(self.runs), {n: r.sae for n, r in self.runs.items()}, self.scale, metrics,
                            self.n_steps, self.n_steps * B, tokens_per_s, resumed_from, False)
 
-    def _initialize(self, batches: Iterator[Tensor]) -> Iterator[Tensor]:
-        """Estimate the normalisation scale and initialise every SAE from the first batches; return the batch
-        iterator with those batches put back in front."""
+    def _initialize(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """Estimate the normalisation scales and initialise every SAE from the first batches (b_dec from the
+        target's, a transcoder's decoder bias lives in the target's space); return the batch iterator with those
+        batches put back in front."""
         n = min(self.n_steps, math.ceil(INIT_TOKENS / self.cfg.batch_size))
         head = [self._next_batch(batches, i) for i in range(n)]
-        sample = torch.cat(head).to(self.device, torch.float32)
+        samples = [torch.cat(part).to(self.device, torch.float32) for part in zip(*map(batch_parts, head))]
         if self.cfg.normalize:
-            mean_sq = float(sample.double().pow(2).sum(-1).mean())
-            if not mean_sq > 0:
-                raise InterplabError(f"the activations of {self.source.describe} are all zero; nothing to train on")
-            self.scale = math.sqrt(self.d_in / mean_sq)
+            self.scale = self._scale(samples[0])
+            self.target_scale = self._scale(samples[-1]) if self.target else 1.0
         for run in self.runs.values():
-            run.sae.initialize(sample * self.scale, b_dec_init=self.cfg.b_dec_init, seed=self.cfg.seed)
+            run.sae.initialize(samples[-1] * (self.target_scale if self.target else self.scale),
+                               b_dec_init=self.cfg.b_dec_init, seed=self.cfg.seed)
         return itertools.chain(head, batches)
 
-    def _next_batch(self, batches: Iterator[Tensor], step: int) -> Tensor:
+    def _scale(self, sample: Tensor) -> float:
+        """The factor that makes the sample's mean squared norm d_in."""
+        mean_sq = float(sample.double().pow(2).sum(-1).mean())
+        if not mean_sq > 0:
+            raise InterplabError(f"the activations of {self.source.describe} are all zero; nothing to train on")
+        return math.sqrt(self.d_in / mean_sq)
+
+    def _next_batch(self, batches: Iterator[Batch], step: int) -> Batch:
         try:
             x = next(batches)
         except (NonFiniteShardError, CorruptShardError) as e:
             raise InterplabError(f"step {step + 1}: {e}; {self._stopped()}") from None
-        if not bool(torch.isfinite(x).all()):
+        if not all(bool(torch.isfinite(part).all()) for part in batch_parts(x)):
             raise InterplabError(f"step {step + 1}: the batch from {self.source.describe} holds NaN/inf "
                                  f"activations; {self._stopped()}")
         return x
@@ -324,20 +296,25 @@ class Trainer:
         kept = f"the last checkpoint (step {last}) is intact" if last else "no checkpoint was written"
         return f"training stopped, {kept}"
 
-    def _train_step(self, x: torch.Tensor, step: int) -> None:
-        """One step of every SAE on the batch `x` (every rank reads the whole batch and trains on its share)."""
-        x = x.to(self.device, torch.float32)
+    def _train_step(self, batch: Batch, step: int) -> None:
+        """One step of every SAE on `batch` (every rank reads the whole batch and trains on its share)."""
+        x, *target = (part.to(self.device, torch.float32) for part in batch_parts(batch))
         if self.scale != 1.0:
             x = x * self.scale
-        total_var = (x - x.mean(0)).pow(2).sum()
+        y = target[0] * self.target_scale if target else None
+        reconstructed = x if y is None else y
+        total_var = (reconstructed - reconstructed.mean(0)).pow(2).sum()
         lr, sparsity = self.cfg.lr_at(step, self.n_steps), self.cfg.sparsity_factor(step)
         share = len(x) // self.batch_ranks
-        x_rank = x[self.ranks.rank * share:(self.ranks.rank + 1) * share] if self.batch_ranks > 1 else x
+
+        def mine(t: Tensor | None) -> Tensor | None:  # this rank's rows
+            return t[self.ranks.rank * share:(self.ranks.rank + 1) * share] if t is not None and \
+                self.batch_ranks > 1 else t
         for name, run in self.runs.items():
-            if run.train_step(x_rank, total_var, lr, sparsity, self.dead_window) is None:
+            if run.train_step(mine(x), total_var, lr, sparsity, self.dead_window, target=mine(y)) is None:
                 raise InterplabError(f"step {step + 1}: the loss of {name} is not finite; {self._stopped()}; "
                                      "try a lower --lr")
-        self.step, self.batch = step + 1, x
+        self.step, self.batch, self.target_batch = step + 1, x, y
 
     def _postfix(self, start: float, resumed_from: int, logged: dict[str, dict[str, float]] | None = None) -> str:
         elapsed = time.perf_counter() - start
@@ -352,15 +329,26 @@ class Trainer:
 
     # ---- the end --------------------------------------------------------------------------------------------
     def _final_metrics(self, tokens_per_s: float) -> dict[str, Metrics]:
+        target = {"target": self.target, "target_scale": self.target_scale} if self.target else {}
         return {name: {"name": name, "steps": self.n_steps, **run.history[-1], "tokens_per_s": tokens_per_s,
-                       "input_scale": self.scale, "dead_window_tokens": self.dead_window}
+                       "input_scale": self.scale, "dead_window_tokens": self.dead_window, **target}
                 for name, run in self.runs.items()}
 
-    def _whole_sae(self, run: SAERun) -> SparseAutoencoder | None:
-        """A copy of the whole SAE on rank 0 (gathered from every rank when latent-sharded); None elsewhere."""
+    def _whole_sae(self, run: SAERun) -> SparseAutoencoder | Transcoder | None:
+        """A copy of the whole SAE on rank 0 (gathered from every rank when latent-sharded), normalisation folded
+        in; a transcoder with --target; None elsewhere."""
         if self.latent_shards > 1:
-            return run.sae.gather_full()  # a collective: every rank calls it
-        return copy.deepcopy(run.sae) if self.ranks.is_main else None
+            sae = run.sae.gather_full()  # a collective: every rank calls it
+        else:
+            sae = copy.deepcopy(run.sae) if self.ranks.is_main else None
+        if sae is None or self.target is None:
+            if sae is not None and self.scale != 1.0:
+                sae.fold_input_scale(self.scale)
+            return sae
+        W_skip = run.W_skip.detach().clone() if run.W_skip is not None else None
+        transcoder = Transcoder(sae, self.target, W_skip)
+        transcoder.fold_scales(self.scale, self.target_scale)
+        return transcoder
 
     def _save(self, tokens_per_s: float) -> dict[str, Metrics]:
         """Save every SAE (normalisation folded in) with its config and metrics; then mark the run complete.
@@ -371,8 +359,6 @@ class Trainer:
             sae = self._whole_sae(run)
             if sae is None:
                 continue
-            if self.scale != 1.0:
-                sae.fold_input_scale(self.scale)
             config = {"train_config": asdict(cfg), "sae_config": run.cfg.to_dict(), "input_scale": self.scale,
                       "source": self.source.describe}
             metadata = {"interplab_run": name, "input_scale_folded": self.scale, "trained_tokens": final["tokens"]}
@@ -382,6 +368,8 @@ class Trainer:
             return finals
         write_json(join(cfg.out, SUMMARY), {"complete": True, "steps": self.n_steps,
                                             "tokens": self.n_steps * cfg.batch_size, "input_scale": self.scale,
+                                            "target_scale": self.target_scale,
                                             "tokens_per_s": tokens_per_s, "saes": finals})
         delete_checkpoint(cfg.out)
         return finals
+
