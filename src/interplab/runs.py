@@ -20,6 +20,7 @@ the holder's process id. Object stores (s3://) have no locks; their runs are che
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import re
@@ -55,6 +56,18 @@ Status = Literal["new", "partial", "complete"]
 def run_settings(config: Mapping[str, JSONValue]) -> JSONDict:
     """What config.json records of a command's config: every field but those in NOT_IDENTITY."""
     return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+
+
+def finite_json(value: JSONValue) -> JSONValue:
+    """`value` with every NaN or infinite float replaced by None (standard JSON has neither), through dicts and
+    lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(x) for k, x in value.items()}
+    if isinstance(value, list):
+        return [finite_json(x) for x in value]
+    return value
 
 
 def read_json_object(url: str) -> JSONDict:

@@ -56,6 +56,7 @@ from interplab.fileio import join
 from interplab.models.hooked import HookedModel
 from interplab.sae.base import SparseAutoencoder
 from interplab.sae.loading import load_sae_and_model
+from interplab.runs import finite_json
 
 __all__ = ["KIND", "PER_TOKEN_VARIANTS", "TUNED_VARIANTS", "VARIANTS", "check_outputs", "evaluate", "format_summary"]
 
@@ -74,17 +75,6 @@ sinks beyond BOS, e.g. 0.03% of SmolLM2 layer-15 tokens at ~100x the median norm
 so `reconstruction_typical` repeats the reconstruction metrics without them."""
 PER_TOKEN_VARIANTS = ("sae", "epsilon_random", "sae_norm_patch")
 """The variants whose per-token KL the per-token analysis and the KL histograms use."""
-
-
-def _finite(v: Any) -> Any:
-    """NaN/inf → None, so the JSON stays standard."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v
 
 
 def _check_model(cfg: EvalConfig, model: HookedModel) -> None:
@@ -218,7 +208,7 @@ def evaluate(cfg: EvalConfig, *, sae: SparseAutoencoder | None = None, model: Ho
               "n_tokens": moments.n, "n_tokens_total": done * cfg.ctx_len, "bos_excluded": True, "metrics": metrics}
     if cfg.figures:
         result["figures"] = _write_figures(cfg.figures, per_token_kl, metrics["per_token"])
-    result = _finite(result)
+    result = finite_json(result)
     if cfg.out:
         write_result(cfg.out, result)
     return result

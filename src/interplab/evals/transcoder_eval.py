@@ -47,7 +47,7 @@ from interplab.evals.replacement import (
 from interplab.fileio import list_files, open_url, write_url_atomic
 from interplab.models.hooked import HookedModel
 from interplab.models.load import load_model
-from interplab.runs import JSONDict, Run
+from interplab.runs import JSONDict, Run, finite_json
 from interplab.sae.crosslayer import CrossLayerTranscoder
 from interplab.sae.layout import CFG_FILE
 from interplab.sae.transcoder import Transcoder, TranscoderSet
@@ -118,17 +118,6 @@ class LayerTally(Tally):
                 "sparsity": {"l0": self.l0_sum / n, "dead_latents": dead, "dead_fraction": dead / tc.sae.cfg.d_sae}}
 
 
-def _finite(v: Any) -> Any:
-    """NaN/inf → None, so the JSON stays standard."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v
-
-
 @torch.no_grad()
 def _splice_layer(model: HookedModel, tokens: Tensor, tc: Transcoder, clean: CleanRun, clean_lp: CleanLogProbs,
                   tally: LayerTally, gen: torch.Generator) -> None:
@@ -197,7 +186,7 @@ def evaluate_transcoders(model: HookedModel, transcoders: object, batches: Itera
             "fvu_in_replacement": {str(l): m.metrics()["fvu"] for l, m in repl_moments.items()},
             "max_abs_logit_diff_with_errors": max_diff,
         }
-    return _finite(result)
+    return finite_json(result)
 
 
 def run_transcoder_eval(cfg: TranscoderEvalConfig, *, transcoders: object | None = None,
