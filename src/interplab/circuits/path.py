@@ -17,7 +17,6 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from interplab.circuits.metrics import PairMetric
-from interplab.circuits.nodes import Node
 from interplab.circuits.patching import Runs
 from interplab.errors import InterplabError
 from interplab.models.hooked import HookedModel
@@ -104,8 +103,3 @@ def _through_receivers(
         patches.setdefault(name, {})[head] = inputs[name][:, :, head]
     return model.run_with_hooks(target, [(name, _replace_heads(values)) for name, values in patches.items()])
 
-
-def sender_nodes(model: HookedModel) -> list[Node]:
-    """The senders, as nodes of the head-output grid (for labels and figures)."""
-    return [Node(f"blocks.{l}.attn.hook_z", None, h) for l in range(model.info.n_layers)
-            for h in range(model.info.n_heads)]
