@@ -121,6 +121,7 @@ def direct_logit_attribution(
     head_cols = [i for i, label in enumerate(labels) if label.startswith("L") and "H" in label]
     stages = [cache[f"blocks.{l}.hook_resid_pre"][:, -1] for l in range(n_layers)]
     stages.append(cache[f"blocks.{n_layers - 1}.hook_resid_post"][:, -1])
-    accumulated = (model.normalize_final(torch.stack(stages, 1), scale) * u[:, None]).sum(-1).float() + constant[:, None]
+    stages_normalized = model.normalize_final(torch.stack(stages, 1), scale)  # [n, stage, d_model]
+    accumulated = (stages_normalized * u[:, None]).sum(-1).float() + constant[:, None]
     return DLAResult(labels, contrib.cpu(), constant.cpu(), own.float().cpu(),
                      contrib[:, head_cols].reshape(-1, n_layers, n_heads).cpu(), accumulated.cpu())

@@ -90,6 +90,7 @@ def normalise(values: Float[torch.Tensor, "n *cells"], baseline: Baseline) -> Fl
 
 
 def null_effect(values: Float[torch.Tensor, "n *cells"], baseline: Baseline) -> Float[torch.Tensor, "n *cells"]:
-    """The null control's change of the clean metric, in the same units: (m_i − clean_i) / mean(clean − corrupted)."""
+    """The null control's change of the clean metric, in the same units:
+    (m_i − clean_i) / mean(clean − corrupted)."""
     clean = baseline.clean.to(values.device).reshape(-1, *[1] * (values.ndim - 1))
     return (values - clean) / baseline.gap

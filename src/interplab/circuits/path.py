@@ -27,7 +27,8 @@ Receiver = tuple[int, int, str]
 
 
 def check_receivers(model: HookedModel, receivers: list[Receiver]) -> None:
-    """Refuse a receiver layer or head out of range (k and v heads are key-value heads under grouped-query attention)."""
+    """Refuse a receiver layer or head out of range (k and v heads are key-value heads under grouped-query
+    attention)."""
     info = model.info
     for layer, head, which in receivers:
         n_heads = info.n_heads if which == "q" else info.n_kv_heads

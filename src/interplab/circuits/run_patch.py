@@ -90,7 +90,8 @@ def measure(cfg: PatchConfig, model: HookedModel, batch: PairBatch, receivers: l
     runs = direction_runs(cfg.direction, batch.clean, batch.corrupted)
     null_runs = Runs(batch.clean, batch.null)
     result: JSONDict = {
-        "config": asdict(cfg), "model": model.info.to_dict(), "n_pairs": int(batch.clean.shape[0]), "n_pos": int(batch.clean.shape[1]),
+        "config": asdict(cfg), "model": model.info.to_dict(),
+        "n_pairs": int(batch.clean.shape[0]), "n_pos": int(batch.clean.shape[1]),
         "accuracy": clean_accuracy(model, batch),
         "baseline": baseline_json(baseline),
         "grids": {}, "figures": {}, "seconds": {}}

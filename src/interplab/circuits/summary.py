@@ -13,6 +13,8 @@ from interplab.runs import JSONDict
 
 TOP = 10
 """Nodes listed per grid in the report."""
+UNRELIABLE_GAP = (" — **the gap is within 2 SEM: the model hardly tells these prompts apart, so the normalised "
+                  "effects are noise**")
 
 
 def position_labels(model: HookedModel, tokens: torch.Tensor) -> list[str]:
@@ -52,8 +54,7 @@ def write_patch_report(path: str, result: JSONDict) -> None:
              f"{result['n_pairs']} prompt pairs from `{cfg['prompts']}`, {result['n_pos']} tokens each; "
              f"direction **{cfg['direction']}**, metric **{cfg['metric']}**, method **{cfg['method']}**.", "",
              f"- clean metric {base['clean_mean']:.4f}, corrupted {base['corrupted_mean']:.4f} (gap {base['gap']:.4f} "
-             f"± {base['gap_sem']:.4f})" + ("" if base["gap_reliable"] else " — **the gap is within 2 SEM: the model "
-                                            "hardly tells these prompts apart, so the normalised effects are noise**"),
+             f"± {base['gap_sem']:.4f})" + ("" if base["gap_reliable"] else UNRELIABLE_GAP),
              f"- accuracy on the prompts (answer above wrong at the last position): "
              f"{_accuracy_text(result['accuracy'])}", "",
              "Effects are normalised: 0 = the corrupted run, 1 = the clean run (mean over pairs ± SEM). The null "
