@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from interplab.circuits.metrics import PairMetric
 from interplab.circuits.nodes import Grid, Node, patched
 from interplab.errors import InterplabError
-from interplab.models.hooked import HookedModel, Prefix
+from interplab.models.hooked import HookedModel
 
 
 class Runs(NamedTuple):
@@ -85,11 +85,11 @@ def activation_patch(
             source = sources[hook].to(prefix.act.device).expand_as(prefix.act)
             cells = by_hook[hook]
             per_pass = max(1, max_rows // prefix.act.shape[0])
-            stacked = repeat_prefix(prefix, min(per_pass, len(cells)))
+            stacked = prefix.repeated(min(per_pass, len(cells)))
             for start in range(0, len(cells), per_pass):
                 group = cells[start:start + per_pass]
                 if len(group) < per_pass and len(cells) > per_pass:  # the last, shorter group
-                    stacked = repeat_prefix(prefix, len(group))
+                    stacked = prefix.repeated(len(group))
                 variants = torch.cat([patched(prefix.act, source, node) for _, _, node in group])
                 logits = model.run_suffix(stacked, variants, last_only=True)
                 for (grid_name, cell, _), part in zip(group, logits.chunk(len(group))):
@@ -97,25 +97,6 @@ def activation_patch(
                 bar.update(len(group))
     bar.close()
     return {g.name: values[g.name].T.reshape(n, *g.shape) for g in grids}
-
-
-def repeat_prefix(prefix: Prefix, times: int) -> Prefix:
-    """`prefix` for `times` stacked copies of its batch (variant-major): every batch-first tensor it holds (the
-    activation, the block's inputs such as masks and rotary tables) repeated along the batch; tensors shared by the
-    whole batch (a leading dimension of 1) and 1-D ones (cache positions) stay as they are."""
-    if times == 1:
-        return prefix
-    batch = prefix.act.shape[0]
-
-    def rep(value: object) -> object:
-        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch:
-            return value.repeat(times, *[1] * (value.ndim - 1))
-        if isinstance(value, tuple):
-            return tuple(rep(v) for v in value)
-        return value
-
-    return Prefix(prefix.hook, rep(prefix.act), prefix.layer, rep(prefix.block_args),  # type: ignore[arg-type]
-                  {k: rep(v) for k, v in prefix.block_kwargs.items()}, rep(prefix.tokens))  # type: ignore[arg-type]
 
 
 def _nodes_by_hook(grids: list[Grid]) -> dict[str, list[tuple[str, int, Node]]]:

@@ -41,14 +41,21 @@ def _check_text(split: str, test_fraction: float) -> None:
 
 
 @dataclass
-class EvalConfig(TextFields, ModelFields):
-    """Evaluate an SAE spliced into its model, with controls (ε-random, norm-matched, covariance-matched, ablations)."""
+class SplicedEvalFields(TextFields, ModelFields):
+    """What every evaluation of a dictionary spliced into its model reads: held-out text, and the model the
+    dictionary was trained on unless another is named."""
 
     model: str | None = None
-    """Model spec (default: the model recorded in the SAE's cfg.json)."""
+    """Model spec (default: the model the dictionary records, e.g. in its cfg.json)."""
     split: str = "test"
     """Corpus split: test (held out, the default), train or all."""
     batch_size: int = 8
+
+
+@dataclass
+class EvalConfig(SplicedEvalFields):
+    """Evaluate an SAE spliced into its model, with controls (ε-random, norm-matched, covariance-matched, ablations)."""
+
     sae: str = ""
     """SAE folder (SAELens layout or sparsify hookpoint folder). Required."""
     hook: str | None = None
@@ -138,14 +145,9 @@ class PerturbConfig(TextFields, ModelFields):
 
 
 @dataclass
-class TranscoderEvalConfig(TextFields, ModelFields):
+class TranscoderEvalConfig(SplicedEvalFields):
     """Evaluate transcoders spliced in place of their MLPs, one at a time and all at once, beside ε-random controls."""
 
-    model: str | None = None
-    """Model spec (default: the model recorded by the transcoders)."""
-    split: str = "test"
-    """Corpus split: test (held out, the default), train or all."""
-    batch_size: int = 8
     transcoders: str = ""
     """Folder of one transcoder, or of a set (one transcoder per layer). Required."""
     tokens: int = 16_384

@@ -82,6 +82,25 @@ class Prefix(NamedTuple):
         """The residual stream entering the block that holds the hook."""
         return self.block_args[0] if self.block_args else self.block_kwargs["hidden_states"]
 
+    def repeated(self, times: int) -> Prefix:
+        """This prefix for `times` stacked copies of its batch (copy-major), so that several variants run in one
+        suffix pass: every batch-first tensor it holds (the activation, the block's inputs such as masks and rotary
+        tables) is repeated along the batch; tensors shared by the whole batch (a leading dimension of 1) and 1-D
+        ones (cache positions) stay as they are."""
+        if times == 1:
+            return self
+        batch = self.act.shape[0]
+
+        def rep(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch:
+                return value.repeat(times, *[1] * (value.ndim - 1))
+            if isinstance(value, tuple):
+                return tuple(rep(v) for v in value)
+            return value
+
+        return Prefix(self.hook, rep(self.act), self.layer, rep(self.block_args),
+                      {k: rep(v) for k, v in self.block_kwargs.items()}, rep(self.tokens))
+
 
 class HookedModel(ABC):
     """A language model with TransformerLens-named hook points."""
