@@ -1,13 +1,21 @@
 """Attribution graph of one prompt on SmolLM2-135M: interplab's against circuit-tracer 0.5.0's, same transcoders.
 
     bash benchmarks/make_circuit_tracer_venv.sh             # once: circuit-tracer's own virtualenv
-    python benchmarks/attribution.py [--transcoders DIR] [--prompt "..."] [--batch-size 256]
+    python benchmarks/attribution.py [--transcoders DIR | --clt] [--prompt "..."] [--batch-size 256]
 
-The transcoders (one per layer, 30): `--transcoders DIR`, a folder interplab reads as a transcoder set (its own set
-folder or a circuit-tracer folder); without it, random JumpReLU transcoders for bring-up (9,216 latents, encoder
-and decoder directions uniformly random, one threshold per layer set so that about `--active` latents fire per
-token on this prompt). They are written in circuit-tracer's layout with interplab's
-`save_circuit_tracer` (TopK ones as the JumpReLU of their k-th largest pre-activation: `--topk-threshold`).
+The dictionary (the last line's "dictionary"):
+- "trained-plt": `--transcoders DIR`, a folder `load_transcoder_set` reads (interplab's set folder in any layout it
+  reads, or a circuit-tracer folder), one transcoder per layer (30) — e.g. interplab-trained transcoders; a folder
+  holding a cross-layer transcoder is run as one ("trained-clt");
+- "random-plt" (default): random JumpReLU transcoders for bring-up (`--d-sae` latents, default 9,216, encoder and
+  decoder directions uniformly random, one threshold per layer set so that about `--active` latents fire per token
+  on this prompt);
+- "random-clt": `--clt`, a random JumpReLU cross-layer transcoder made the same way (`--d-sae` latents per layer,
+  default 1,024 here: its decoders hold d_sae · d_model · L(L+1)/2 floats, 1.1 GB at 1,024; each feature's
+  decoder into every later layer a random direction, the concatenation of unit norm).
+They are written in circuit-tracer's layout with interplab's `save_circuit_tracer` (TopK ones as the JumpReLU of
+their k-th largest pre-activation: `--topk-threshold`); circuit-tracer 0.5.0 reads a CLT folder
+(config.yaml + W_enc_{i}/W_dec_{i}.safetensors) with its `load_clt`.
 
 - circuit-tracer: `benchmarks/refs/circuit_tracer_graph.py` in its virtualenv (a subprocess), nnsight backend, on a
   local HF folder of the same weights whose config.json carries `rope_theta` (transformers <= 4.57 reads the rope
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -40,8 +49,10 @@ from interplab.models import load_model
 from interplab.models.load import _gguf_cache_dir, smollm2_gguf_path
 from interplab.sae import SAEConfig
 from interplab.sae.circuit_tracer_files import save_circuit_tracer
+from interplab.sae.crosslayer import CrossLayerTranscoder
 from interplab.sae.registry import make_sae
 from interplab.sae.transcoder import Transcoder, TranscoderSet
+from interplab.sae.transcoder_files import load_transcoder_set
 
 IN_HOOK, OUT_HOOK = "blocks.{layer}.mlp.hook_in", "blocks.{layer}.hook_mlp_out"
 PROMPT = "The Eiffel Tower is in Paris, the capital of"  # 12 tokens with BOS
@@ -68,19 +79,43 @@ def random_transcoders(model, tokens: torch.Tensor, d_sae: int, active: int, see
         sae.b_enc.zero_()
         sae.b_dec.zero_()
         pre = cache[IN_HOOK.format(layer=layer)][0, 1:] @ sae.W_enc
-        top = pre.flatten().topk(active * pre.shape[0] + 1).values
-        theta = (top[-2] + top[-1]) / 2  # midway, so that no pre-activation sits at θ, where rounding would decide
-        sae.log_threshold.fill_(float(theta.clamp_min(1e-6).log()))
+        sae.log_threshold.fill_(math.log(midway_threshold(pre, active)))
         out[layer] = Transcoder(sae.eval(), OUT_HOOK.format(layer=layer))
     return out
 
 
-def load_transcoders(path: str) -> dict[int, Transcoder]:
-    try:
-        from interplab.sae.transcoder_files import load_transcoder_set
-    except ImportError:
-        from interplab.sae.circuit_tracer_files import load_circuit_tracer as load_transcoder_set
-    return dict(load_transcoder_set(path).transcoders)
+def midway_threshold(pre: torch.Tensor, active: int) -> float:
+    """θ between the (active · positions)-th and the next largest pre-activation of [positions, d_sae] (midway, so
+    that no pre-activation sits at θ, where rounding would decide)."""
+    top = pre.flatten().topk(active * pre.shape[0] + 1).values
+    return float(((top[-2] + top[-1]) / 2).clamp_min(1e-6))
+
+
+@torch.no_grad()
+def random_clt(model, tokens: torch.Tensor, d_sae: int, active: int, seed: int = 0) -> CrossLayerTranscoder:
+    """A random JumpReLU CLT: unit-norm random encoder columns, each feature's decoder into every later layer a
+    random direction (the concatenation over output layers of unit norm), zero biases, and per layer the threshold
+    of `midway_threshold` on this prompt's non-BOS positions (so about `active` latents fire per token per layer)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_layers, d = model.info.n_layers, model.info.d_model
+    clt = CrossLayerTranscoder(n_layers, d, d_sae, activation="jumprelu", in_hook=IN_HOOK, out_hook=OUT_HOOK)
+    cache = model.run_with_cache(tokens, [IN_HOOK.format(layer=i) for i in range(n_layers)]).cache
+    clt.b_enc.zero_()
+    clt.b_dec.zero_()
+    for layer in range(n_layers):
+        W_enc = torch.randn(d, d_sae, generator=gen)
+        clt.W_enc[layer].copy_(W_enc / W_enc.norm(dim=0))
+        W_dec = torch.randn(d_sae, n_layers - layer, d, generator=gen)
+        clt.W_dec[layer].copy_(W_dec / W_dec.flatten(1).norm(dim=1)[:, None, None])
+        pre = clt.pre_acts(layer, cache[IN_HOOK.format(layer=layer)][0, 1:])
+        clt.threshold[layer].fill_(midway_threshold(pre, active))
+    return clt.eval()
+
+
+def load_dictionary(path: str) -> dict[int, Transcoder] | CrossLayerTranscoder:
+    """The per-layer transcoders (or the cross-layer transcoder) in folder `path`."""
+    loaded = load_transcoder_set(path)
+    return loaded if isinstance(loaded, CrossLayerTranscoder) else dict(loaded.transcoders)
 
 
 def hf_folder_for_old_transformers(dest: Path) -> Path:
@@ -183,8 +218,10 @@ def compare(ours: AttributionGraph, ref: dict, edge_floor: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--transcoders", default=None, help="transcoder set folder (default: random, bring-up)")
+    parser.add_argument("--clt", action="store_true", help="a random JumpReLU cross-layer transcoder instead")
     parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--d-sae", type=int, default=9216, help="random transcoders: latents per layer")
+    parser.add_argument("--d-sae", type=int, default=None,
+                        help="random dictionaries: latents per layer (default 9216; 1024 with --clt)")
     parser.add_argument("--active", type=int, default=32, help="random transcoders: latents firing per token")
     parser.add_argument("--topk-threshold", type=float, default=None,
                         help="exporting TopK transcoders: the JumpReLU threshold circuit-tracer gets")
@@ -193,19 +230,31 @@ def main() -> None:
     parser.add_argument("--venv", default=str(VENV), help="circuit-tracer's virtualenv")
     parser.add_argument("--keep", default=None, help="folder to keep the exported transcoders and both graphs in")
     args = parser.parse_args()
+    if args.clt and args.transcoders:
+        parser.error("--clt makes a random cross-layer transcoder; --transcoders reads one: give one of them")
+    args.d_sae = args.d_sae or (1024 if args.clt else 9216)
 
     model = load_model("smollm2-135m", device="cpu")
     tok = model.tokenizer
     tokens = torch.tensor([[tok.bos_token_id, *tok(args.prompt, add_special_tokens=False)["input_ids"]]])
     print(f"prompt: {tokens.shape[1]} tokens (BOS first)", flush=True)
-    transcoders = (load_transcoders(args.transcoders) if args.transcoders
-                   else random_transcoders(model, tokens, args.d_sae, args.active))
+    if args.transcoders:
+        transcoders = load_dictionary(args.transcoders)
+        is_clt = isinstance(transcoders, CrossLayerTranscoder)
+        dictionary, described = ("trained-clt" if is_clt else "trained-plt"), args.transcoders
+    elif args.clt:
+        transcoders = random_clt(model, tokens, args.d_sae, args.active)
+        dictionary, described = "random-clt", f"random jumprelu CLT {args.d_sae} latents/layer, ~{args.active} active"
+    else:
+        transcoders = random_transcoders(model, tokens, args.d_sae, args.active)
+        dictionary, described = "random-plt", f"random jumprelu {args.d_sae} latents, ~{args.active} active"
+    to_save = transcoders if isinstance(transcoders, CrossLayerTranscoder) else TranscoderSet(transcoders, IN_HOOK,
+                                                                                               OUT_HOOK)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         ct_dir = work / "circuit_tracer_transcoders"
-        save_circuit_tracer(TranscoderSet(transcoders, IN_HOOK, OUT_HOOK), str(ct_dir), "smollm2-135m",
-                            topk_threshold=args.topk_threshold)
+        save_circuit_tracer(to_save, str(ct_dir), "smollm2-135m", topk_threshold=args.topk_threshold)
         hf_dir = hf_folder_for_old_transformers(work / "hf_smollm2")
         ref_info = run_circuit_tracer(args, hf_dir, ct_dir, tokens, work / "circuit_tracer_graph.pt")
         ref = torch.load(work / "circuit_tracer_graph.pt", weights_only=True)
@@ -234,7 +283,7 @@ def main() -> None:
         "speedup": round(ref_info["attribute_s"] / ours_s, 3),
         "edge_max_rel_diff": cmp["edge_max_rel_diff"],
         "replacement_score": round(scores.replacement, 5), "completeness_score": round(scores.completeness, 5),
-        "transcoders": args.transcoders or f"random jumprelu {args.d_sae} latents, ~{args.active} active",
+        "transcoders": described, "dictionary": dictionary,
         "n_tokens": int(tokens.shape[1]), "active_features": cmp["active_features_interplab"],
         "active_features_circuit_tracer": cmp["active_features_circuit_tracer"],
         "edges_compared": cmp["edges_compared"], "torch_threads": torch.get_num_threads(),

@@ -9,7 +9,8 @@ same python-docs train contexts of 128 tokens, BOS left out by both (interplab's
 
 - interplab: `train(TrainConfig(model=..., hook=..., target=..., arch="topk"))` in stream mode, its shuffle buffer
   set to exactly these contexts: every forward pass (stopping after block 6), the shuffle, and training, timed;
-  its model load is not. Everything else is interplab's default (Adam 3e-4 unless `--lr`).
+  its model load is not. Everything else is interplab's default (Adam 3e-4 unless `--lr`; tied encoder start unless
+  `--transcoder-init fitted`).
 - sparsify 1.3.3: its Python `Trainer(TrainConfig(SaeConfig(transcode=True, k, num_latents), hookpoints=
   ["layers.6.mlp"], log_to_wandb=False), dataset, model)` over the HF `LlamaModel` (no LM head) cut to blocks 0-6,
   `batch_size` = the same tokens per step in contexts; `Trainer(...)` and `fit()` timed. Everything else is
@@ -72,7 +73,8 @@ def train_interplab(args: argparse.Namespace, n_contexts: int, out: str) -> tupl
     batches = n_contexts * (CTX - 1) // args.batch_size  # one shuffle-buffer fill holds exactly these contexts
     cfg = TrainConfig(model=MODEL, hook=HOOK_IN, target=HOOK_OUT, arch="topk", k=[K], expansion=[D_SAE // 576],
                       tokens=batches * args.batch_size, batch_size=args.batch_size, shuffle_buffer=n_contexts * CTX,
-                      ctx_len=CTX, device="cpu", seed=0, out=out, **({"lr": args.lr} if args.lr else {}))
+                      ctx_len=CTX, device="cpu", seed=0, out=out, transcoder_init=args.transcoder_init,
+                      **({"lr": args.lr} if args.lr else {}))
     source = StreamSource(cfg.model, cfg.hook, cfg.corpus, split=cfg.split, ctx_len=cfg.ctx_len,
                           model_batch_size=cfg.model_batch_size, shuffle_buffer=cfg.shuffle_buffer,
                           batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
@@ -116,6 +118,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096, help="tokens per step (sparsify: / 128 contexts)")
     parser.add_argument("--test-contexts", type=int, default=64, help="held-out contexts of 128 tokens")
     parser.add_argument("--lr", type=float, default=None, help="interplab's Adam learning rate (default: its own)")
+    parser.add_argument("--transcoder-init", default="tied", choices=("tied", "fitted"),
+                        help="interplab's encoder start (see interplab.sae.transcoder_init)")
     parser.add_argument("--no-interplab", action="store_true", help="run the sparsify side only")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -158,6 +162,7 @@ def main() -> None:
         "interplab_tokens": None if ours is None else ours_tokens, "sparsify_tokens": theirs_tokens,
         "test_tokens": len(x), "hook": f"{HOOK_IN} -> {HOOK_OUT}", "k": K, "d_sae": D_SAE,
         "batch_tokens": args.batch_size, "torch_threads": torch.get_num_threads(),
+        "transcoder_init": args.transcoder_init, "lr": args.lr,
     }))
 
 

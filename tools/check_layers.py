@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"models", "data"},
     {"activations"},
     {"sae"},
-    {"synth", "evals", "probes", "weights", "lens", "beliefs", "toy", "circuits", "graphs"},
+    {"synth", "evals", "probes", "weights", "lens", "beliefs", "toy", "circuits", "graphs", "decompose"},
     {"dashboard", "report"},
     {"demo", "cli", "__main__"},
 ]

@@ -17,6 +17,11 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 
 
+EXAMPLES = [{"tokens": ["a", "<b>x</b>", " c"], "acts": [0.0, 3.0, 1.5], "max": 3.0},
+            {"tokens": [XSS, "\ny"], "acts": [0.25, 1.0], "max": 1.0}]
+"""Top activations of feature f:1:3:9 (HTML among the tokens)."""
+
+
 def _node(nid: str, kind: str, layer: int, pos: int, influence: float, **extra) -> dict:
     base = {"id": nid, "type": kind, "layer": layer, "pos": pos, "feature": None, "activation": None,
             "influence": influence, "label": nid, "token": None, "prob": None, "dashboard": None}
@@ -29,10 +34,10 @@ def hand_graph() -> dict:
     tokens = ["<bos>", "The", XSS, " cat"]
     nodes = [_node(f"emb:{p}", "embedding", -1, p, 0.0, token=t, label=t) for p, t in enumerate(tokens)]
     nodes += [
-        _node("f:0:1:5", "feature", 0, 1, 0.5, feature=5, activation=2.5, label="L0 #5"),
+        _node("f:0:1:5", "feature", 0, 1, 0.5, feature=5, activation=2.5, label="L0 #5", top_examples=[]),
         _node("f:0:2:7", "feature", 0, 2, 0.25, feature=7, activation=1.25, label="<b>L0 #7</b>",
               dashboard="../l0/latent.html?id=7"),
-        _node("f:1:3:9", "feature", 1, 3, 0.125, feature=9, activation=0.75, label="L1 #9"),
+        _node("f:1:3:9", "feature", 1, 3, 0.125, feature=9, activation=0.75, label="L1 #9", top_examples=EXAMPLES),
         _node("err:0:2", "error", 0, 2, 0.0625, label="err L0 @2"),
         _node("err:1:3", "error", 1, 3, 0.0625, label="err L1 @3"),
         _node("logit:42", "logit", 2, 3, 0.0, token=" dog", prob=0.6, label="logit ' dog'"),
@@ -74,6 +79,9 @@ def test_writes_a_page_whose_data_reads_back(tmp_path: Path) -> None:
     (lambda g: g["edges"][0].update(weight=float("nan")), "finite"),
     (lambda g: g["nodes"][4].update(influence=None), "influence"),
     (lambda g: g["nodes"][4].update(dashboard="javascript:alert(1)"), "dashboard link"),
+    (lambda g: g["nodes"][4].update(top_examples=[{"tokens": ["a"], "acts": [], "max": 1.0}]), "top example"),
+    (lambda g: g["nodes"][4].update(top_examples=[{"tokens": [1], "acts": [1.0], "max": 1.0}]), "top example"),
+    (lambda g: g["nodes"][4].update(top_examples={"tokens": []}), "must be a list"),
 ])
 def test_bad_graphs_are_refused_before_writing(tmp_path: Path, mutate, message) -> None:
     graph = hand_graph()
@@ -165,11 +173,27 @@ def test_graph_page_in_the_browser(page, tmp_path: Path) -> None:
     inputs = page.locator("#detail ul.conn").first.locator("li")
     assert inputs.count() == 4 and inputs.first.text_content() == "2 L0 #5"  # strongest input first
 
+    # Its top activations beside the link: tokens as text (HTML stays text), tinted by activation / the example's max.
+    examples = page.get_by_test_id("top-example")
+    assert examples.count() == 2 and page.get_by_test_id("example-max").all_text_contents() == ["3", "1"]
+    first = examples.first.get_by_test_id("example-token")
+    assert first.all_text_contents() == ["a", "<b>x</b>", " c"]
+    assert first.evaluate_all("ts => ts.map(t => t.style.backgroundColor)") == [
+        "rgba(255, 140, 0, 0)", "rgb(255, 140, 0)", "rgba(255, 140, 0, 0.5)"]
+    assert first.nth(1).get_attribute("class") == "tok max"
+    assert examples.nth(1).get_by_test_id("example-token").all_text_contents() == [XSS, "\u21b5y"]
+    assert page.locator("#detail b, #detail script").count() == 0
+    assert page.locator("#detail a[data-testid=dashboard-link] ~ h4").first.text_content() == "top activations (2)"
+    page.locator("g[data-node-id='f:0:1:5']").click()  # searched, never active
+    assert page.get_by_test_id("no-top-examples").count() == 1 and page.get_by_test_id("top-example").count() == 0
+    page.locator("g[data-node-id='f:1:3:9']").click()
+
     # Through the panel to an input; its own dashboard link wins; HTML in tokens and labels stays text, nothing runs.
     page.locator("#detail a.node-link[data-node-id='f:0:2:7']").click()
     assert page.get_by_test_id("detail-title").text_content() == "<b>L0 #7</b>"
     assert page.get_by_test_id("detail-pos").text_content() == f"2: {XSS}"
     assert page.get_by_test_id("dashboard-link").get_attribute("href") == "../l0/latent.html?id=7"
+    assert page.get_by_test_id("top-examples").count() == 0 and page.get_by_test_id("no-top-examples").count() == 0
     assert page.locator("[data-testid=token-label][data-pos='2']").text_content() == XSS
     assert page.get_by_test_id("prompt").text_content() == graph["prompt"]
     assert page.locator("#app b").count() == 0

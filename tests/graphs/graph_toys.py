@@ -6,6 +6,7 @@ import torch
 
 from interplab.models import ToyConfig, ToyTransformer
 from interplab.sae import SAEConfig, make_sae
+from interplab.sae.crosslayer import CrossLayerTranscoder
 from interplab.sae.transcoder import Transcoder
 
 
@@ -53,3 +54,37 @@ def noisy_set(model: ToyTransformer, d_sae: int = 24, k: int = 4, skip_layer: in
 
 def prompt(n: int = 7, d_vocab: int = 20, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, d_vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def clt_from_set(transcoders: dict[int, Transcoder], activation: str = "topk", k: int = 4) -> CrossLayerTranscoder:
+    """The per-layer set as a cross-layer transcoder: the same encoders and own-layer decoders, later decoders zero
+    (every layer must have the same width and, for topk, the same k)."""
+    first = transcoders[0].sae
+    clt = CrossLayerTranscoder(len(transcoders), first.cfg.d_in, first.cfg.d_sae, activation=activation, k=k).double()
+    with torch.no_grad():
+        for l, tc in transcoders.items():
+            clt.W_enc[l].copy_(tc.sae.W_enc)
+            clt.b_enc[l].copy_(tc.sae.b_enc)
+            clt.W_dec[l].zero_()
+            clt.W_dec[l][:, 0].copy_(tc.sae.W_dec)
+            clt.b_dec[l].copy_(tc.sae.b_dec)
+    return clt.eval()
+
+
+def exact_clt(model: ToyTransformer) -> CrossLayerTranscoder:
+    """The MLPs as a CLT (ReLU): W_enc[l] = W_in, b_enc[l] = b_in, own-layer decoder W_out, later decoders zero."""
+    return clt_from_set(exact_set(model), activation="relu")
+
+
+def noisy_clt(model: ToyTransformer, d_sae: int = 16, threshold: float = 1.0, seed: int = 11) -> CrossLayerTranscoder:
+    """A random JumpReLU CLT whose every decoder (own layer and every later one) is non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    L, d = model.info.n_layers, model.info.d_model
+    clt = CrossLayerTranscoder(L, d, d_sae, activation="jumprelu", init_threshold=threshold).double()
+    with torch.no_grad():
+        clt.W_enc.copy_(torch.randn(L, d, d_sae, generator=gen, dtype=torch.float64))
+        clt.b_enc.copy_(torch.randn(L, d_sae, generator=gen, dtype=torch.float64) * 0.1)
+        for W in clt.W_dec:
+            W.copy_(torch.randn(W.shape, generator=gen, dtype=torch.float64) * 0.3)
+        clt.b_dec.copy_(torch.randn(L, d, generator=gen, dtype=torch.float64) * 0.1)
+    return clt.eval()

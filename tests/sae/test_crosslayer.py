@@ -8,7 +8,9 @@ import torch
 from interplab.errors import InterplabError
 from interplab.models import ToyConfig, ToyTransformer
 from interplab.models.tokens import ByteTokenizer
-from interplab.sae.crosslayer import CLTConfig, CrossLayerTranscoder, train_crosslayer
+from interplab.sae.crosslayer import CrossLayerTranscoder
+from interplab.sae.crosslayer_config import CLTTrainConfig
+from interplab.sae.crosslayer_train import train_clt
 
 
 def relu_toy(n_layers: int = 2, d_model: int = 8, d_mlp: int = 12, seed: int = 0) -> ToyTransformer:
@@ -114,8 +116,8 @@ def test_bad_input_is_refused():
         CrossLayerTranscoder(2, 4, 6, activation="gelu")
     with pytest.raises(InterplabError, match="k < d_sae"):
         CrossLayerTranscoder(2, 4, 6, activation="topk", k=6)
-    with pytest.raises(InterplabError, match="unknown CLT activation"):
-        train_crosslayer(relu_toy(), CLTConfig(activation="tanh"), progress=False, batches=[])
+    with pytest.raises(InterplabError, match="unknown --activation 'tanh'"):
+        train_clt(CLTTrainConfig(activation="tanh"), model=relu_toy(), token_batches=[], progress=False)
 
 
 def fvu(clt: CrossLayerTranscoder, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
@@ -128,35 +130,42 @@ def fvu(clt: CrossLayerTranscoder, xs: list[torch.Tensor], ys: list[torch.Tensor
 
 
 @pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
-def test_training_on_a_toy_explains_most_of_the_mlp_outputs(activation):
-    """Trained on the fly on random token batches of a 2-layer toy, the CLT predicts held-out MLP outputs far better
-    than the best constant (FVU 1), which is where its b_dec starts."""
+def test_training_on_a_toy_explains_most_of_the_mlp_outputs(activation, tmp_path):
+    """Trained on random token batches of a 2-layer toy, the CLT predicts held-out MLP outputs far better than the
+    best constant (FVU 1), which is where its b_dec starts."""
     torch.manual_seed(0)
     model = relu_toy(d_model=8, d_mlp=16).float()
     g = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, 10, (16, 8), generator=g) for _ in range(150)]
-    cfg = CLTConfig(d_sae=32, activation=activation, k=6, lr=1e-2, n_tokens=10**9, l1_coefficient=1e-4,
-                    l0_coefficient=1e-4, seed=0)
-    clt = train_crosslayer(model, cfg, progress=False, batches=batches)
+    cfg = CLTTrainConfig(model="toy", d_sae=[32], activation=activation, k=[6], lr=1e-2, tokens=150 * 16 * 7,
+                         l1_coefficient=[1e-4], l0_coefficient=[1e-4], batch_size=16, ctx_len=8, out=str(tmp_path))
+    result = train_clt(cfg, model=model, token_batches=batches, progress=False)
+    clt = result.clts[result.names[0]]  # as trained: it reads inputs x in_scales and predicts outputs x out_scales
     held = torch.randint(0, 10, (32, 8), generator=g)
     xs, ys = mlp_io(model, held)
-    xs, ys = [x[:, 1:].flatten(0, 1) for x in xs], [y[:, 1:].flatten(0, 1) for y in ys]
+    xs = [x[:, 1:].flatten(0, 1) * s for x, s in zip(xs, result.in_scales)]
+    ys = [y[:, 1:].flatten(0, 1) * t for y, t in zip(ys, result.out_scales)]
     assert fvu(clt, xs, ys) < 0.2
     if activation == "topk":  # decoders kept at unit norm over all output layers
         torch.testing.assert_close(clt.decoder_norms(), torch.ones(2, 32), rtol=0, atol=1e-5)
 
 
 def test_training_reads_the_configured_corpus(tmp_path):
-    """Without `batches`, contexts come from cfg.corpus through the model's tokenizer; n_tokens bounds the run."""
+    """Without token batches, contexts come from cfg.corpus through the model's tokenizer."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"the cat {i} sat on the mat {i % 7} and the dog ran" for i in range(400)))
     model = ToyTransformer(ToyConfig(n_layers=2, d_model=8, n_heads=2, d_head=4, d_mlp=16, n_ctx=16, d_vocab=257,
                                      act_fn="relu", init_std=0.4)).eval()
     with pytest.raises(InterplabError, match="has no tokenizer"):
-        train_crosslayer(model, CLTConfig(corpus=str(corpus)), progress=False)
+        train_clt(CLTTrainConfig(corpus=str(corpus), ctx_len=16, tokens=1000, out=str(tmp_path / "a")), model=model,
+                  progress=False)
+    assert not (tmp_path / "a").exists()
     model.tokenizer = ByteTokenizer()
-    cfg = CLTConfig(corpus=str(corpus), split="all", ctx_len=16, batch_size=8, d_sae=32, k=4, lr=1e-2,
-                    n_tokens=100 * 8 * 15)
-    clt = train_crosslayer(model, cfg, progress=False)
+    cfg = CLTTrainConfig(corpus=str(corpus), split="all", ctx_len=16, batch_size=8, d_sae=[32], k=[4], lr=1e-2,
+                         tokens=100 * 8 * 15, out=str(tmp_path / "b"))
+    result = train_clt(cfg, model=model, progress=False)
+    clt = result.clts[result.names[0]]
     xs, ys = mlp_io(model, torch.tensor([ByteTokenizer()(["the cat 3 sat on"])["input_ids"][0]]))
-    assert fvu(clt, [x[0, 1:] for x in xs], [y[0, 1:] for y in ys]) < 0.5
+    xs = [x[0, 1:] * s for x, s in zip(xs, result.in_scales)]
+    ys = [y[0, 1:] * t for y, t in zip(ys, result.out_scales)]
+    assert fvu(clt, xs, ys) < 0.5

@@ -21,6 +21,7 @@ from interplab.beliefs.configs import BeliefRegressConfig, BeliefTrainConfig, MS
 from interplab.circuits.configs import DLAConfig, HeadsConfig, PatchConfig
 from interplab.config import add_dataclass_args, dataclass_from_args
 from interplab.dashboard.configs import DashboardConfig, NeuronpediaConfig, ServeConfig
+from interplab.decompose.configs import DecomposeConfig
 from interplab.demo_config import DemoConfig
 from interplab.errors import InterplabError
 from interplab.evals.configs import EvalConfig, PerturbConfig, TranscoderEvalConfig
@@ -29,6 +30,7 @@ from interplab.lens.configs import LensConfig
 from interplab.models.configs import HooksConfig
 from interplab.probes.configs import ProbeConfig, RefusalConfig
 from interplab.report.configs import ParetoConfig, RunReportConfig
+from interplab.sae.crosslayer_config import CLTTrainConfig
 from interplab.sae.train_config import TrainConfig
 from interplab.synth.configs import PlantedConfig, SynthBenchConfig, SynthScoreConfig, TMSRunConfig
 from interplab.toy.configs import InspectToyConfig, ToyTrainConfig
@@ -45,6 +47,9 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "inspect": (InspectConfig, "inspect", "describe an activation store and verify its checksums"),
     "sae train": (TrainConfig, "sae_train", "train sparse autoencoders (a sweep in one pass) on a store or a model"),
     "sae eval": (EvalConfig, "sae_eval", "evaluate an SAE spliced into its model, beside its controls"),
+    "transcoder train": (CLTTrainConfig, "transcoder_train",
+                         "train cross-layer transcoders (a sweep in one pass) on a model's MLP inputs and outputs; "
+                         "resumable, data-parallel under torchrun"),
     "transcoder eval": (TranscoderEvalConfig, "transcoder_eval",
                         "evaluate transcoders spliced in place of their MLPs, one layer at a time and all at once "
                         "(with and without error terms), beside ε-random and zero-ablation controls"),
@@ -56,6 +61,10 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
                     "run harvest, sae train and sae eval where the truth is known"),
     "synth score": (SynthScoreConfig, "synth_score", "score saved SAEs against a generator's planted truth, beside "
                     "random and PCA controls"),
+    "decompose": (DecomposeConfig, "decompose",
+                  "stochastic (SPD) or attribution-based (APD) parameter decomposition of a model's weights into "
+                  "rank-1 subcomponents, scored against the true mechanisms beside random-model and random-basis "
+                  "controls"),
     "synth tms": (TMSRunConfig, "synth_tms",
                   "toy models of superposition: the n=5, m=2 pictures and the n=200, m=20 dimensionality sweep"),
     "toy train": (ToyTrainConfig, "toy_train",
@@ -121,8 +130,8 @@ GROUPS: dict[str, str] = {
     "beliefs": "belief-state geometry (Shai et al. 2024): transformers trained on hidden Markov processes, and "
                "affine maps from their residual streams onto the Bayesian belief states",
     "sae": "sparse autoencoders: train dictionaries on activations, evaluate them with controls",
-    "transcoder": "transcoders (train them with `interplab sae train --hook blocks.L.mlp.hook_in --target "
-                  "blocks.L.hook_mlp_out`): evaluation with controls",
+    "transcoder": "transcoders: train cross-layer transcoders (per-layer ones: `interplab sae train --hook "
+                  "blocks.L.mlp.hook_in --target blocks.L.hook_mlp_out`), evaluation with controls",
     "report": "pages from saved results: run reports and their index, Pareto plots",
     "dashboard": "feature dashboards: a static site per SAE (no server needed), served locally, exported to "
                  "Neuronpedia",
@@ -138,6 +147,7 @@ INTERRUPTED: dict[str, str] = {
     "harvest": "completed shards are kept",
     "demo": "completed shards are kept",
     "sae train": "the last checkpoint is kept",
+    "transcoder train": "the last checkpoint is kept",
     "beliefs train": "the last checkpoint is kept",
     "toy train": "the last checkpoint is kept",
 }

@@ -23,6 +23,8 @@ from interplab.beliefs.configs import BeliefRegressConfig
 from interplab.circuits import run_dla, run_heads, run_patch
 from interplab.dashboard import graph_export, graph_page, neuronpedia, serve, site
 from interplab.dashboard.configs import DashboardConfig, ServeConfig
+from interplab.decompose import report as decompose_report
+from interplab.decompose import run as decompose_run
 from interplab.distributed import ranks
 from interplab.distributed import shutdown as shutdown_distributed
 from interplab.errors import InterplabError
@@ -41,6 +43,8 @@ from interplab.probes import probe_run, refusal as refusal_module
 from interplab.report import run_reports
 from interplab.report.configs import ParetoConfig
 from interplab.runs import read_json_object
+from interplab.sae.crosslayer_config import CLTTrainConfig
+from interplab.sae.crosslayer_train import train_clt
 from interplab.sae.per_hook import hook_run_config, train_hooks
 from interplab.sae.train_config import TrainConfig
 from interplab.sae.trainer import TrainResult, train
@@ -127,6 +131,21 @@ def _print_train_result(cfg: TrainConfig, result: TrainResult) -> None:
           f"({result.tokens_per_s:,.0f} tokens/s{resumed})")
 
 
+def transcoder_train(cfg: CLTTrainConfig) -> None:
+    result = train_clt(cfg)
+    if not ranks().is_main:  # data-parallel: every rank holds the same result
+        return
+    if result.already_complete:
+        print(f"{cfg.out} already holds this complete run ({len(result.names)} CLTs); nothing to do")
+        return
+    for name, m in result.metrics.items():
+        per_layer = "/".join(f"{v:.3f}" for v in m["fvu_per_layer"])
+        print(f"{name}: fvu {m['fvu']:.4f} (per layer {per_layer})  l0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}")
+    resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
+    print(f"trained {len(result.names)} CLT(s) on {result.tokens:,} tokens into {cfg.out} "
+          f"({result.tokens_per_s:,.0f} tokens/s{resumed})")
+
+
 def sae_eval(cfg: EvalConfig) -> None:
     print(sae_eval_module.format_summary(sae_eval_module.evaluate(cfg)))
     if cfg.out:
@@ -165,6 +184,8 @@ def synth_score(cfg: SynthScoreConfig) -> None:
     print(bench.format_table({"config": vars(cfg), "rows": rows, "summary": bench.summarise(rows)}))
 
 
+decompose = summarised(decompose_run.run_decompose, decompose_report.format_summary,
+                      "numbers: {OUT}/metrics.json, report: {OUT}/report.md, figures: {OUT}/figures/")
 synth_tms = summarised(tms_run.run_tms, tms_run.format_summary, "numbers: {OUT}/metrics.json, figures: {OUT}/figures/")
 toy_train = summarised(toy_train_module.run_toy_train, toy_train_module.format_summary,
                        "numbers: {OUT}/metrics.json, log: {OUT}/log.jsonl; next: interplab toy inspect --run {OUT}")

@@ -11,7 +11,8 @@ coloured by the sign of their weight and as wide as |weight|. Two sliders prune 
 share of the total influence (as circuit-tracer's node threshold: the fewest feature and error nodes, by influence,
 whose influences add up to that share; embeddings and logits always stay) and the edges under a share of the
 largest |weight|. Clicking a node shows its layer, position, feature, activation and influence, its strongest
-inputs and outputs, and a link to its feature dashboard page. The replacement, completeness and error-share scores
+inputs and outputs, a link to its feature dashboard page and, for a feature whose node carries "top_examples"
+(`interplab.graphs.top_examples`), its top activating contexts with each token tinted by its activation. The replacement, completeness and error-share scores
 stand beside those of the random-dictionary control.
 
 Why the data is JavaScript and the text is safe: see `interplab.dashboard.store` (Chromium refuses fetch() of local
@@ -117,15 +118,30 @@ def _check_node(node: Any, n_layers: int, n_pos: int, seen: set[str]) -> None:
     for key in ("activation", "prob"):
         if node.get(key) is not None and not _is_number(node[key]):
             _fail(f"node {nid!r} has {key} {node[key]!r}; it must be a finite number or null")
+    if "top_examples" in node:
+        _check_examples(nid, node["top_examples"])
     link = node.get("dashboard")
     if link is not None and (not isinstance(link, str) or not SAFE_URL.match(link)):
         _fail(f"node {nid!r} has dashboard link {link!r}; valid: a relative, http(s) or file URL")
 
 
+def _check_examples(nid: str, examples: Any) -> None:
+    """A feature's optional "top_examples": a list of {tokens: [str], acts: [finite number] as many, max: number}."""
+    if not isinstance(examples, list):
+        _fail(f"node {nid!r} has top_examples {str(examples)[:80]}; it must be a list")
+    for ex in examples:
+        ok = (isinstance(ex, dict) and isinstance(ex.get("tokens"), list) and isinstance(ex.get("acts"), list)
+              and all(isinstance(t, str) for t in ex["tokens"]) and all(_is_number(a) for a in ex["acts"])
+              and len(ex["tokens"]) == len(ex["acts"]) and _is_number(ex.get("max")))
+        if not ok:
+            _fail(f"node {nid!r} has a top example {str(ex)[:80]}; valid: {{tokens: [strings], acts: [as many "
+                  "finite numbers], max: a finite number}")
+
+
 def check_graph(graph: Any) -> None:
     """Raise one `InterplabError` unless `graph` is a well-formed attribution graph (contract of issue 22): the
     kind and version, tokens, node types, layers -1..n_layers, positions inside the prompt, unique node ids, finite
-    influences and weights, and edges between existing nodes."""
+    influences and weights, edges between existing nodes, and well-formed "top_examples" where a node has them."""
     if not isinstance(graph, dict) or graph.get("kind") != "attribution_graph" or graph.get("version") != 1:
         _fail("wrong or missing 'kind'/'version'")
     tokens, n_layers = graph.get("tokens"), graph.get("n_layers")

@@ -1,9 +1,13 @@
 """`interplab transcoder eval`: transcoders spliced in place of their MLPs, scored as `sae eval` scores an SAE.
 
+Per-layer transcoders (a folder, or a set of one per layer) or a cross-layer transcoder (CLT: circuit-tracer's CLT
+folder, as `interplab transcoder train` writes it, where ŷ_l reads the features of every layer ≤ l), both behind
+`interplab.sae.mlp_dictionary`. Below, T_l(x_l) stands for ŷ_l from the features of its source layers.
+
 Per batch of held-out contexts the model runs once clean (every covered MLP's input x_l and output y_l read on the
 way). Then, for each evaluated layer l ALONE (a prefix up to `blocks.{l}.hook_mlp_out`, one suffix per variant):
 
-    transcoder       ŷ_l = T_l(x_l) in place of y_l
+    transcoder       ŷ_l = T_l(x_l) in place of y_l (a CLT's from the clean x_0..x_l)
     epsilon_random   y_l + ‖y_l − ŷ_l‖·u, u a fresh random unit vector per token: the transcoder's error norm at random
     zero_ablation    0 (the MLP's contribution removed)
 
@@ -14,10 +18,12 @@ of every covered MLP.
 Reported per layer: KL(clean ‖ spliced) per position 1..T−1 and next-token CE from positions 1..T−2, each as mean ±
 SEM; kl_ratio = KL_transcoder / KL_ε-random (paired delta-method SEM); ce_loss_score = (CE_zero − CE_tc) /
 (CE_zero − CE_clean); the reconstruction of the MLP output (fvu = mean ‖y − ŷ‖² / mean ‖y − ȳ‖², mse, cossim,
-norms); L0 (mean active latents per token), dead latents (never ≠ 0 on the evaluation tokens). For the full
+norms); L0 (mean active latents per token), dead latents (never ≠ 0 on the evaluation tokens); a CLT's are those of
+its layer-l features. For the full
 replacement: the same KL/CE per variant and, per layer, the fvu of the transcoder at the inputs the replacement
 itself produces (errors compounded). BOS (position 0) is never replaced and never counted, as in `sae eval`.
-Writes a run folder (`interplab.runs`): config.json, metrics.json, report.md.
+Writes a run folder (`interplab.runs`): config.json, metrics.json ("dictionary": "per_layer" | "crosslayer"),
+report.md.
 """
 
 from __future__ import annotations
@@ -40,17 +46,15 @@ from interplab.evals.metrics import (
     CleanLogProbs, FiringCounts, ce_loss_recovered, clean_log_probs, firing_counts, kl_and_ce_per_token,
     mean_and_sem, ratio_with_sem,
 )
-from interplab.evals.replacement import (
-    IN_HOOK, OUT_HOOK, SPLICES, CleanRun, as_layers, check_transcoders, clean_run, replacement_logits, splice_output,
-    transcoder_output,
-)
+from interplab.evals.replacement import IN_HOOK, OUT_HOOK, SPLICES, clean_run, replacement_logits, splice_output
 from interplab.fileio import list_files, open_url, write_url_atomic
 from interplab.models.hooked import HookedModel
 from interplab.models.load import load_model
 from interplab.runs import JSONDict, Run, finite_json
 from interplab.sae.crosslayer import CrossLayerTranscoder
 from interplab.sae.layout import CFG_FILE
-from interplab.sae.transcoder import Transcoder, TranscoderSet
+from interplab.sae.mlp_dictionary import DictionarySource, MLPDictionary, as_dictionary, clt_model_name
+from interplab.sae.transcoder import TranscoderSet
 from interplab.sae.transcoder_files import load_transcoder, load_transcoder_set
 
 __all__ = ["KIND", "LAYER_VARIANTS", "REPLACEMENT_VARIANTS", "evaluate_transcoders", "format_summary",
@@ -109,22 +113,21 @@ class LayerTally(Tally):
         self.l0_sum += (f != 0).sum().item()
         self.err_norm_sum += (y.double() - y_hat.double()).norm(dim=-1).sum().item()
 
-    def layer_summary(self, tc: Transcoder) -> dict[str, Any]:
+    def layer_summary(self, about: Mapping[str, Any]) -> dict[str, Any]:
+        """`about` (hooks, arch, d_sae, skip: `MLPDictionary.describe`) and the layer's metrics."""
         n = self.moments.n
         dead = int((self.counts.counts == 0).sum())
-        return {"in_hook": tc.in_hook, "out_hook": tc.out_hook, "arch": tc.sae.cfg.arch, "d_sae": tc.sae.cfg.d_sae,
-                "skip": tc.W_skip is not None, **self.summary("transcoder"),
+        return {**about, **self.summary("transcoder"),
                 "reconstruction": {**self.moments.metrics(), "error_norm": self.err_norm_sum / n},
-                "sparsity": {"l0": self.l0_sum / n, "dead_latents": dead, "dead_fraction": dead / tc.sae.cfg.d_sae}}
+                "sparsity": {"l0": self.l0_sum / n, "dead_latents": dead, "dead_fraction": dead / about["d_sae"]}}
 
 
 @torch.no_grad()
-def _splice_layer(model: HookedModel, tokens: Tensor, tc: Transcoder, clean: CleanRun, clean_lp: CleanLogProbs,
+def _splice_layer(model: HookedModel, tokens: Tensor, layer: int, f: Tensor, y_hat: Tensor, clean_lp: CleanLogProbs,
                   tally: LayerTally, gen: torch.Generator) -> None:
-    """One batch of layer `tc.layer` alone: every LAYER_VARIANT through one shared prefix."""
-    layer = tc.layer
+    """One batch of `layer` alone: every LAYER_VARIANT through one shared prefix. `f` [B T d_sae], `y_hat`
+    [B T d]: the layer's features and predicted output on the clean run's MLP inputs."""
     prefix = model.run_prefix(tokens, OUT_HOOK.format(layer=layer))                 # prefix.act = y_l [B T d]
-    f, y_hat = transcoder_output(tc, clean.inputs[layer])
     for name in LAYER_VARIANTS:
         logits = model.run_suffix(prefix, splice_output(name, prefix.act, y_hat, gen=gen))
         tally.add(name, *kl_and_ce_per_token(clean_lp, logits, tokens))
@@ -134,39 +137,45 @@ def _splice_layer(model: HookedModel, tokens: Tensor, tc: Transcoder, clean: Cle
 
 
 @torch.no_grad()
-def evaluate_transcoders(model: HookedModel, transcoders: object, batches: Iterable[Tensor], *,
+def evaluate_transcoders(model: HookedModel, transcoders: DictionarySource, batches: Iterable[Tensor], *,
                          layers: list[int] | None = None, full_replacement: bool = True, seed: int = 0,
                          progress: bool = False) -> JSONDict:
-    """Splice each transcoder alone (those of `layers`, default all) and, with `full_replacement`, all at once, on
-    token batches [B T] (BOS at position 0); return {"n_contexts", "n_tokens", "layers": {l: ...}, "replacement"}.
+    """Splice each covered layer alone (those of `layers`, default all) and, with `full_replacement`, all at once,
+    on token batches [B T] (BOS at position 0); return {"dictionary", "n_contexts", "n_tokens", "layers": {l: ...},
+    "replacement"}.
 
-    `transcoders`: a `TranscoderSet`, a dict {layer: Transcoder} or one `Transcoder` (see `replacement.as_layers`).
+    `transcoders`: a `TranscoderSet`, a dict {layer: Transcoder}, one `Transcoder`, a `CrossLayerTranscoder` or a
+    wrapped `MLPDictionary` (see `mlp_dictionary.as_dictionary`); computed in float32 (converted in place).
     """
-    by_layer = {l: tc.float().eval() for l, tc in as_layers(transcoders).items()}
-    check_transcoders(model, by_layer)
-    single = sorted(by_layer) if layers is None else sorted(layers)
-    missing = [l for l in single if l not in by_layer]
+    dic = as_dictionary(transcoders).float()
+    dic.check(model)
+    single = dic.layers if layers is None else sorted(layers)
+    missing = [l for l in single if l not in dic.layers]
     if missing:
-        raise InterplabError(f"no transcoder for layer(s) {missing}; the transcoders cover {sorted(by_layer)}")
-    tallies = {l: LayerTally(by_layer[l].sae.cfg.d_sae) for l in single}
+        raise InterplabError(f"no transcoder for layer(s) {missing}; the transcoders cover {dic.layers}")
+    sources = sorted({i for l in single for i in dic.sources(l)})
+    tallies = {l: LayerTally(dic.d_sae(l)) for l in single}
     repl = Tally(REPLACEMENT_VARIANTS) if full_replacement else None
-    repl_moments = {l: Moments() for l in by_layer}
+    repl_moments = {l: Moments() for l in dic.layers}
     gen_layer = torch.Generator(device=model.device).manual_seed(seed)
     gen_repl = torch.Generator(device=model.device).manual_seed(seed + 1)
     n_contexts = n_tokens = 0
     max_diff = 0.0  # with_errors vs clean logits: 0 up to rounding, by construction
     for tokens in tqdm(batches, desc="transcoder eval", unit="batch", disable=not progress):
         tokens = model.check_tokens(tokens)
-        clean = clean_run(model, tokens, sorted(by_layer))
+        clean = clean_run(model, tokens, dic.layers)
         clean_lp = clean_log_probs(clean.logits)
         clean_ce = -clean_lp.logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)   # [B T-1]
         for tally in [*tallies.values(), *([repl] if repl else [])]:
             tally.add("clean", clean_ce, clean_ce)
-        for l in single:
-            _splice_layer(model, tokens, by_layer[l], clean, clean_lp, tallies[l], gen_layer)
+        clean_pass = dic.new_pass()
+        for l in sources:  # ascending, so each ŷ_l is complete when its layer comes
+            f = clean_pass.read(l, clean.inputs[l])
+            if l in tallies:
+                _splice_layer(model, tokens, l, f, clean_pass.output(l), clean_lp, tallies[l], gen_layer)
         if repl is not None:
             for name in REPLACEMENT_VARIANTS:
-                logits = replacement_logits(model, tokens, by_layer, name, clean=clean, gen=gen_repl,
+                logits = replacement_logits(model, tokens, dic, name, clean=clean, gen=gen_repl,
                                             moments=repl_moments if name == "transcoder" else None)
                 repl.add(name, *kl_and_ce_per_token(clean_lp, logits, tokens))
                 if name == "with_errors":
@@ -176,20 +185,20 @@ def evaluate_transcoders(model: HookedModel, transcoders: object, batches: Itera
     if n_contexts == 0:
         raise InterplabError("no token batch to evaluate on")
     result: dict[str, Any] = {
-        "n_contexts": n_contexts, "n_tokens": n_tokens, "bos_excluded": True,
-        "layers": {str(l): tallies[l].layer_summary(by_layer[l]) for l in single},
+        "dictionary": dic.kind, "n_contexts": n_contexts, "n_tokens": n_tokens, "bos_excluded": True,
+        "layers": {str(l): tallies[l].layer_summary(dic.describe(l)) for l in single},
         "replacement": None,
     }
     if repl is not None:
         result["replacement"] = {
-            "layers": sorted(by_layer), "complete": len(by_layer) == model.info.n_layers, **repl.summary("transcoder"),
+            "layers": dic.layers, "complete": len(dic.layers) == model.info.n_layers, **repl.summary("transcoder"),
             "fvu_in_replacement": {str(l): m.metrics()["fvu"] for l, m in repl_moments.items()},
             "max_abs_logit_diff_with_errors": max_diff,
         }
     return finite_json(result)
 
 
-def run_transcoder_eval(cfg: TranscoderEvalConfig, *, transcoders: object | None = None,
+def run_transcoder_eval(cfg: TranscoderEvalConfig, *, transcoders: DictionarySource | None = None,
                         model: HookedModel | None = None, progress: bool = True) -> JSONDict:
     """Evaluate the transcoders of cfg.transcoders (or those passed in) on held-out text; write OUT/metrics.json and
     OUT/report.md; return the metrics. A complete run with the same config in OUT is reported, not recomputed."""
@@ -197,14 +206,17 @@ def run_transcoder_eval(cfg: TranscoderEvalConfig, *, transcoders: object | None
     with Run.open(cfg.out, KIND, asdict(cfg)) as run:
         if run.metrics is not None:
             return run.metrics
-        by_layer = as_layers(transcoders if transcoders is not None else _load_transcoders(cfg.transcoders))
-        spec = cfg.model or next(iter(by_layer.values())).sae.cfg.model
+        dic = as_dictionary(transcoders) if transcoders is not None else _load_transcoders(cfg.transcoders)
+        spec = cfg.model or dic.model_name
         if model is None and not spec:
             raise InterplabError(f"the transcoders in {cfg.transcoders} record no model; pass --model")
         model = model or load_model(spec, device=cfg.device)
-        check_transcoders(model, by_layer)
+        dic.check(model)
         _check_model(cfg, model)
-        by_layer = {l: tc.to(model.device) for l, tc in by_layer.items()}
+        missing = [l for l in cfg.layers if l not in dic.layers]
+        if missing:
+            raise InterplabError(f"--layers {missing}: no transcoder there; the transcoders cover {dic.layers}")
+        dic = dic.to(model.device)
         contexts = iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split=cfg.split, seed=cfg.seed,
                                  test_fraction=cfg.test_fraction)
         contexts = list(itertools.islice(contexts, cfg.tokens // cfg.ctx_len))
@@ -212,7 +224,7 @@ def run_transcoder_eval(cfg: TranscoderEvalConfig, *, transcoders: object | None
             raise InterplabError(f"corpus {cfg.corpus!r} ({cfg.split} split) yields no context of {cfg.ctx_len} "
                                  "tokens")
         batches = [torch.stack(contexts[i:i + cfg.batch_size]) for i in range(0, len(contexts), cfg.batch_size)]
-        result = evaluate_transcoders(model, by_layer, batches, layers=cfg.layers or None,
+        result = evaluate_transcoders(model, dic, batches, layers=cfg.layers or None,
                                       full_replacement=cfg.full_replacement, seed=cfg.seed, progress=progress)
         result = {"config": asdict(cfg), "model": model.info.to_dict(), **result}
         result["report"] = run.path("report.md")
@@ -228,17 +240,15 @@ def _check_model(cfg: TranscoderEvalConfig, model: HookedModel) -> None:
         raise InterplabError(f"{model.info.spec} has no tokenizer, so it cannot read a text corpus")
 
 
-def _load_transcoders(path: str) -> TranscoderSet:
-    """One transcoder folder (it holds cfg.json) or a set folder (one per layer, or circuit-tracer's)."""
+def _load_transcoders(path: str) -> MLPDictionary:
+    """One transcoder folder (it holds cfg.json), a set folder (one per layer, or circuit-tracer's) or a CLT folder
+    (circuit-tracer's, whose config.yaml records the model)."""
     fs, root = open_url(path)
     if CFG_FILE in list_files(fs, root):
         transcoder = load_transcoder(path)
-        return TranscoderSet({transcoder.layer: transcoder}, IN_HOOK, OUT_HOOK)
+        return as_dictionary(TranscoderSet({transcoder.layer: transcoder}, IN_HOOK, OUT_HOOK))
     loaded = load_transcoder_set(path)
-    if isinstance(loaded, CrossLayerTranscoder):
-        raise InterplabError(f"{path} holds a cross-layer transcoder; `transcoder eval` evaluates per-layer "
-                             "transcoders (one folder, or a set of one per layer)")
-    return loaded
+    return as_dictionary(loaded, clt_model_name(path) if isinstance(loaded, CrossLayerTranscoder) else "")
 
 
 def _num(v: Any, fmt: str = ".4g") -> str:
@@ -253,7 +263,9 @@ def format_summary(result: Mapping[str, Any]) -> str:
     """Per layer: L0, dead latents, FVU, KL of the transcoder beside ε-random and zero ablation, CE; then the full
     replacement's KL and CE per variant."""
     cfg = result.get("config", {})
-    lines = [f"{result.get('model', {}).get('spec', '?')}: transcoders spliced in place of the MLP output on "
+    what = ("a cross-layer transcoder (ŷ_l from the features of layers ≤ l)" if result.get("dictionary") ==
+            "crosslayer" else "transcoders")
+    lines = [f"{result.get('model', {}).get('spec', '?')}: {what} spliced in place of the MLP output on "
              f"{result['n_tokens']} tokens of {cfg.get('corpus', '?')} ({cfg.get('split', '?')}); "
              "KL(clean ‖ spliced) in nats, mean ± SEM",
              f"{'layer':>5} {'d_sae':>6} {'L0':>7} {'dead':>6} {'FVU':>7} {'KL transcoder':>20} "
@@ -280,7 +292,10 @@ def format_summary(result: Mapping[str, Any]) -> str:
 def report_markdown(result: Mapping[str, Any]) -> str:
     """report.md: the summary table and what each variant is."""
     return ("# Transcoder evaluation\n\n```\n" + format_summary(result) + "\n```\n\n"
-            "- **transcoder**: the transcoder's output in place of the MLP's (`hook_mlp_out`).\n"
+            "- **transcoder**: the transcoder's output in place of the MLP's (`hook_mlp_out`). A cross-layer "
+            "transcoder's output at layer l sums the decoders of the features of every layer ≤ l: alone, those "
+            "features are read from the real model's MLP inputs; in the full replacement, from the replaced "
+            "stream's.\n"
             "- **epsilon_random**: the MLP's true output plus a random vector of the transcoder's error norm, per "
             "token: the floor a transcoder of that error size would reach if its error were isotropic.\n"
             "- **zero_ablation**: the MLP output set to 0.\n"

@@ -14,9 +14,11 @@ the mean logit, as circuit-tracer does), and J the Jacobian of the frozen model 
 constant, since the model is linear there. One forward pass of the frozen model with the embedding and every MLP
 output as leaves, then one backward pass per batch of B targets with the B read vectors as batched cotangents
 (`is_grads_batched`), gives each target's gradient at every MLP output and at the embedding; contracting those with
-the v_s gives B rows of A. A causal model's target at position p depends on positions ≤ p only, so the targets are
-taken position by position, each on its prefix, and by layer within a position (a batch of early-layer targets
-stops its backward pass early).
+the v_s gives B rows of A. A feature of a cross-layer transcoder writes into several MLP outputs (layers i..L−1),
+so its v_s is one vector per output layer and A[t, s] = Σ_{j ≥ i} v_{s,j} · J_{j→t} · u_t: the same gradients, dotted
+with every decoder row and summed per feature, so a CLT costs no extra backward pass. A causal model's target at
+position p depends on positions ≤ p only, so the targets are taken position by position, each on its prefix, and by
+layer within a position (a batch of early-layer targets stops its backward pass early).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Float, Int
 
-from interplab.graphs.replacement import Replacement, Transcoders, freeze_hooks, setup_replacement
+from interplab.graphs.replacement import Replacement, freeze_hooks, setup_replacement
 from interplab.models.hooked import HookedModel
 from interplab.models.hooks import HookFn, StopForward
-from interplab.sae.transcoder import Transcoder
+from interplab.sae.mlp_dictionary import Dictionary, MLPDictionary, as_dictionary
 
 
 class AttributionGraph(NamedTuple):
@@ -88,12 +90,12 @@ def logit_vectors(model: HookedModel, ids: Int[torch.Tensor, " k"], dtype: torch
     return u[:, 0].detach()
 
 
-def feature_spans(rep: Replacement, n_layers: int) -> list[list[slice | None]]:
-    """[layer][pos]: the slice of the feature list at that layer and position (features are sorted by layer, then
-    position), or None if none is active there."""
+def decoder_spans(rep: Replacement, n_layers: int) -> list[list[slice | None]]:
+    """[layer][pos]: the slice of the decoder rows writing into that layer's MLP output at that position (rows are
+    sorted by output layer, then position), or None if no feature writes there."""
     n_pos = int(rep.tokens.shape[1])
     spans: list[list[slice | None]] = [[None] * n_pos for _ in range(n_layers)]
-    key = (rep.feat_layer * n_pos + rep.feat_pos).cpu()
+    key = (rep.dec_layer * n_pos + rep.feat_pos[rep.dec_feature]).cpu()
     for value, start, count in zip(*_runs(key)):
         layer, pos = divmod(value, n_pos)
         spans[layer][pos] = slice(start, start + count)
@@ -115,17 +117,17 @@ class Linearised:
     x_in @ W_skip stays differentiable, as it is linear. The backward passes are batched over targets with
     `is_grads_batched` (vmap over the cotangents), so the forward pass runs once, on one copy of the prompt."""
 
-    def __init__(self, model: HookedModel, transcoders: Transcoders, rep: Replacement, n_pos: int):
+    def __init__(self, model: HookedModel, dic: MLPDictionary, rep: Replacement, n_pos: int):
         self.n_layers, self.n_pos, self.rep = model.info.n_layers, n_pos, rep
         self.mlp_in: dict[int, torch.Tensor] = {}
         self.leaves: dict[int, torch.Tensor] = {}
         self.final: torch.Tensor | None = None
-        self.spans = feature_spans(rep, self.n_layers)
+        self.spans = decoder_spans(rep, self.n_layers)
         self.embed = rep.embeddings[None, :n_pos].to(model.device).clone().requires_grad_(True)
         hooks: list[tuple[str, HookFn]] = [*freeze_hooks(model), ("hook_embed", lambda act, _n: self.embed.to(act))]
         for layer in range(self.n_layers):
             hooks += [(f"blocks.{layer}.mlp.hook_in", self._keep_in),
-                      (f"blocks.{layer}.hook_mlp_out", lambda act, n, tc=transcoders[layer]: self._leaf(act, n, tc))]
+                      (f"blocks.{layer}.hook_mlp_out", lambda act, n, W=dic.skip(layer): self._leaf(act, n, W))]
         hooks.append(("ln_final.hook_out", self._keep_final))
         with torch.enable_grad():
             try:
@@ -137,13 +139,13 @@ class Linearised:
         self.mlp_in[int(name.split(".")[1])] = act
         return act.detach()  # the MLP itself needs no autograd record: its output is replaced by a leaf
 
-    def _leaf(self, act: torch.Tensor, name: str, tc: Transcoder) -> torch.Tensor:
+    def _leaf(self, act: torch.Tensor, name: str, W_skip: torch.Tensor | None) -> torch.Tensor:
         layer = int(name.split(".")[1])
         leaf = self.rep.mlp_out[layer][None, : self.n_pos].to(act).clone().requires_grad_(True)
         self.leaves[layer] = leaf
-        if tc.W_skip is None:
+        if W_skip is None:
             return leaf
-        skip = self.mlp_in[layer].to(tc.W_skip) @ tc.W_skip
+        skip = self.mlp_in[layer].to(W_skip) @ W_skip
         return leaf + (skip - skip.detach()).to(act)  # value unchanged, gradient through the linear skip
 
     def _keep_final(self, act: torch.Tensor, _name: str) -> None:
@@ -169,7 +171,8 @@ class Linearised:
         return self._contract([None if g is None else g[:, 0] for g in grads], b)
 
     def _contract(self, grads: list[torch.Tensor | None], b: int) -> Float[torch.Tensor, "b n_sources"]:
-        """Dot each target's gradients with what every source (at a position of the prefix) writes."""
+        """Dot each target's gradients with what every source (at a position of the prefix) writes; a feature's
+        edge sums its decoder rows' dots over the output layers it writes into."""
         rep, n_pos = self.rep, self.n_pos
         full_pos, dtype = rep.tokens.shape[1], rep.decoder_vecs.dtype
         feat = torch.zeros(b, rep.feat_layer.shape[0], dtype=dtype, device=rep.decoder_vecs.device)
@@ -179,21 +182,23 @@ class Linearised:
             if g is None:
                 continue
             g = g.to(feat)  # [b, n_pos, d]
-            for pos in range(n_pos):  # each feature against the gradient at its own position only
+            for pos in range(n_pos):  # each decoder row against the gradient at its own position only
                 span = self.spans[layer][pos]
                 if span is not None:
-                    feat[:, span] = g[:, pos] @ rep.decoder_vecs[span].T
+                    feat.index_add_(1, rep.dec_feature[span], g[:, pos] @ rep.decoder_vecs[span].T)
             err[:, layer, :n_pos] = (g * rep.errors[layer, :n_pos]).sum(-1)
         if grads[0] is not None:
             tok[:, :n_pos] = (grads[0].to(feat) * rep.embeddings[:n_pos]).sum(-1)
         return torch.cat([feat, err.flatten(1), tok], 1)
 
 
-def attribute(model: HookedModel, transcoders: Transcoders, tokens: Int[torch.Tensor, "1 pos"], *,
+def attribute(model: HookedModel, transcoders: Dictionary, tokens: Int[torch.Tensor, "1 pos"], *,
               max_logits: int = 10, logit_prob: float = 0.95, batch_size: int = 256,
               zero_bos: bool = True) -> AttributionGraph:
-    """The full (unpruned) attribution graph of the prompt's next-token prediction."""
-    rep = setup_replacement(model, transcoders, tokens, zero_bos=zero_bos)
+    """The full (unpruned) attribution graph of the prompt's next-token prediction, through per-layer transcoders
+    or a cross-layer transcoder."""
+    dic = as_dictionary(transcoders)
+    rep = setup_replacement(model, dic, tokens, zero_bos=zero_bos)
     logit_ids, logit_probs = salient_logits(rep.logits, max_logits, logit_prob)
     n_feat, n_layers, n_pos = rep.feat_layer.shape[0], model.info.n_layers, rep.tokens.shape[1]
     n_logits = logit_ids.shape[0]
@@ -209,7 +214,7 @@ def attribute(model: HookedModel, transcoders: Transcoders, tokens: Int[torch.Te
     for pos in t_pos.unique().tolist():
         at = (t_pos == pos).nonzero()[:, 0]
         at = at[t_layers[at].argsort(stable=True)]
-        lin = Linearised(model, transcoders, rep, pos + 1)
+        lin = Linearised(model, dic, rep, pos + 1)
         for start in range(0, at.shape[0], batch_size):
             chunk = at[start:start + batch_size]
             adjacency[t_rows[chunk], :n_src] = lin.rows(t_layers[chunk], reads[chunk.to(reads.device)]).detach().cpu()

@@ -1,12 +1,13 @@
-"""Check a graph's claims in the real model: clamp or zero transcoder features and read the logits.
+"""Check a graph's claims in the real model: clamp or zero dictionary features and read the logits.
 
-At layer l the real model runs as usual; the transcoder encodes the MLP's actual input of this (intervened) run,
-f = encode(x_in), and the MLP output gets
+At layer i the real model runs as usual; the dictionary encodes the MLP's actual input of this (intervened) run,
+f = encode_i(x_in), and every MLP output j the feature's decoders reach gets
 
-    mlp_out ← mlp_out + Σ_{(p, i) clamped} (value − f[p, i]) · W_dec[i]    at position p,
+    mlp_out_j ← mlp_out_j + Σ_{(p, f) clamped} (value − f[p, f]) · W_dec[i][f, j − i]    at position p,
 
-the change in the transcoder's output when latent i is set to `value` (0 zeroes it) and re-decoded (circuit-tracer's
-`feature_intervention`). Everything downstream — later MLPs (the real ones), attention, norms — responds, unless
+the change in the dictionary's output when latent f is set to `value` (0 zeroes it) and re-decoded (circuit-tracer's
+`feature_intervention`): j = i only for per-layer transcoders, every j ≥ i for a cross-layer transcoder.
+Everything downstream — later MLPs (the real ones), attention, norms — responds, unless
 `freeze_attention` holds the attention patterns at their clean values.
 """
 
@@ -19,9 +20,10 @@ import torch
 from jaxtyping import Float, Int
 
 from interplab.errors import InterplabError
-from interplab.graphs.replacement import Transcoders, check_transcoders, freeze_hooks
+from interplab.graphs.replacement import freeze_hooks
 from interplab.models.hooked import HookedModel
 from interplab.models.hooks import HookFn
+from interplab.sae.mlp_dictionary import Dictionary, MLPDictionary, as_dictionary, mlp_in, mlp_out
 
 
 class Clamp(NamedTuple):
@@ -44,55 +46,64 @@ class LogitEffects(NamedTuple):
     """The change of (logit − mean logit over the vocabulary): what a graph's logit node measures."""
 
 
-def _check(model: HookedModel, transcoders: Transcoders, n_pos: int, clamps: Sequence[Clamp]) -> None:
+def _check(dic: MLPDictionary, n_pos: int, clamps: Sequence[Clamp]) -> None:
     for c in clamps:
-        if c.layer not in transcoders:
-            raise InterplabError(f"no transcoder for layer {c.layer}; layers are {sorted(transcoders)}")
+        if not 0 <= c.layer < dic.n_layers:
+            raise InterplabError(f"no features at layer {c.layer}; layers are 0..{dic.n_layers - 1}")
         if not 0 <= c.pos < n_pos:
             raise InterplabError(f"clamp position {c.pos} outside the prompt's {n_pos} positions")
-        if not 0 <= c.feature < transcoders[c.layer].sae.cfg.d_sae:
-            raise InterplabError(f"feature {c.feature} outside layer {c.layer}'s {transcoders[c.layer].sae.cfg.d_sae}")
+        if not 0 <= c.feature < dic.d_sae(c.layer):
+            raise InterplabError(f"feature {c.feature} outside layer {c.layer}'s {dic.d_sae(c.layer)}")
 
 
-def clamp_hooks(transcoders: Transcoders, clamps: Sequence[Clamp]) -> list[tuple[str, HookFn]]:
-    """Hooks at the MLPs of the clamped layers that add each clamp's change of the transcoder output."""
-    inputs: dict[int, torch.Tensor] = {}
+def clamp_hooks(transcoders: Dictionary, clamps: Sequence[Clamp]) -> list[tuple[str, HookFn]]:
+    """Hooks that encode each clamped layer's MLP input and add each clamp's change of the dictionary's output to
+    the MLP outputs its decoders reach (its own layer; for a cross-layer transcoder also every later one)."""
+    dic = as_dictionary(transcoders)
+    pending: dict[int, torch.Tensor] = {}  # output layer -> what the clamps add there [batch, pos, d_model]
     hooks: list[tuple[str, HookFn]] = []
+    reached: set[int] = set()
     for layer in sorted({c.layer for c in clamps}):
         mine = [c for c in clamps if c.layer == layer]
+        rows = dic.decoder_rows(layer, torch.tensor([c.feature for c in mine], device=dic.device))  # [n, n_out, d]
+        reached |= set(range(layer, layer + rows.shape[1]))
 
-        def read(act: torch.Tensor, _name: str, layer: int = layer) -> None:
-            inputs[layer] = act
+        def read(act: torch.Tensor, _name: str, layer: int = layer, mine: list[Clamp] = mine,
+                 rows: torch.Tensor = rows) -> None:
+            f = dic.encode(layer, act.to(dic.device, dic.dtype))  # [batch, pos, d_sae]: this run's activations
+            for k, c in enumerate(mine):
+                change = c.value - f[:, c.pos, c.feature]  # [batch]
+                for j in range(rows.shape[1]):
+                    add_to = pending.setdefault(layer + j, rows.new_zeros(*f.shape[:-1], rows.shape[2]))
+                    add_to[:, c.pos] += change[:, None] * rows[k, j]
 
-        def add(act: torch.Tensor, _name: str, layer: int = layer, mine: list[Clamp] = mine) -> torch.Tensor:
-            tc = transcoders[layer]
-            f = tc.encode(inputs[layer].to(tc.device, tc.sae.W_enc.dtype))  # [batch, pos, d_sae]
-            delta = torch.zeros_like(f[..., :1].expand(*f.shape[:-1], tc.sae.cfg.d_in)).clone()
-            for c in mine:
-                delta[:, c.pos] += (c.value - f[:, c.pos, c.feature])[:, None] * tc.sae.W_dec[c.feature]
-            return act + delta.to(act)
+        hooks.append((mlp_in(layer), read))
 
-        hooks += [(f"blocks.{layer}.mlp.hook_in", read), (f"blocks.{layer}.hook_mlp_out", add)]
-    return hooks
+    def add(act: torch.Tensor, name: str) -> torch.Tensor:
+        delta = pending.get(int(name.split(".")[1]))
+        return act if delta is None else act + delta.to(act)
+
+    return hooks + [(mlp_out(j), add) for j in sorted(reached)]
 
 
 @torch.no_grad()
-def intervene(model: HookedModel, transcoders: Transcoders, tokens: Int[torch.Tensor, "batch pos"],
+def intervene(model: HookedModel, transcoders: Dictionary, tokens: Int[torch.Tensor, "batch pos"],
               clamps: Sequence[Clamp], *, freeze_attention: bool = False) -> Float[torch.Tensor, "batch pos d_vocab"]:
     """Logits of the real model with the clamps applied (see the module docstring)."""
-    check_transcoders(model, transcoders)
+    dic = as_dictionary(transcoders)
+    dic.check(model)
     tokens = model.check_tokens(tokens)
-    _check(model, transcoders, tokens.shape[1], clamps)
+    _check(dic, tokens.shape[1], clamps)
     hooks: list[tuple[str, HookFn]] = []
     if freeze_attention:
         names = [n for n in model.hook_names if n.endswith("attn.hook_pattern")]
         clean = model.run_with_cache(tokens, names).cache
         hooks += [(n, fn) for n, fn in freeze_hooks(model, clean) if n in clean]
-    return model.run_with_hooks(tokens, hooks + clamp_hooks(transcoders, clamps))
+    return model.run_with_hooks(tokens, hooks + clamp_hooks(dic, clamps))
 
 
 @torch.no_grad()
-def logit_effects(model: HookedModel, transcoders: Transcoders, tokens: Int[torch.Tensor, "1 pos"],
+def logit_effects(model: HookedModel, transcoders: Dictionary, tokens: Int[torch.Tensor, "1 pos"],
                   clamps: Sequence[Clamp], token_ids: Sequence[int], *, freeze_attention: bool = False) -> LogitEffects:
     """How the clamps move the last-position logits of `token_ids` in the real model."""
     clean = model.forward(tokens)[0, -1]

@@ -1,4 +1,5 @@
-"""`interplab graph`: the attribution graph of a prompt through per-layer transcoders, beside the control.
+"""`interplab graph`: the attribution graph of a prompt through per-layer transcoders or a cross-layer transcoder,
+beside the control.
 
 Writes the run folder: OUT/config.json, OUT/graph.json (the pruned graph; schema in graph_json.py),
 OUT/metrics.json (scores beside the control's, node and edge counts, the top paths, and zeroing checks of the most
@@ -8,11 +9,12 @@ influential features in the real model) and OUT/report.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 
 import torch
 
+from interplab.data import iter_contexts
 from interplab.errors import InterplabError
 from interplab.fileio import write_url_atomic
 from interplab.graphs.attribution import AttributionGraph, attribute
@@ -22,13 +24,14 @@ from interplab.graphs.graph_json import graph_to_json, node_ids, top_paths
 from interplab.graphs.interventions import Clamp, logit_effects
 from interplab.graphs.predict import predicted_logit_change
 from interplab.graphs.prune import PruneResult, prune_graph
-from interplab.graphs.replacement import check_transcoders
 from interplab.graphs.scores import GraphScores, graph_scores
+from interplab.graphs.top_examples import attach_examples, kept_features, top_examples
 from interplab.models.hooked import HookedModel
 from interplab.models.load import load_model
 from interplab.models.tokens import token_text
 from interplab.runs import JSONDict, Run, write_json
-from interplab.sae.transcoder import Transcoder, TranscoderSet
+from interplab.sae.crosslayer import CrossLayerTranscoder
+from interplab.sae.mlp_dictionary import Dictionary, check_transcoders
 from interplab.sae.transcoder_files import load_transcoder_set
 
 KIND = "graph"
@@ -53,13 +56,39 @@ def prompt_tokens(model: HookedModel, prompt: str) -> torch.Tensor:
     return model.check_tokens(torch.tensor([ids]))
 
 
-def load_transcoders(path: str, model: HookedModel) -> dict[int, Transcoder]:
-    """The per-layer transcoders in folder `path`, on the model's device (cross-layer transcoders: not yet)."""
-    tset = load_transcoder_set(path)
-    if not isinstance(tset, TranscoderSet):
-        raise InterplabError(f"{path} holds a cross-layer transcoder; `interplab graph` supports per-layer "
-                             "transcoders only so far")
-    return {layer: tc.to(model.device) for layer, tc in tset.transcoders.items()}
+def load_transcoders(path: str, model: HookedModel) -> Dictionary:
+    """The per-layer transcoders or the cross-layer transcoder in folder `path`, on the model's device."""
+    loaded = load_transcoder_set(path)
+    if isinstance(loaded, CrossLayerTranscoder):
+        return loaded.to(model.device)
+    return {layer: tc.to(model.device) for layer, tc in loaded.transcoders.items()}
+
+
+def example_contexts(cfg: GraphConfig, model: HookedModel) -> Iterator[torch.Tensor] | None:
+    """The corpus contexts of the top-activation search (None when it is off or the model has no tokenizer); a bad
+    corpus spec or a --ctx-len beyond the model's context is refused here, before any work."""
+    if cfg.examples_contexts == 0 or model.tokenizer is None:
+        return None
+    if cfg.ctx_len > model.info.n_ctx:
+        raise InterplabError(f"--ctx-len {cfg.ctx_len} exceeds {model.info.spec}'s context length "
+                             f"{model.info.n_ctx}; valid: 2..{model.info.n_ctx} (or --examples-contexts 0)")
+    return iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split=cfg.split, seed=cfg.seed,
+                         test_fraction=cfg.test_fraction)
+
+
+def add_top_examples(cfg: GraphConfig, model: HookedModel, transcoders: Dictionary, graph: AttributionGraph,
+                     pruned: PruneResult, contexts: Iterator[torch.Tensor] | None, graph_json: JSONDict) -> JSONDict:
+    """Give the kept feature nodes of graph.json their top activating contexts; what was done, for metrics.json."""
+    if contexts is None:
+        why = "--examples-contexts 0" if cfg.examples_contexts == 0 else f"{model.info.spec} has no tokenizer"
+        return {"skipped": why}
+    features = kept_features(graph, pruned, cfg.examples_features)
+    bos = getattr(model.tokenizer, "bos_token_id", None) if cfg.zero_bos else None
+    found = top_examples(model, transcoders, features, contexts, n_contexts=cfg.examples_contexts, k=cfg.examples_k,
+                         window=cfg.examples_window, batch_size=cfg.examples_batch_size, skip_token=bos)
+    n_nodes = attach_examples(graph_json, found.examples)
+    return {"corpus": cfg.corpus, "contexts": found.n_contexts, "ctx_len": cfg.ctx_len, "features": len(features),
+            "features_firing": sum(1 for ex in found.examples.values() if ex), "nodes": n_nodes}
 
 
 def scores_of(graph: AttributionGraph) -> GraphScores:
@@ -68,7 +97,7 @@ def scores_of(graph: AttributionGraph) -> GraphScores:
 
 
 def run_graph(cfg: GraphConfig, *, model: HookedModel | None = None,
-              transcoders: Mapping[int, Transcoder] | None = None) -> JSONDict:
+              transcoders: Dictionary | None = None) -> JSONDict:
     """Attribute, prune, score beside the control, write the run folder, return the metrics (a complete run is not
     redone)."""
     cfg.validate()
@@ -79,6 +108,7 @@ def run_graph(cfg: GraphConfig, *, model: HookedModel | None = None,
         transcoders = transcoders if transcoders is not None else load_transcoders(cfg.transcoders, model)
         check_transcoders(model, transcoders)
         tokens = prompt_tokens(model, cfg.prompt)
+        contexts = example_contexts(cfg, model)  # the corpus is checked before the attribution's work
         opts = dict(max_logits=cfg.max_logits, logit_prob=cfg.logit_prob, batch_size=cfg.batch_size,
                     zero_bos=cfg.zero_bos)
         start = time.perf_counter()
@@ -91,11 +121,14 @@ def run_graph(cfg: GraphConfig, *, model: HookedModel | None = None,
         texts = [token_text(model.tokenizer, t) for t in tokens[0].tolist()]
         logit_texts = [token_text(model.tokenizer, t) for t in graph.logit_ids.tolist()]
         scores = scores_of(graph)
-        write_json(run.path("graph.json"), graph_to_json(
+        graph_json = graph_to_json(
             graph, pruned, model=model.info.spec, prompt=cfg.prompt, tokens=texts, logit_tokens=logit_texts,
             scores=scores, control=control_scores, node_threshold=cfg.node_threshold,
-            edge_threshold=cfg.edge_threshold))
+            edge_threshold=cfg.edge_threshold)
+        examples_note = add_top_examples(cfg, model, transcoders, graph, pruned, contexts, graph_json)
+        write_json(run.path("graph.json"), graph_json)
         result = summarise(graph, pruned, scores, control_scores, cfg.top_paths)
+        result["top_examples"] = examples_note
         result["checks"] = zeroing_checks(model, transcoders, tokens, graph, pruned)
         result.update({"config": asdict(cfg), "model": model.info.to_dict(), "tokens": texts,
                        "logit_tokens": logit_texts, "attribution_seconds": seconds,
@@ -120,7 +153,7 @@ def summarise(graph: AttributionGraph, pruned: PruneResult, scores: GraphScores,
             "top_logit": ids[top], "top_prob": float(graph.logit_probs[0]), "top_paths": paths}
 
 
-def zeroing_checks(model: HookedModel, transcoders: Mapping[int, Transcoder], tokens: torch.Tensor,
+def zeroing_checks(model: HookedModel, transcoders: Dictionary, tokens: torch.Tensor,
                    graph: AttributionGraph, pruned: PruneResult) -> list[JSONDict]:
     """Zero each of the most influential kept features in the real model; its change of the top logit (against the
     mean logit) beside what the graph predicts."""
@@ -171,4 +204,10 @@ def format_summary(result: Mapping) -> str:
     if result["top_paths"]:
         path = result["top_paths"][0]
         lines.append(f"top path ({path['share']:.2f} of the influence): " + " → ".join(path["nodes"]))
+    ex = result.get("top_examples") or {}
+    if "skipped" in ex:
+        lines.append(f"top activations: none ({ex['skipped']})")
+    elif ex:
+        lines.append(f"top activations: {ex['features_firing']} of {ex['features']} features fire in {ex['contexts']} "
+                     f"contexts of {ex['corpus']}")
     return "\n".join(lines)

@@ -10,40 +10,44 @@ With L layers, F features per layer and width d:
 The encoder reads x_i itself (no b_dec subtraction: there is one b_dec per *output* layer), as circuit-tracer does,
 so its files (`circuit_tracer_files.py`) carry a CLT over bit for bit.
 
-Training (`train_crosslayer`) reads every layer's MLP input and output in one forward pass per batch and minimises
+The training loss (`training_loss`; the run around it is `crosslayer_train.train_clt`, `interplab transcoder
+train`) is
 
-    L = Σ_j mean_b ‖y_bj − ŷ_bj‖² + sparsity
+    L = Σ_j mean_b ‖y_bj − ŷ_bj‖² + sparsity (+ α·AuxK for topk)
 
 with sparsity λ₁ · mean_b Σ_{i,f} f_bif ‖W_dec[i][f]‖ (relu; the decoder norm of feature f is that of its whole
 decoder, all output layers concatenated), λ₀ · mean_b Σ_i L0(f_bi) through the straight-through estimator of
 jumprelu.py (jumprelu), or nothing (topk: k fixes the sparsity). For jumprelu and topk each feature's concatenated
 decoder is kept at unit norm (the gradient's component along the row removed before the step, the row renormalised
 after it); relu leaves norms free, as the norm-weighted L1 makes the loss invariant to rescaling a feature.
+
+TopK trains through the sparse kernels of kernels.py, as sae/topk.py does: the encoder forward is the one dense
+product (no grad, selection.py); the decoder of layer i, all its L − i output layers at once, and both backward
+passes touch only the batch·k chosen (token, feature) pairs. AuxK (Gao et al. 2024) lets dead features learn: at
+each layer i the top aux_k pre-activations among i's dead features reconstruct, with their whole decoders and no
+bias, the detached residual [y_j − ŷ_j]_{j ≥ i} of the outputs they reach: AuxK = Σ_i mean_b ‖e_bi − ê_bi‖².
+
+Normalisation (`fold_scales`): a CLT trained on x̃_i = s_i x_i towards ỹ_j = t_j y_j equals, on raw activations,
+the CLT with W_enc[i] ← s_i W_enc[i] (same pre-activations, so the same features and thresholds),
+W_dec[i][:, j − i] ← W_dec[i][:, j − i] / t_j and b_dec[j] ← b_dec[j] / t_j.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from interplab.config import TextFields
-from interplab.data.corpus import iter_contexts
 from interplab.errors import InterplabError
-from interplab.models.hooked import HookedModel
 from interplab.sae.base import normalize_rows_, remove_parallel_component_
+from interplab.sae.crosslayer_config import CLT_ACTIVATIONS, IN_HOOK, OUT_HOOK
 from interplab.sae.jumprelu import _JumpReLUWithL0
+from interplab.sae.kernels import dense_subset_encode, sparse_decode, sparse_encode
+from interplab.sae.selection import DenseAux, Selection, encode_select
 
-CLT_ACTIVATIONS = ("relu", "jumprelu", "topk")
-"""The activations a cross-layer transcoder can use."""
-IN_HOOK = "blocks.{layer}.mlp.hook_in"
-OUT_HOOK = "blocks.{layer}.hook_mlp_out"
+__all__ = ["CLT_ACTIVATIONS", "IN_HOOK", "OUT_HOOK", "CLTLoss", "CrossLayerTranscoder"]
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -167,28 +171,84 @@ class CrossLayerTranscoder(nn.Module):
 
     # ---- training -----------------------------------------------------------------------------------------
     def training_loss(self, inputs: list[Float[Tensor, "batch d_model"]], targets: list[Float[Tensor, "batch d_model"]],
-                      *, l1_coefficient: float, l0_coefficient: float, bandwidth: float) -> CLTLoss:
-        """Σ_j mean_b ‖y_bj − ŷ_bj‖² plus the activation's sparsity term (module docstring)."""
-        feats, l0 = [], torch.zeros((), device=self.device)
-        for i, x in enumerate(self._check_inputs(inputs)):
-            pre = self.pre_acts(i, x)
-            if self.activation == "jumprelu":
-                f, l0_tok = _JumpReLUWithL0.apply(pre, self.threshold[i], bandwidth)
-                l0 = l0 + l0_tok.mean()
-            else:
-                f = self.activate(i, pre)
-                l0 = l0 + (f > 0).sum(-1).float().mean()
-            feats.append(f)
-        recons = self.decode_all(feats)
-        mse = sum(((r - y) ** 2).sum(-1).mean() for r, y in zip(recons, targets))
-        if self.activation == "relu":
-            norms = self.decoder_norms()
-            sparsity = l1_coefficient * sum((f * n).sum(-1).mean() for f, n in zip(feats, norms))
-        elif self.activation == "jumprelu":
-            sparsity = l0_coefficient * l0
+                      *, l1_coefficient: float = 0.0, l0_coefficient: float = 0.0, bandwidth: float = 0.05,
+                      dead_mask: Bool[Tensor, "n_layers d_sae"] | None = None, aux_k: int = 0,
+                      aux_coefficient: float = 0.0, sparse: bool = True) -> CLTLoss:
+        """Σ_j mean_b ‖y_bj − ŷ_bj‖² plus the activation's sparsity term, plus α·AuxK over the features `dead_mask`
+        marks (topk with aux_k > 0); see the module docstring. `sparse=False` trains topk through dense products
+        (the reference the sparse kernels are checked and timed against)."""
+        xs = self._check_inputs(inputs)
+        if self.activation == "topk" and sparse:
+            layers = [self._sparse_topk_layer(i, x, dead_mask, aux_k) for i, x in enumerate(xs)]
         else:
-            sparsity = torch.zeros((), device=self.device)
-        return CLTLoss(loss=mse + sparsity, mse=mse.detach(), sparsity=sparsity.detach(), l0=l0.detach())
+            layers = [self._dense_layer(i, x, bandwidth) for i, x in enumerate(xs)]
+        recons = list(self.b_dec.unbind(0))
+        for i, layer in enumerate(layers):
+            for j in range(i, self.n_layers):
+                recons[j] = recons[j] + layer.contrib[:, (j - i) * self.d_model:(j - i + 1) * self.d_model]
+        errors = [y - r for y, r in zip(targets, recons)]
+        se = torch.stack([e.pow(2).sum() for e in errors])                       # [n_layers], summed over rows
+        mse = se.sum() / len(xs[0])
+        sparsity = self._sparsity(layers, l1_coefficient, l0_coefficient)
+        aux = self._aux_loss(xs, layers, errors) * aux_coefficient if aux_k and aux_coefficient else mse.new_zeros(())
+        l0_layers = torch.stack([layer.l0.detach() for layer in layers])
+        return CLTLoss(loss=mse + sparsity + aux, mse=mse.detach(), sparsity=sparsity.detach(), l0=l0_layers.sum(),
+                       aux=aux.detach(), se=se.detach(), l0_layers=l0_layers,
+                       fired=torch.stack([layer.fired for layer in layers]))
+
+    def _dense_layer(self, i: int, x: Float[Tensor, "batch d_model"], bandwidth: float) -> _Layer:
+        """Layer i through dense products: f_i = act(pre_i) and f_i @ W_dec[i] over all its output layers."""
+        pre = self.pre_acts(i, x)
+        if self.activation == "jumprelu":
+            f, l0_tok = _JumpReLUWithL0.apply(pre, self.threshold[i], bandwidth)
+            l0 = l0_tok.mean()
+        else:
+            f = self.activate(i, pre)
+            l0 = (f > 0).sum(-1).to(f.dtype).mean()
+        contrib = f @ self.W_dec[i].flatten(1)                                   # [batch (L − i)·d]
+        return _Layer(contrib, l0, (f.detach() > 0).any(0), f, None)
+
+    def _sparse_topk_layer(self, i: int, x: Float[Tensor, "batch d_model"],
+                           dead_mask: Bool[Tensor, "n_layers d_sae"] | None, aux_k: int) -> _Layer:
+        """Layer i of a topk CLT through the sparse kernels: a no-grad dense encoder pass picks each token's k
+        features (and the AuxK candidates among dead ones); gradients reach only the chosen pairs."""
+        dead = dead_mask[i].to(x.device) if dead_mask is not None and aux_k else None
+        sel = encode_select(x, self.W_enc[i], self.b_enc[i], self.k, dead_mask=dead, aux_k=aux_k)
+        f = sparse_encode(x, self.W_enc[i], self.b_enc[i], sel.codes, values=sel.values, x_in=x).relu()   # [nnz]
+        contrib = sparse_decode(f, self.W_dec[i].flatten(1), sel.codes)                     # [batch (L − i)·d]
+        active = f.detach() > 0
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[sel.codes.cols[active]] = True
+        return _Layer(contrib, active.sum().to(f.dtype) / len(x), fired, f, sel)
+
+    def _sparsity(self, layers: list[_Layer], l1_coefficient: float, l0_coefficient: float) -> Float[Tensor, ""]:
+        """relu: λ₁ · Σ_i mean_b Σ_f f·‖W_dec[i][f]‖; jumprelu: λ₀ · Σ_i mean_b L0 (straight-through); topk: 0."""
+        if self.activation == "relu":
+            return l1_coefficient * sum((layer.f * n).sum(-1).mean() for layer, n in zip(layers, self.decoder_norms()))
+        if self.activation == "jumprelu":
+            return l0_coefficient * sum(layer.l0 for layer in layers)
+        return torch.zeros((), device=self.device)
+
+    def _aux_loss(self, xs: list[Float[Tensor, "batch d_model"]], layers: list[_Layer],
+                  errors: list[Float[Tensor, "batch d_model"]]) -> Float[Tensor, ""]:
+        """Σ_i mean_b ‖e_bi − ê_bi‖²: e_i = the detached residuals of layers i..L−1 concatenated, ê_i their
+        reconstruction by the top aux_k pre-activations (no ReLU, as sae/topk.py) of layer i's dead features."""
+        total = torch.zeros((), device=self.device)
+        for i, (x, layer) in enumerate(zip(xs, layers)):
+            if layer.sel is None or layer.sel.aux is None:
+                continue
+            W = self.W_dec[i].flatten(1)                                          # [F (L − i)·d]
+            if isinstance(layer.sel.aux, DenseAux):  # few dead features: a dense block over them
+                dead, values, mask = layer.sel.aux
+                z = dense_subset_encode(x, self.W_enc[i], self.b_enc[i], dead, values, mask)
+                e_hat = z @ W.index_select(0, dead)
+            else:
+                codes, values = layer.sel.aux
+                z = sparse_encode(x, self.W_enc[i], self.b_enc[i], codes, values=values, x_in=x)
+                e_hat = sparse_decode(z, W, codes)
+            e = torch.cat(errors[i:], dim=-1).detach()
+            total = total + (e - e_hat).pow(2).sum(-1).mean()
+        return total
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -207,112 +267,47 @@ class CrossLayerTranscoder(nn.Module):
         if self.threshold is not None:
             self.threshold.clamp_min_(0.0)
 
+    @torch.no_grad()
+    def fold_scales(self, in_scales: list[float], out_scales: list[float]) -> None:
+        """Make this CLT, trained on inputs x_i·s_i towards targets y_j·t_j, read and write raw activations
+        (module docstring): W_enc[i] ·= s_i, W_dec[i][:, j − i] /= t_j, b_dec[j] /= t_j."""
+        for i, s in enumerate(in_scales):
+            self.W_enc[i].mul_(s)
+        t = torch.tensor(out_scales, dtype=self.b_dec.dtype, device=self.device)
+        self.b_dec.div_(t[:, None])
+        for i, W in enumerate(self.W_dec):
+            W.div_(t[i:, None])
+
+
+class _Layer(NamedTuple):
+    """One source layer's part of a training step."""
+
+    contrib: Float[Tensor, "batch out"]
+    """f_i @ W_dec[i] flattened over its L − i output layers (no bias)."""
+    l0: Float[Tensor, ""]
+    """Active features per token."""
+    fired: Bool[Tensor, " d_sae"]
+    """Which features fired on at least one token."""
+    f: Float[Tensor, "..."]
+    """The features: [batch, d_sae] dense, or [nnz] at the chosen pairs (sparse topk)."""
+    sel: Selection | None
+    """Sparse topk: the chosen pairs and AuxK candidates."""
+
 
 class CLTLoss(NamedTuple):
     loss: Float[Tensor, ""]
-    """What to backpropagate: mse + sparsity."""
+    """What to backpropagate: mse + sparsity + α·AuxK."""
     mse: Float[Tensor, ""]
     """Σ over output layers of the mean over tokens of the squared error summed over d_model."""
     sparsity: Float[Tensor, ""]
     """The L1 (relu) or L0 (jumprelu) term times its coefficient; 0 for topk."""
     l0: Float[Tensor, ""]
     """Active features per token, summed over the source layers."""
-
-
-@dataclass
-class CLTConfig(TextFields):
-    """What `train_crosslayer` trains: the CLT's shape and sparsity, the optimiser and how many tokens."""
-
-    d_sae: int = 1024
-    """Features per layer."""
-    activation: str = "topk"
-    """relu (L1 penalty weighted by decoder norms), jumprelu (L0 penalty) or topk (k features per layer)."""
-    k: int = 16
-    """topk: active features per token at each layer."""
-    l1_coefficient: float = 1e-3
-    """relu: weight of mean_b Σ f·‖W_dec‖."""
-    l0_coefficient: float = 1e-3
-    """jumprelu: weight of the mean number of active features per token (summed over layers)."""
-    jumprelu_bandwidth: float = 0.05
-    """jumprelu: width of the straight-through estimator's rectangle kernel."""
-    jumprelu_init_threshold: float = 0.01
-    """jumprelu: initial threshold of every feature."""
-    lr: float = 1e-3
-    """AdamW learning rate (no weight decay)."""
-    n_tokens: int = 200_000
-    """Training tokens (stops earlier if the corpus ends)."""
-    drop_bos: bool = True
-    """Leave out each context's first position (BOS activations are outliers that no sparse code should fit)."""
-    in_hook: str = IN_HOOK
-    """Template of the hook each encoder reads."""
-    out_hook: str = OUT_HOOK
-    """Template of the hook each layer's decoders predict."""
-
-    def validate(self) -> None:
-        """An InterplabError naming the first invalid field."""
-        if self.activation not in CLT_ACTIVATIONS:
-            raise InterplabError(f"unknown CLT activation {self.activation!r}; valid: {', '.join(CLT_ACTIVATIONS)}")
-        for name in ("d_sae", "n_tokens", "batch_size", "ctx_len"):
-            if getattr(self, name) < 1:
-                raise InterplabError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.drop_bos and self.ctx_len < 2:
-            raise InterplabError("drop_bos needs ctx_len >= 2")
-        for name in ("l1_coefficient", "l0_coefficient"):
-            if getattr(self, name) < 0:
-                raise InterplabError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "jumprelu_bandwidth", "jumprelu_init_threshold"):
-            if not getattr(self, name) > 0:
-                raise InterplabError(f"{name} must be > 0, got {getattr(self, name)}")
-
-
-def train_crosslayer(model: HookedModel, cfg: CLTConfig, progress: bool = True, *,
-                     batches: Iterable[Int[Tensor, "batch pos"]] | None = None) -> CrossLayerTranscoder:
-    """Train a CLT on the fly: each batch of contexts runs the model once, reading every layer's `cfg.in_hook` and
-    `cfg.out_hook`, and takes one AdamW step on the loss of the module docstring. `batches` replaces the corpus of
-    `cfg` (token batches [batch, pos]). A plain loop: no checkpoints/resume, sweeps or torchrun."""
-    cfg.validate()
-    L, d = model.info.n_layers, model.info.d_model
-    ins = [cfg.in_hook.format(layer=layer) for layer in range(L)]
-    outs = [cfg.out_hook.format(layer=layer) for layer in range(L)]
-    model.check_hook_names(ins + outs)
-    clt = CrossLayerTranscoder(L, d, cfg.d_sae, activation=cfg.activation, k=cfg.k, in_hook=cfg.in_hook,
-                               out_hook=cfg.out_hook, init_threshold=cfg.jumprelu_init_threshold,
-                               seed=cfg.seed).to(model.device)
-    opt = torch.optim.AdamW(clt.parameters(), lr=cfg.lr, weight_decay=0.0)
-    source = batches if batches is not None else _context_batches(model, cfg)
-    bar = tqdm(total=cfg.n_tokens, unit="tok", disable=not progress, desc="CLT")
-    seen = 0
-    for step, tokens in enumerate(source):
-        cache = model.run_with_cache(tokens, ins + outs).cache
-        start = 1 if cfg.drop_bos else 0
-        xs = [cache[name][:, start:].flatten(0, 1).float() for name in ins]       # L × [tokens d]
-        ys = [cache[name][:, start:].flatten(0, 1).float() for name in outs]
-        if step == 0:  # the mean output of each layer: the best constant prediction
-            with torch.no_grad():
-                clt.b_dec.copy_(torch.stack([y.mean(0) for y in ys]))
-        out = clt.training_loss(xs, ys, l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient,
-                                bandwidth=cfg.jumprelu_bandwidth)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        clt.before_optimizer_step()
-        opt.step()
-        clt.after_optimizer_step()
-        seen += xs[0].shape[0]
-        bar.update(xs[0].shape[0])
-        bar.set_postfix(mse=f"{out.mse.item():.4g}", l0=f"{out.l0.item():.1f}")
-        if seen >= cfg.n_tokens:
-            break
-    bar.close()
-    if seen == 0:
-        raise InterplabError("train_crosslayer got no tokens: the corpus (or `batches`) is empty")
-    return clt.eval()
-
-
-def _context_batches(model: HookedModel, cfg: CLTConfig) -> Iterator[Int[Tensor, "batch pos"]]:
-    """Batches of `cfg.batch_size` packed contexts of `cfg.corpus`'s split."""
-    if model.tokenizer is None:
-        raise InterplabError(f"model {model.info.spec} has no tokenizer: pass token batches to train_crosslayer")
-    contexts = iter_contexts(cfg.corpus, model.tokenizer, cfg.ctx_len, split=cfg.split, seed=cfg.seed,
-                             test_fraction=cfg.test_fraction)
-    while batch := list(itertools.islice(contexts, cfg.batch_size)):
-        yield torch.stack(batch)
+    aux: Float[Tensor, ""]
+    """α·AuxK (topk with dead features; else 0)."""
+    se: Float[Tensor, " n_layers"]
+    """Squared error of each output layer, summed over tokens and d_model."""
+    l0_layers: Float[Tensor, " n_layers"]
+    """Active features per token at each source layer."""
+    fired: Bool[Tensor, "n_layers d_sae"]
+    """Which features of each layer fired on at least one token."""

@@ -25,6 +25,7 @@ SWEPT: dict[str, tuple[str, ...]] = {
 """The sweep lists each architecture uses besides `expansion` (the others must hold a single value)."""
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+TRANSCODER_INITS = ("tied", "fitted")
 
 # Fields that do not change what is trained: a resumed run may set them differently.
 NOT_IDENTITY = ("out", "resume", "device", "checkpoint_every", "wandb_project", "allow_incomplete_store")
@@ -57,6 +58,10 @@ class TrainConfig(TextFields):
     b_dec (it lives in the target's space)."""
     skip: bool = False
     """With --target: add a trained linear skip connection x @ W_skip (zero-initialised; a skip transcoder)."""
+    transcoder_init: str = "tied"
+    """With --target: the encoder's start. tied: W_enc = W_decᵀ, as for an SAE; fitted: that, scaled by the
+    least-squares factor that brings the first prediction closest to the target (it starts at FVU ≤ 1; see
+    interplab.sae.transcoder_init)."""
     model: str | None = None
     """Stream mode: model spec to run directly on --corpus (its --split, --test-fraction, in contexts of --ctx-len
     tokens; no store is written)."""
@@ -198,6 +203,11 @@ class TrainConfig(TextFields):
         """--target and --skip: a transcoder reads one hook and writes another, from a store or a model."""
         if self.skip and self.target is None:
             raise InterplabError("--skip adds a skip connection to a transcoder: give --target too")
+        if self.transcoder_init not in TRANSCODER_INITS:
+            raise InterplabError(f"--transcoder-init {self.transcoder_init!r} is not one of "
+                                 f"{', '.join(TRANSCODER_INITS)}")
+        if self.transcoder_init != "tied" and self.target is None:
+            raise InterplabError("--transcoder-init starts a transcoder: give --target too")
         if self.target is None:
             return
         if self.target == self.hook:

@@ -54,6 +54,7 @@ from interplab.sae.sources import Batch, BatchSource, open_source, run_identity
 from interplab.sae.train_config import TrainConfig
 from interplab.sae.train_result import Metrics, TrainResult, batch_parts, check_data_parallel, import_wandb
 from interplab.sae.transcoder import Transcoder
+from interplab.sae.transcoder_init import fit_initial_scale_
 
 INIT_TOKENS = 65_536
 """Tokens (whole batches, at most the whole run) from which the normalisation scale and b_dec are estimated."""
@@ -269,9 +270,12 @@ class Trainer:
         if self.cfg.normalize:
             self.scale = self._scale(samples[0])
             self.target_scale = self._scale(samples[-1]) if self.target else 1.0
+        x = samples[0] * self.scale
+        y = samples[-1] * self.target_scale if self.target else None
         for run in self.runs.values():
-            run.sae.initialize(samples[-1] * (self.target_scale if self.target else self.scale),
-                               b_dec_init=self.cfg.b_dec_init, seed=self.cfg.seed)
+            run.sae.initialize(x if y is None else y, b_dec_init=self.cfg.b_dec_init, seed=self.cfg.seed)
+            if y is not None and self.cfg.transcoder_init == "fitted":
+                fit_initial_scale_(run.sae, x, y)
         return itertools.chain(head, batches)
 
     def _scale(self, sample: Tensor) -> float:

@@ -1,24 +1,32 @@
 """Features that do not form a basis: Lucius Bushnaq's "animals and attributes".
 
-The same data has two exact sparse descriptions (ontologies), and a dictionary can hold only one of them:
+The same data has two exact sparse-or-dense descriptions (ontologies), and a dictionary can hold only one of them:
 
     attributes  e_k ∈ R^d, k < K            orthonormal (K = n_attributes, e.g. "has fur", "can fly")
-    membership  M ∈ {0, 1}^{A×K}            each animal has exactly `attributes_per_animal` attributes; rows distinct
-    animals     a_j = Σ_k M_jk e_k          A = n_animals directions, all inside the K-dim attribute span, NOT
-                                            normalised (‖a_j‖ = √attributes_per_animal): this keeps both ontologies'
-                                            values on the same scale, attribute values = c @ M exactly
+    coefficients M ∈ R^{A×K}                how each animal is made of attributes (`membership`, below)
+    animals     a_j = Σ_k M_jk e_k          A = n_animals directions, all inside the K-dim attribute span
     independent g_i ⊥ span(e)               n_independent random unit directions in the orthogonal complement
     data        x = Σ_j c_j a_j + Σ_i s_i g_i (+ noise)
                   = Σ_k (c M)_k e_k + Σ_i s_i g_i
+
+Two ways to build M (`AnimalsConfig.membership`):
+
+    dense (default)  M_j uniform on the unit sphere of R^K (a normalised Gaussian): each animal is a generic unit
+                     vector of the attribute span, with attribute coefficients of order ±1/√K. Then
+                     cos(a_i, a_j) = M_i·M_j and cos(a_j, e_k) = M_jk both have mean 0 and spread ≈ 1/√K, so animals
+                     are nearly orthogonal to each other and to every single attribute; the attribute values c M
+                     are dense (every attribute is non-zero whenever any animal is) and signed.
+    binary           M ∈ {0, 1}, exactly `attributes_per_animal` ones per row, rows distinct; animals not normalised
+                     (‖a_j‖ = √attributes_per_animal) so both ontologies' values share a scale; c M >= 0. The
+                     earlier default, reproduced bit for bit.
 
 Animal j is active with probability animal_mean_active / A and independent feature i with probability
 independent_mean_active / n_independent (independently); active coefficients are U(0, 1], so c, s >= 0 and a
 feature is present exactly where its coefficient is non-zero.
 
 With A > K the animal directions (1000 vectors in a 50-dim span) are far from a basis: the animal ontology is the
-sparser one (one active animal is one latent, but `attributes_per_animal` attribute latents), the attribute one the
-more compact one (K directions). Binary membership keeps the attribute ontology exact and its values non-negative.
-`no_common_dictionary` shows numerically why no single dictionary carries both ontologies' features.
+sparse one (one active animal is one latent), the attribute one the compact one (K directions, dense values under
+`dense`). `no_common_dictionary` shows numerically why no single dictionary carries both ontologies' features.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from interplab.synth.sparse import derive_seed, seeded_batches
 _DIRECTIONS, _MEMBERSHIP = 0, 1  # derive_seed keys (2 is the batch stream)
 ONTOLOGIES = ("animals", "attributes")
 """The two ground truths an animals dataset carries (the independent features belong to both)."""
+MEMBERSHIPS = ("dense", "binary")
+"""How animals are made of attributes: generic unit vectors of the span, or sums of a few attributes."""
 
 
 @dataclass
@@ -47,8 +57,11 @@ class AnimalsConfig:
     """A: number of animal features."""
     n_attributes: int = 50
     """K: number of orthonormal attribute directions (at most d; below d if n_independent > 0)."""
+    membership: str = "dense"
+    """dense: each animal a generic unit vector of the attribute span (coefficients ~ ±1/√K); binary: each animal
+    the sum of `attributes_per_animal` attributes (the earlier default)."""
     attributes_per_animal: int = 5
-    """Attributes each animal has (its row of M holds exactly this many ones)."""
+    """binary only: attributes each animal has (its row of M holds exactly this many ones)."""
     n_independent: int = 100
     """Independent sparse features, random unit directions orthogonal to every attribute (0 = none)."""
     d: int = 256
@@ -70,10 +83,12 @@ class AnimalsConfig:
         check_int("d", self.d, 1)
         check_int("seed", self.seed, 0)
         K, k = self.n_attributes, self.attributes_per_animal
+        if self.membership not in MEMBERSHIPS:
+            raise InterplabError(f"membership={self.membership!r} is not one of {', '.join(MEMBERSHIPS)}")
         check_int("attributes_per_animal", k, 1)
-        if k > K:
+        if self.membership == "binary" and k > K:
             raise InterplabError(f"attributes_per_animal={k} must be <= n_attributes={K}")
-        if self.n_animals > math.comb(K, k):
+        if self.membership == "binary" and self.n_animals > math.comb(K, k):
             raise InterplabError(f"n_animals={self.n_animals} exceeds the {math.comb(K, k)} distinct sets of {k} of "
                                  f"{K} attributes; lower n_animals or raise n_attributes/attributes_per_animal")
         room = self.d - (1 if self.n_independent > 0 else 0)
@@ -98,7 +113,8 @@ class AnimalsBatch(NamedTuple):
     animal_coeffs: Float[Tensor, "n A"]
     """c: U(0, 1] where an animal is active, 0 elsewhere."""
     attribute_values: Float[Tensor, "n K"]
-    """c @ M: the attribute ontology's coefficients (a sum of the active animals having each attribute)."""
+    """c @ M: the attribute ontology's coefficients (binary: a sum of the active animals having each attribute;
+    dense: signed, every attribute non-zero when any animal is active)."""
     independent_coeffs: Float[Tensor, "n I"]
     """s: U(0, 1] where an independent feature is active, 0 elsewhere."""
 
@@ -124,9 +140,11 @@ class Animals:
         E = Q[:, :K].T                                                                        # [K d]
         gi = torch.randn(n_ind, cfg.d - K, generator=g, dtype=torch.float64) @ Q[:, K:].T    # [I d]
         gi = gi / gi.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        self.membership: Float[Tensor, "A K"] = _membership(cfg).float()
+        M = _binary_membership(cfg) if cfg.membership == "binary" else _dense_membership(cfg)
+        self.membership: Float[Tensor, "A K"] = M.float()
+        """M: each animal's attribute coefficients (a_j = Σ_k M_jk e_k), binary or dense."""
         self.attribute_directions: Float[Tensor, "K d"] = E.float()
-        self.animal_directions: Float[Tensor, "A d"] = (self.membership.double() @ E).float()
+        self.animal_directions: Float[Tensor, "A d"] = (M @ E).float()
         self.independent_directions: Float[Tensor, "I d"] = gi.float()
         self.animal_prob = cfg.animal_mean_active / cfg.n_animals
         self.independent_prob = cfg.independent_mean_active / n_ind if n_ind else 0.0
@@ -165,7 +183,14 @@ class Animals:
         return dictionary, torch.cat([own[ontology], batch.independent_coeffs], dim=1)
 
 
-def _membership(cfg: AnimalsConfig) -> Float[Tensor, "A K"]:
+def _dense_membership(cfg: AnimalsConfig) -> Float[Tensor, "A K"]:
+    """M [A, K] with rows uniform on the unit sphere (normalised Gaussians, float64): generic unit animals."""
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, _MEMBERSHIP))
+    M = torch.randn(cfg.n_animals, cfg.n_attributes, generator=g, dtype=torch.float64)
+    return M / M.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def _binary_membership(cfg: AnimalsConfig) -> Float[Tensor, "A K"]:
     """Binary M [A, K], exactly `attributes_per_animal` ones per row, rows distinct (duplicates redrawn)."""
     A, K, k = cfg.n_animals, cfg.n_attributes, cfg.attributes_per_animal
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, _MEMBERSHIP))
@@ -211,7 +236,8 @@ def no_common_dictionary(gen: Animals, n: int = 4096, seed: int = 0) -> NoCommon
     reconstruct x (`best_decoder_error` ≈ 0, since cM is linear in c), but only by sharing each contribution
     between the two latents, e.g. rows ½ a_j and ½ e_k (`split_error` ≈ 0): then neither latent is its feature. (With
     true directions and free per-row scales μ_j, λ_k, exactness needs μ_j + λ_k = 1 on every pair with M_jk = 1, so
-    full strength on one side means a zero row on the other.) Each ontology alone is exact (errors ≈ 0).
+    full strength on one side means a zero row on the other; under `dense` every M_jk is non-zero, so every pair.)
+    Each ontology alone is exact (errors ≈ 0).
     """
     check_int("n", n, 1)
     if gen.cfg.noise_std > 0:  # the same seeds without the noise (drawn last), so the same directions and codes

@@ -2,7 +2,8 @@
 
     sparse                                   SparseFeatures with every default (G=512, d=256, 5 active)
     sparse:mean_active=10,correlated=true    the same with two fields changed
-    animals:n_animals=500                    Animals (animals and attributes, two ontologies)
+    animals:n_animals=500                    Animals (animals and attributes, two ontologies; dense animals)
+    animals:membership=binary                the earlier variant: each animal the sum of 5 attributes
 
 Field names are those of the generator's config dataclass; values are parsed to the field's type.
 """

@@ -10,7 +10,7 @@
       "rewrite the page with interplab's write_graph_page."));
     return;
   }
-  const {el, svg, fmt, showToken} = IL;
+  const {el, svg, fmt, showToken, actColor} = IL;
   const TYPE_COLOR = {feature: "#f59f00", error: "#adb5bd", embedding: "#37b24d", logit: "#7950f2"};
   const TYPE_NAME = {feature: "feature", error: "error (MLP reconstruction)", embedding: "token embedding",
     logit: "logit"};
@@ -210,6 +210,32 @@
       "feature dashboard \u2197");
   }
 
+  // A feature's top activating contexts (graph.json "top_examples": [{tokens, acts, max}]): each a window of
+  // tokens tinted by activation / that context's max, the value on hover. Tokens are text nodes (IL.el).
+  function topExamples(n) {
+    if (n.type !== "feature" || !Array.isArray(n.top_examples)) return [];
+    const list = n.top_examples.filter((ex) => ex && Array.isArray(ex.tokens) && Array.isArray(ex.acts));
+    const head = el("h4", {}, `top activations (${list.length})`);
+    if (!list.length) return [head, el("p", {class: "muted", "data-testid": "no-top-examples"},
+      "never active in the contexts searched")];
+    const rows = list.map((ex, k) => {
+      const peak = typeof ex.max === "number" ? ex.max : Math.max(0, ...ex.acts);
+      let at = ex.acts.indexOf(peak);
+      if (at < 0) at = ex.acts.reduce((best, a, i) => (a > ex.acts[best] ? i : best), 0);
+      const tokens = el("span", {class: "tokens"});
+      ex.tokens.forEach((tok, i) => {
+        const act = Number(ex.acts[i]);
+        const span = el("span", {class: i === at ? "tok max" : "tok", title: `${JSON.stringify(tok)}: ${fmt(act)}`,
+          "data-testid": "example-token", "data-act": act}, showToken(tok, false));
+        span.style.backgroundColor = actColor(act, peak); // CSSOM, not a style attribute: the page policy allows it
+        tokens.appendChild(span);
+      });
+      return el("div", {class: "example", "data-testid": "top-example", "data-rank": k}, [
+        el("span", {class: "example-value", "data-testid": "example-max"}, fmt(peak)), tokens]);
+    });
+    return [head, el("div", {class: "examples", "data-testid": "top-examples"}, rows)];
+  }
+
   function connections(title, list, end) {
     const top = list.slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 8);
     const items = top.map((e) => {
@@ -260,6 +286,7 @@
       el("p", {class: "muted"}, el("code", {}, n.id)),
       dl,
       dashboardLink(n),
+      ...topExamples(n),
       ...connections("strongest inputs", inputs.get(id), "source"),
       ...connections("strongest outputs", outputs.get(id), "target"),
     ];
