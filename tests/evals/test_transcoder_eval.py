@@ -13,26 +13,11 @@ from interplab.errors import InterplabError
 from interplab.evals.configs import TranscoderEvalConfig
 from interplab.evals.replacement import IN_HOOK, OUT_HOOK, clean_run, replacement_logits, splice_output
 from interplab.evals.transcoder_eval import evaluate_transcoders, format_summary, run_transcoder_eval
-from interplab.models import ToyConfig, ToyTransformer, load_model
+from interplab.models import ToyTransformer, load_model
 from interplab.sae import SAEConfig, make_sae
 from interplab.sae.transcoder import Transcoder, TranscoderSet
 from interplab.sae.transcoder_files import save_transcoder_set
-
-D, D_MLP, N_DEAD = 16, 32, 3
-
-
-def toy_model() -> ToyTransformer:
-    """A 2-layer ReLU toy with random MLP biases, N_DEAD neurons per layer that can never fire."""
-    model = ToyTransformer(ToyConfig(n_layers=2, d_model=D, n_heads=2, d_head=8, d_mlp=D_MLP, n_ctx=16, d_vocab=20,
-                                     act_fn="relu", init_std=0.4, seed=1))
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.mlp.b_in.copy_(torch.randn(D_MLP, generator=gen) * 0.3)
-            block.mlp.b_in[:N_DEAD] = -100.0
-            block.mlp.b_out.copy_(torch.randn(D, generator=gen) * 0.3)
-    return model.eval()
-
+from mlp_toys import D, D_MLP, N_DEAD, toy_model
 
 def transcoder(layer: int, W_enc, b_enc, W_dec, b_dec, arch: str = "relu", **kw) -> Transcoder:
     sae = make_sae(SAEConfig(arch=arch, d_in=W_enc.shape[0], d_sae=W_enc.shape[1], hook_name=IN_HOOK.format(

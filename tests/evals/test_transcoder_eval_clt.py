@@ -15,42 +15,14 @@ from interplab.cli import main
 from interplab.data.corpus import iter_contexts
 from interplab.evals.replacement import IN_HOOK, OUT_HOOK, clean_run, replacement_logits
 from interplab.evals.transcoder_eval import evaluate_transcoders, format_summary
-from interplab.models import ToyConfig, ToyTransformer, load_model
+from interplab.models import ToyTransformer, load_model
 from interplab.sae import SAEConfig, make_sae
 from interplab.sae.circuit_tracer_files import save_circuit_tracer
 from interplab.sae.crosslayer import CrossLayerTranscoder
 from interplab.sae.mlp_dictionary import as_dictionary
 from interplab.sae.transcoder import Transcoder, TranscoderSet
 from interplab.sae.transcoder_files import load_transcoder_set
-
-D, D_MLP, N_DEAD, L = 16, 32, 3, 2
-
-
-def toy_model() -> ToyTransformer:
-    """A 2-layer ReLU toy with random MLP biases, N_DEAD neurons per layer that can never fire."""
-    model = ToyTransformer(ToyConfig(n_layers=L, d_model=D, n_heads=2, d_head=8, d_mlp=D_MLP, n_ctx=16, d_vocab=20,
-                                     act_fn="relu", init_std=0.4, seed=1))
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.mlp.b_in.copy_(torch.randn(D_MLP, generator=gen) * 0.3)
-            block.mlp.b_in[:N_DEAD] = -100.0
-            block.mlp.b_out.copy_(torch.randn(D, generator=gen) * 0.3)
-    return model.eval()
-
-
-def mlp_clt(model: ToyTransformer) -> CrossLayerTranscoder:
-    """The MLPs as a CLT: W_enc[l] = W_in, b_enc[l] = b_in, own-layer decoder W_out, later-layer decoders zero."""
-    clt = CrossLayerTranscoder(L, D, D_MLP, activation="relu")
-    with torch.no_grad():
-        for l, block in enumerate(model.blocks):
-            clt.W_enc[l].copy_(block.mlp.W_in)
-            clt.b_enc[l].copy_(block.mlp.b_in)
-            clt.W_dec[l].zero_()
-            clt.W_dec[l][:, 0].copy_(block.mlp.W_out)
-            clt.b_dec[l].copy_(block.mlp.b_out)
-    return clt
-
+from mlp_toys import D, D_MLP, L, N_DEAD, mlp_clt, toy_model
 
 def noisy_clt(cross: bool = True, seed: int = 3) -> CrossLayerTranscoder:
     """Random ReLU CLT (F = 48, sparse through negative biases): far from exact; `cross=False` zeroes the decoders

@@ -11,6 +11,7 @@ from interplab.models.tokens import ByteTokenizer
 from interplab.sae.crosslayer import CrossLayerTranscoder
 from interplab.sae.crosslayer_config import CLTTrainConfig
 from interplab.sae.crosslayer_train import train_clt
+from mlp_toys import mlp_clt
 
 
 def relu_toy(n_layers: int = 2, d_model: int = 8, d_mlp: int = 12, seed: int = 0) -> ToyTransformer:
@@ -30,20 +31,6 @@ def mlp_io(model: ToyTransformer, tokens: torch.Tensor) -> tuple[list[torch.Tens
     names = [f"blocks.{l}.mlp.hook_in" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
     cache = model.run_with_cache(tokens, names).cache
     return [cache[n] for n in names[:L]], [cache[n] for n in names[L:]]
-
-
-def mlp_clt(model: ToyTransformer) -> CrossLayerTranscoder:
-    """The MLPs as a CLT: W_enc[l] = W_in, b_enc[l] = b_in, own-layer decoder W_out, later-layer decoders zero."""
-    L, d, F = model.info.n_layers, model.info.d_model, model.info.d_mlp
-    clt = CrossLayerTranscoder(L, d, F, activation="relu").double()
-    with torch.no_grad():
-        for l, block in enumerate(model.blocks):
-            clt.W_enc[l].copy_(block.mlp.W_in)
-            clt.b_enc[l].copy_(block.mlp.b_in)
-            clt.W_dec[l].zero_()
-            clt.W_dec[l][:, 0].copy_(block.mlp.W_out)
-            clt.b_dec[l].copy_(block.mlp.b_out)
-    return clt
 
 
 def test_clt_built_from_the_mlps_reproduces_every_mlp_output():

@@ -51,6 +51,16 @@ class SplicedEvalFields(TextFields, ModelFields):
     """Corpus split: test (held out, the default), train or all."""
     batch_size: int = 8
 
+    def check_contexts(self, tokens: int) -> None:
+        """What every spliced evaluation needs: contexts that predict at least two tokens after BOS, `tokens` (the
+        subclass's --tokens) filling at least one of them, and a batch."""
+        if self.ctx_len < 3:
+            raise InterplabError(f"--ctx-len {self.ctx_len} is too short: need >= 3 (BOS plus two predicted tokens)")
+        if tokens < self.ctx_len:
+            raise InterplabError(f"--tokens {tokens} is less than one context (--ctx-len {self.ctx_len})")
+        if self.batch_size < 1:
+            raise InterplabError(f"--batch-size must be >= 1, got {self.batch_size}")
+
 
 @dataclass
 class EvalConfig(SplicedEvalFields):
@@ -79,12 +89,7 @@ class EvalConfig(SplicedEvalFields):
 
     def validate(self) -> None:
         """Refuse settings that are wrong whatever the model (an `InterplabError` naming the option)."""
-        if self.ctx_len < 3:
-            raise InterplabError(f"--ctx-len {self.ctx_len} is too short: need >= 3 (BOS plus two predicted tokens)")
-        if self.tokens < self.ctx_len:
-            raise InterplabError(f"--tokens {self.tokens} is less than one context (--ctx-len {self.ctx_len})")
-        if self.batch_size < 1:
-            raise InterplabError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.check_contexts(self.tokens)
         if self.scale_tune not in ("none", *SCALE_PER):
             raise InterplabError(f"--scale-tune {self.scale_tune!r} is not valid; valid: none, {', '.join(SCALE_PER)}")
         if self.scale_tune != "none" and self.scale_tune_tokens < self.ctx_len:
@@ -149,7 +154,8 @@ class TranscoderEvalConfig(SplicedEvalFields):
     """Evaluate transcoders spliced in place of their MLPs, one at a time and all at once, beside ε-random controls."""
 
     transcoders: str = ""
-    """Folder of one transcoder, or of a set (one transcoder per layer). Required."""
+    """Folder of one transcoder, of a set (one transcoder per layer), or of a cross-layer transcoder (circuit-tracer's
+    CLT layout, as `interplab transcoder train` writes). Required."""
     tokens: int = 16_384
     """Tokens to evaluate on (rounded down to whole contexts)."""
     layers: list[int] = field(default_factory=list)
@@ -163,12 +169,7 @@ class TranscoderEvalConfig(SplicedEvalFields):
         """Refuse settings that are wrong whatever the model (an `InterplabError` naming the option)."""
         if not self.transcoders:
             raise InterplabError("--transcoders is required: a transcoder folder or a folder of one per layer")
-        if self.ctx_len < 3:
-            raise InterplabError(f"--ctx-len {self.ctx_len} is too short: need >= 3 (BOS plus two predicted tokens)")
-        if self.tokens < self.ctx_len:
-            raise InterplabError(f"--tokens {self.tokens} is less than one context (--ctx-len {self.ctx_len})")
-        if self.batch_size < 1:
-            raise InterplabError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.check_contexts(self.tokens)
         bad = [v for v in self.layers if isinstance(v, bool) or not isinstance(v, int) or v < 0]
         if bad or len(set(self.layers)) != len(self.layers):
             raise InterplabError(f"--layers must be distinct integers >= 0, got {self.layers}")
